@@ -1,0 +1,241 @@
+"""MNN-style `config.json`: model keys and `kv_*` keys side by side, validated strictly.
+
+The original silently fell back to defaults on a wrong type and mapped any unknown
+mode string to "adaptive". Here a wrong type, an unknown enum value or an unknown
+`kv_*` key raises `ConfigError` (one line: the key, the value, what is allowed);
+out-of-range numbers are clamped as SPEC §1 says and each clamp is reported once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config the runtime must not guess about. Its message is one line."""
+
+
+def _clamp(lo: float | None = None, hi: float | None = None) -> Callable[[Any], Any]:
+    def apply(v):
+        if lo is not None and v < lo:
+            return type(v)(lo)
+        if hi is not None and v > hi:
+            return type(v)(hi)
+        return v
+
+    return apply
+
+
+@dataclass(frozen=True)
+class _Key:
+    kind: type  # bool, int, float or str
+    default: Any
+    clamp: Callable[[Any], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+
+# Order matters only for documentation and `h2okit config --defaults`.
+KV_KEYS: dict[str, _Key] = {
+    "kv_h2o_enable": _Key(bool, False, doc="master switch"),
+    "kv_h2o_layer_start": _Key(int, 2, _clamp(0), doc="first H2O layer (0-based); also capped at L-1"),
+    "kv_h2o_layer_end": _Key(int, -1, doc="last H2O layer, inclusive; negative = last layer"),
+    "kv_h2o_block_tokens": _Key(int, 64, _clamp(1), doc="unit of scoring and eviction"),
+    "kv_h2o_sink_tokens": _Key(int, 32, _clamp(0), doc="leading tokens always kept"),
+    "kv_h2o_recent_tokens": _Key(int, 256, _clamp(0), doc="trailing tokens always kept"),
+    "kv_h2o_target_keep_ratio": _Key(float, 0.5, _clamp(0.0, 1.0), doc="kept fraction (static mode)"),
+    "kv_h2o_target_mode": _Key(str, "adaptive", choices=("static", "adaptive")),
+    "kv_h2o_target_lossy_ratio": _Key(float, 3.0, _clamp(1.0), doc="adaptive mode: keep 1/this"),
+    "kv_h2o_ema_alpha": _Key(float, 0.9, _clamp(0.0, 1.0), doc="score = a*score + (1-a)*current"),
+    "kv_h2o_update_interval": _Key(int, 16, _clamp(1), doc="decode steps between evictions of a layer"),
+    "kv_h2o_trigger_min_tokens": _Key(int, 512, _clamp(1), doc="evict only when the layer holds this many"),
+    "kv_h2o_log_stats": _Key(bool, False, doc="print one [H2O] line per eviction"),
+    # Beyond the seed: which blocks to keep with the same budget (baselines, issue 5).
+    "kv_h2o_policy": _Key(str, "h2o", choices=("h2o", "streaming", "random", "full")),
+    "kv_h2o_seed": _Key(int, 0, doc="seed of the `random` policy"),
+    "kv_lossless_enable": _Key(bool, False, doc="lossless codec on"),
+    "kv_lossless_scope": _Key(str, "front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept")),
+    "kv_lossless_front_n": _Key(int, 2, _clamp(0), doc="front_n scope: layers [0, N)"),
+    "kv_lossless_codec": _Key(str, "none", choices=("none", "gear_delta")),
+    "kv_lossless_runtime_mode": _Key(str, "full", choices=("estimate", "full", "store")),
+    "kv_cache_dtype": _Key(str, "float32", choices=("float32", "float16", "bfloat16")),
+}
+
+# Model-side keys we use. Other non-kv keys of MNN configs are accepted and ignored
+# (MNN has dozens: sampler, mmap, ...), with a note, so a real MNN config still loads.
+MODEL_KEYS: dict[str, _Key] = {
+    "base_dir": _Key(str, ""),
+    "llm_model": _Key(str, ""),
+    "llm_weight": _Key(str, ""),
+    "tokenizer_file": _Key(str, ""),
+    "backend_type": _Key(str, "cpu", choices=("cpu",)),
+    "thread_num": _Key(int, 2, _clamp(1)),
+    "precision": _Key(str, "high", choices=("normal", "high", "low")),
+}
+FILE_KEYS = ("llm_model", "llm_weight", "tokenizer_file")
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def _check_type(key: str, value: Any, spec: _Key) -> Any:
+    kind = spec.kind
+    ok = (
+        isinstance(value, bool) if kind is bool
+        else isinstance(value, int) and not isinstance(value, bool) if kind is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+        else isinstance(value, str)
+    )
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_type_name(kind)}, got {json.dumps(value)}")
+    if spec.choices is not None and value not in spec.choices:
+        allowed = ", ".join(spec.choices)
+        raise ConfigError(f"config key '{key}' has value {json.dumps(value)}; allowed: {allowed}")
+    return float(value) if kind is float else value
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """The validated `kv_*` settings. Field names are the keys without the `kv_` prefix."""
+
+    h2o_enable: bool = False
+    h2o_layer_start: int = 2
+    h2o_layer_end: int = -1
+    h2o_block_tokens: int = 64
+    h2o_sink_tokens: int = 32
+    h2o_recent_tokens: int = 256
+    h2o_target_keep_ratio: float = 0.5
+    h2o_target_mode: str = "adaptive"
+    h2o_target_lossy_ratio: float = 3.0
+    h2o_ema_alpha: float = 0.9
+    h2o_update_interval: int = 16
+    h2o_trigger_min_tokens: int = 512
+    h2o_log_stats: bool = False
+    h2o_policy: str = "h2o"
+    h2o_seed: int = 0
+    lossless_enable: bool = False
+    lossless_scope: str = "front_n"
+    lossless_front_n: int = 2
+    lossless_codec: str = "none"
+    lossless_runtime_mode: str = "full"
+    cache_dtype: str = "float32"
+
+    @property
+    def keep_ratio(self) -> float:
+        """The target kept fraction: static uses keep_ratio, adaptive 1/lossy_ratio."""
+        if self.h2o_target_mode == "static":
+            return self.h2o_target_keep_ratio
+        return 1.0 / self.h2o_target_lossy_ratio
+
+    @property
+    def evicting(self) -> bool:
+        return self.h2o_enable and self.h2o_policy != "full"
+
+    @property
+    def codec_on(self) -> bool:
+        return self.lossless_enable and self.lossless_codec != "none" and self.lossless_scope != "none"
+
+    def h2o_layers(self, num_layers: int) -> range:
+        """Layer range [start, end] after SPEC §1's clamps; empty if end < start or H2O is off."""
+        if not self.h2o_enable or num_layers <= 0:
+            return range(0)
+        start = min(max(0, self.h2o_layer_start), num_layers - 1)
+        end = num_layers - 1 if self.h2o_layer_end < 0 else min(self.h2o_layer_end, num_layers - 1)
+        return range(start, end + 1) if end >= start else range(0)
+
+    def lossless_layers(self, num_layers: int) -> frozenset[int]:
+        """Layers whose K/V the codec covers (front_n: [0, N); h2o_kept: the H2O layers)."""
+        if not self.codec_on:
+            return frozenset()
+        chosen: set[int] = set()
+        if self.lossless_scope in ("front_n", "front_n_and_h2o_kept"):
+            chosen |= set(range(min(self.lossless_front_n, num_layers)))
+        if self.lossless_scope in ("h2o_kept", "front_n_and_h2o_kept"):
+            chosen |= set(self.h2o_layers(num_layers))
+        return frozenset(chosen)
+
+    def to_keys(self) -> dict[str, Any]:
+        return {"kv_" + f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Config:
+    """A whole config file: the model keys, the `kv_*` keys, and what validation noticed."""
+
+    kv: KVConfig
+    model: dict[str, Any]
+    path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def threads(self) -> int:
+        return int(self.model.get("thread_num", 2))
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known kv_* keys: {', '.join(known)}"
+
+
+def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
+    """Validate a config dict (see module doc). Raises ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+    kv_values: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, value in raw.items():
+        if key.startswith("kv_"):
+            spec = KV_KEYS.get(key)
+            if spec is None:
+                raise ConfigError(f"unknown config key '{key}'{_suggest(key, list(KV_KEYS))}")
+            value = _check_type(key, value, spec)
+            if spec.clamp is not None:
+                clamped = spec.clamp(value)
+                if clamped != value:
+                    warnings.append(f"config key '{key}' = {value} is out of range; using {clamped}")
+                    value = clamped
+            kv_values[key[3:]] = value
+        elif key in MODEL_KEYS:
+            spec = MODEL_KEYS[key]
+            value = _check_type(key, value, spec)
+            if spec.clamp is not None:
+                value = spec.clamp(value)
+            model[key] = value
+        else:
+            model[key] = value
+            warnings.append(f"config key '{key}' is not used by h2okit; ignored")
+    for key, spec in MODEL_KEYS.items():
+        model.setdefault(key, spec.default)
+    return Config(kv=KVConfig(**kv_values), model=model, path=path, warnings=warnings)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; model file keys stay as written (see resolve_model_path)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    return parse_config(raw, path)
+
+
+def emit_warnings(config: Config, stream=sys.stderr) -> None:
+    for line in config.warnings:
+        print(f"warning: {line}", file=stream)
+
+
+def default_kv_keys() -> dict[str, Any]:
+    return {key: spec.default for key, spec in KV_KEYS.items()}

@@ -1,0 +1,122 @@
+"""One request at a time on a transformers model with h2okit's cache: prefill, then greedy decode.
+
+The decode loop is ours (not `generate`) so that positions stay true absolute positions
+after evictions, exactly `n` tokens are decoded (EOS ignored), and per-request stats are
+collected from the cache. Stats follow SPEC §6; the true whole-cache ratio is ours.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .cache import H2OCache
+from .config import KVConfig
+from .model import LoadedModel
+from .policy import lossy_ratio
+
+MB = 1024 * 1024
+
+
+@dataclass
+class RequestStats:
+    """The llm_bench columns of one request (SPEC §6), plus whole-cache figures."""
+
+    h2o_keep: float = 1.0
+    h2o_lossy: float = 1.0
+    h2o_lossless: float = 1.0
+    h2o_target_keep_effective: float = 1.0
+    h2o_floor_keep: float = 1.0
+    h2o_quantized_keep: float = 1.0
+    h2o_evict_us: float = 0.0
+    h2o_codec_us: float = 0.0
+    kv_true_ratio: float = 1.0  # logical KV bytes of all layers and tokens / bytes physically held
+    kv_phys_mb: float = 0.0
+    kv_logical_mb: float = 0.0
+    h2o_evictions: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    stats: RequestStats
+    kv_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_len / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def collect_stats(cache: H2OCache) -> RequestStats:
+    stats = RequestStats()
+    events = cache.events.evictions
+    if events:
+        last = events[-1]  # "last event wins", sticky until the next one
+        plan = last.plan
+        bpt = cache.layers[last.layer].bytes_per_token
+        stats.h2o_keep = plan.kept_tokens / plan.kv
+        stats.h2o_lossy = lossy_ratio(plan.kv, plan.kept_tokens, len(plan.runs), bpt)
+        stats.h2o_target_keep_effective = plan.target_tokens / plan.kv
+        stats.h2o_floor_keep = plan.floor_tokens / plan.kv
+        stats.h2o_quantized_keep = plan.quantized_tokens / plan.kv
+        stats.h2o_evict_us = last.plan_us
+        stats.h2o_evictions = len(events)
+    physical, logical = cache.physical_bytes, cache.logical_bytes
+    stats.kv_phys_mb = physical / MB
+    stats.kv_logical_mb = logical / MB
+    stats.kv_true_ratio = logical / physical if physical else 1.0
+    return stats
+
+
+class Engine:
+    """A loaded model plus a KV config; `generate` runs one request from an empty cache."""
+
+    def __init__(self, loaded: LoadedModel, kv: KVConfig, log=None):
+        self.loaded = loaded
+        self.kv = kv
+        self.model = loaded.model
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+
+    def new_cache(self) -> H2OCache:
+        return H2OCache(self.loaded.num_layers, self.kv, log=self.log)
+
+    @torch.inference_mode()
+    def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` at absolute positions start_pos.. ; returns logits (last row, or all rows)."""
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long).unsqueeze(0)
+        out = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, h2o_cache=cache)
+        return out.logits[0]
+
+    def generate(self, prompt: list[int], n: int) -> RequestResult:
+        """Greedy: prefill `prompt`, then exactly `n` decode steps (EOS ignored)."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        cache = self.new_cache()
+        started = time.perf_counter()
+        logits = self.forward(cache, prompt, 0)
+        next_token = int(logits[-1].argmax())
+        prefill_s = time.perf_counter() - started
+        tokens: list[int] = []
+        started = time.perf_counter()
+        for step in range(n):
+            tokens.append(next_token)
+            logits = self.forward(cache, [next_token], len(prompt) + step)
+            next_token = int(logits[-1].argmax())
+        decode_s = time.perf_counter() - started
+        return RequestResult(prompt_len=len(prompt), tokens=tokens, prefill_s=prefill_s, decode_s=decode_s,
+                             stats=collect_stats(cache), kv_lengths=cache.seq_lengths().tolist())

@@ -1,0 +1,155 @@
+"""`llm_bench`: MNN-compatible flags, one markdown table row per (threads, p, n).
+
+    llm_bench -m CONFIG.json -a cpu -t 2 -qatten 0 -kv true -p 512 -n 128 -rep 3 -fp LOG
+
+Each row runs rep+1 requests of exactly p prompt tokens of real text and n greedy decode
+steps from an empty cache; the first request is a warm-up and dropped (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import table
+from .config import ConfigError, emit_warnings, load_config
+from .corpus import CorpusError
+
+MB = 1024 * 1024
+PRECISION_DTYPE = {"high": "float32", "normal": "float32", "low": "bfloat16"}
+
+
+class BenchError(Exception):
+    """Bad flags or inputs; the message is one line."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got '{text}'") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise BenchError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--config", required=True, help="config.json (model keys and kv_* keys)")
+    p.add_argument("-a", "--backend", default="cpu", help="backend; only cpu")
+    p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list of thread counts")
+    p.add_argument("-qatten", "--quant-attention", type=int, default=0, help="MNN attention option; only 0")
+    p.add_argument("-kv", "--kv-cache", type=_bool, default=True, help="decode with a KV cache; only true")
+    p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="comma list of prompt lengths")
+    p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="comma list of decode lengths")
+    p.add_argument("-rep", "--repeat", type=int, default=3, help="measured requests per row (+1 warm-up)")
+    p.add_argument("-fp", "--file-print", default=None, help="append the table to this file")
+    p.add_argument("--corpus", default=None, help="text file or folder of .txt (default: the Austen novels)")
+    return p
+
+
+@dataclass
+class RowSamples:
+    prefill_tps: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, result) -> None:
+        self.prefill_tps.append(result.prefill_tps)
+        self.decode_tps.append(result.decode_tps)
+        for key, value in result.stats.as_dict().items():
+            self.stats.setdefault(key, []).append(float(value))
+
+
+def format_row(model: str, model_mb: float, backend: str, threads: int, precision: str, p: int, n: int,
+               samples: RowSamples) -> tuple[list[str], list[str]]:
+    """(columns, cells) of one table row: the standard columns, then the extras."""
+    cells = [model, f"{model_mb:.2f} MB", backend.upper(), str(threads), precision.capitalize(),
+             f"prompt={p}<br>decode={n}", table.speed_cell(samples.prefill_tps, samples.decode_tps)]
+    cells += [table.cell(samples.stats[key], fmt) for key, fmt in table.STAT_FORMATS.items()]
+    extras = [key for key in table.EXTRA_FORMATS if key in samples.stats]
+    cells += [table.cell(samples.stats[key], table.EXTRA_FORMATS[key]) for key in extras]
+    return list(table.STANDARD_COLUMNS) + extras, cells
+
+
+def run(args: argparse.Namespace) -> str:
+    import torch
+
+    from .corpus import load_texts, token_stream
+    from .model import load_model, resolve_model_path
+    from .runtime import Engine
+
+    if args.backend.lower() != "cpu":
+        raise BenchError(f"backend '{args.backend}' is not available; allowed: cpu")
+    if not args.kv_cache:
+        raise BenchError("-kv false is not supported; h2okit always decodes with a KV cache")
+    if args.quant_attention != 0:
+        raise BenchError(f"-qatten {args.quant_attention} is not supported; allowed: 0")
+    if args.repeat < 1:
+        raise BenchError(f"-rep must be >= 1, got {args.repeat}")
+    config = load_config(args.config)
+    emit_warnings(config)
+    precision = config.model["precision"]
+    loaded = load_model(resolve_model_path(config), dtype=PRECISION_DTYPE[precision],
+                        log=lambda line: print(line, file=sys.stderr))
+    texts = load_texts(args.corpus)
+    engine = Engine(loaded, config.kv)
+    threads_list = args.threads or [config.threads]
+    columns, rows = None, []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for p in args.n_prompt:
+            prompt = token_stream(loaded.tokenizer, texts, p)
+            for n in args.n_gen:
+                samples = RowSamples()
+                for rep in range(args.repeat + 1):
+                    result = engine.generate(prompt, n)
+                    tag = "warm-up" if rep == 0 else f"rep {rep}/{args.repeat}"
+                    print(f"[llm_bench] t={threads} p={p} n={n} {tag}: prefill {result.prefill_tps:.1f} tok/s, "
+                          f"decode {result.decode_tps:.2f} tok/s, keep {result.stats.h2o_keep:.4f}, "
+                          f"true ratio {result.stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
+                    if rep > 0:
+                        samples.add(result)
+                columns, cells = format_row(loaded.name, loaded.size_bytes / MB, args.backend, threads,
+                                            precision, p, n, samples)
+                rows.append(cells)
+    return table.render(columns, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        text = run(args)
+    except (BenchError, ConfigError, CorpusError) as exc:
+        print(f"llm_bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm_bench: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if args.file_print:
+        path = Path(args.file_print)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:  # MNN appends; the parser copes with several tables
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

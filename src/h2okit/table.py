@@ -1,0 +1,44 @@
+"""The llm_bench markdown table (SPEC §7): column names and cell formats, in one place."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+STANDARD_COLUMNS = (
+    "model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)",
+    "h2o_keep", "h2o_lossy", "h2o_lossless", "h2o_target_keep_effective", "h2o_floor_keep",
+    "h2o_quantized_keep", "h2o_evict_us", "h2o_codec_us",
+)
+# Cell format of each numeric stat column; extra columns follow the standard ones.
+STAT_FORMATS = {
+    "h2o_keep": "%.4f", "h2o_lossy": "%.3f", "h2o_lossless": "%.3f",
+    "h2o_target_keep_effective": "%.4f", "h2o_floor_keep": "%.4f", "h2o_quantized_keep": "%.4f",
+    "h2o_evict_us": "%.2f", "h2o_codec_us": "%.2f",
+}
+EXTRA_FORMATS = {
+    "kv_true_ratio": "%.3f", "kv_phys_mb": "%.2f", "kv_logical_mb": "%.2f", "h2o_evictions": "%.1f",
+}
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one sample), as MNN's llm_bench prints them."""
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: Sequence[float], fmt: str) -> str:
+    mean, sd = mean_sd(values)
+    return f"{fmt % mean} ± {fmt % sd}"
+
+
+def speed_cell(prefill: Sequence[float], decode: Sequence[float]) -> str:
+    return f"{cell(prefill, '%.2f')}<br>{cell(decode, '%.2f')}"
+
+
+def render(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

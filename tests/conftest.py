@@ -1,0 +1,54 @@
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.json"
+SEED_CONFIG = ROOT / "configs" / "smollm2-135m-seed.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded():
+    from h2okit.config import load_config
+    from h2okit.model import load_model, resolve_model_path
+
+    return load_model(resolve_model_path(load_config(DEFAULT_CONFIG)))
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    """The default model (SmolLM2-135M), loaded once per test session."""
+    import torch
+
+    torch.set_num_threads(2)
+    return _loaded()
+
+
+@pytest.fixture(scope="session")
+def texts():
+    from h2okit.corpus import load_texts
+
+    return load_texts()
+
+
+def write_config(tmp_path, base=SEED_CONFIG, **overrides):
+    raw = json.loads(base.read_text())
+    raw.update(overrides)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def parse_markdown_rows(text):
+    """Rows of the first markdown table in `text`, as dicts (a deliberately independent reader)."""
+    lines = [l for l in text.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]

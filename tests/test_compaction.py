@@ -1,0 +1,51 @@
+"""Torch-side correctness without the model: the scoring attention and compaction (SPEC §4)."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from h2okit.attention import attention_with_mass, _causal_mask
+from h2okit.cache import H2OLayer
+from h2okit.policy import PlanParams, build_plan, num_blocks
+
+torch.manual_seed(0)
+
+
+def _qkv(t=300, hq=9, hkv=3, d=64):
+    return torch.randn(1, hq, 1, d), torch.randn(1, hkv, t, d), torch.randn(1, hkv, t, d)
+
+
+def test_attention_with_mass_matches_eager_attention_with_repeat_kv():
+    q, k, v = _qkv()
+    out, mass = attention_with_mass(q, k, v, 0.125)
+    kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    probs = torch.softmax(q @ kr.transpose(-1, -2) * 0.125, dim=-1)
+    torch.testing.assert_close(out, probs @ vr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass, probs.sum(dim=(0, 1, 2)) / 9)
+    assert abs(float(mass.sum()) - 1.0) < 1e-5  # a probability distribution over cached tokens
+
+
+def test_attention_over_the_compacted_cache_equals_attention_over_the_kept_tokens():
+    q, k, v = _qkv(t=528)
+    scores = np.random.default_rng(3).random(num_blocks(528, 32))
+    plan = build_plan(528, scores, PlanParams(32, 16, 64, 1 / 3))
+    layer = H2OLayer(5, policy=None, store_dtype=torch.float32)
+    layer.update(k, v)
+    keep = torch.zeros(528, dtype=torch.bool)
+    keep[torch.from_numpy(plan.kept_token_indices())] = True
+    # before compaction: attend to the full cache with the evicted tokens masked out
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=keep.view(1, 1, 1, -1), scale=0.125,
+                                            enable_gqa=True)
+    layer.compact(plan)
+    assert layer.get_seq_length() == plan.kept_tokens == 176
+    assert layer.keys.shape == (1, 3, 176, 64) and layer.values.shape == (1, 3, 176, 64)
+    compacted, _ = attention_with_mass(q, layer.keys, layer.values, 0.125)
+    torch.testing.assert_close(compacted, masked, rtol=1e-5, atol=1e-6)
+    # V is moved with K, token for token (the original scrambled V's layout)
+    torch.testing.assert_close(layer.values[0, :, 40], v[0, :, plan.kept_token_indices()[40]])
+
+
+def test_chunk_mask_is_causal_with_an_offset():
+    mask = _causal_mask(3, 5, "cpu")
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False],
+                             [True] * 5]

@@ -48,9 +48,13 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
         scaling = query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = h2o_cache.layers[module.layer_idx] if h2o_cache is not None else None
-    if layer is not None and layer.scores_attention and q_len == 1:
-        out, mass = attention_with_mass(query, key, value, scaling)
-        layer.observe_decode_step(mass)
+    if layer is not None and q_len == 1:  # a decode step: H2O scoring and the codec's cadence
+        mass = None
+        if layer.scores_attention:
+            out, mass = attention_with_mass(query, key, value, scaling)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+        layer.after_decode_step(mass)
         return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.dim() == 4:
         mask, causal = attention_mask, False

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import KVConfig
+from .lossless import LayerCodec
 from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -25,13 +26,19 @@ class H2OLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, layer_idx: int, policy: LayerPolicy | None, store_dtype: torch.dtype,
-                 on_event=None):
+                 on_event=None, codec: LayerCodec | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
+        self.codec = codec
         self.store_dtype = store_dtype
         self.on_event = on_event
         self.tokens_seen = 0
+        self._step_kv = None  # store mode: this step's decoded cold + hot K/V, dropped after the step
+
+    @property
+    def stores_cold(self) -> bool:
+        return self.codec is not None and self.codec.mode == "store"
 
     # --- transformers' CacheLayerMixin interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -51,15 +58,27 @@ class H2OLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states.to(self.store_dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.store_dtype)], dim=-2)
         self.tokens_seen += key_states.shape[-2]
+        keys, values = self.full_kv()
         if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
-            return self.keys.to(self.compute_dtype), self.values.to(self.compute_dtype)
-        return self.keys, self.values
+            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        return keys, values
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""
+        self._step_kv = None
+        cold = self.codec.load_cold() if self.stores_cold else None
+        if cold is None:
+            return self.keys, self.values
+        self._step_kv = (torch.cat([cold[0], self.keys], dim=2), torch.cat([cold[1], self.values], dim=2))
+        return self._step_kv
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2] + (self.codec.cold_tokens if self.stores_cold else 0)
 
     def get_max_length(self) -> int:
         return -1
@@ -68,38 +87,55 @@ class H2OLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
         self.tokens_seen = 0
+        self._step_kv = None
         if self.policy is not None:
             self.policy.reset()
+        if self.codec is not None:
+            self.codec.reset()
 
     # --- H2O ---------------------------------------------------------------------------
     @property
     def scores_attention(self) -> bool:
         return self.policy is not None
 
-    def observe_decode_step(self, token_mass: torch.Tensor) -> None:
-        """Feed one decode step's per-token attention mass; evict if the layer's clock says so."""
-        self.policy.observe(token_mass.detach().to(torch.float64).numpy())
-        event = self.policy.maybe_plan(self.get_seq_length())
-        if event is not None:
-            self.compact(event.plan)
-            self.policy.applied(event.plan)
-            if self.on_event is not None:
-                self.on_event(event)
+    def after_decode_step(self, token_mass: torch.Tensor | None) -> None:
+        """After a decode step's attention: H2O scoring and eviction, then the codec's cadence."""
+        if self.policy is not None and token_mass is not None:
+            self.policy.observe(token_mass.detach().to(torch.float64).numpy())
+            event = self.policy.maybe_plan(self.get_seq_length())
+            if event is not None:
+                self.compact(event.plan)
+                self.policy.applied(event.plan)
+                if self.on_event is not None:
+                    self.on_event(event)
+        if self.codec is not None and self.codec.due(self.get_seq_length()):
+            if self.stores_cold:
+                self.keys, self.values = self.codec.store_cold(self.keys, self.values)
+            else:
+                self.codec.measure(self.keys, self.values)
+        self._step_kv = None
 
     def compact(self, plan: KeepPlan) -> None:
         """Really remove evicted tokens: kept runs move to the front, in order (all KV heads)."""
         if plan.kv != self.get_seq_length():
             raise ValueError(f"layer {self.layer_idx}: plan for {plan.kv} tokens, layer holds "
                              f"{self.get_seq_length()}")
-        index = torch.from_numpy(plan.kept_token_indices()).to(self.keys.device)
-        self.keys = self.keys.index_select(2, index)
-        self.values = self.values.index_select(2, index)
+        keys, values = self._step_kv if self._step_kv is not None else (self.keys, self.values)
+        if self.stores_cold and self._step_kv is None and self.codec.cold:
+            keys, values = self.full_kv()
+        if self.stores_cold:
+            self.codec.cold = []  # everything is raw again; the codec re-packs the cold part
+        index = torch.from_numpy(plan.kept_token_indices()).to(keys.device)
+        self.keys = keys.index_select(2, index)
+        self.values = values.index_select(2, index)
+        self._step_kv = None
 
     @property
     def physical_bytes(self) -> int:
         if self.keys is None:
             return 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + cold
 
     @property
     def logical_bytes(self) -> int:
@@ -131,14 +167,20 @@ class H2OCache(Cache):
                             recent_tokens=kv.h2o_recent_tokens, keep_ratio=kv.keep_ratio,
                             policy=kv.h2o_policy if kv.h2o_policy != "full" else "h2o")
         store_dtype = DTYPES[kv.cache_dtype]
+        self.lossless_layer_ids = kv.lossless_layers(num_layers)
         layers = []
         for i in range(num_layers):
+            codec = None
+            if i in self.lossless_layer_ids:
+                codec = LayerCodec(mode=kv.lossless_runtime_mode, update_interval=kv.h2o_update_interval,
+                                   trigger_min_tokens=kv.h2o_trigger_min_tokens,
+                                   raw_window_tokens=kv.h2o_recent_tokens, align_tokens=kv.h2o_block_tokens)
             policy = None
             if i in self.h2o_layer_ids:
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, seed=kv.h2o_seed)
-            layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record))
+            layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record, codec=codec))
         super().__init__(layers=layers)
 
     def _record(self, event: EvictionEvent) -> None:

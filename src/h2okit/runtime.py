@@ -34,6 +34,8 @@ class RequestStats:
     h2o_evict_us: float = 0.0
     h2o_codec_us: float = 0.0
     kv_true_ratio: float = 1.0  # logical KV bytes of all layers and tokens / bytes physically held
+    kv_lossless_mb: float = 0.0  # codec output of the in-scope layers (estimated in estimate mode)
+    h2o_codec_decode_us: float = 0.0
     kv_phys_mb: float = 0.0
     kv_logical_mb: float = 0.0
     h2o_evictions: int = 0
@@ -74,6 +76,14 @@ def collect_stats(cache: H2OCache) -> RequestStats:
         stats.h2o_quantized_keep = plan.quantized_tokens / plan.kv
         stats.h2o_evict_us = last.plan_us
         stats.h2o_evictions = len(events)
+    codecs = [layer.codec for layer in cache.layers if layer.codec is not None and layer.codec.runs]
+    if codecs:
+        raw = sum(c.raw_bytes for c in codecs)
+        packed = sum(c.compressed_bytes for c in codecs)
+        stats.h2o_lossless = max(1.0, raw / packed) if packed else 1.0
+        stats.h2o_codec_us = sum(c.encode_us for c in codecs) / len(codecs)
+        stats.h2o_codec_decode_us = sum(c.decode_us for c in codecs) / len(codecs)
+        stats.kv_lossless_mb = packed / MB
     physical, logical = cache.physical_bytes, cache.logical_bytes
     stats.kv_phys_mb = physical / MB
     stats.kv_logical_mb = logical / MB

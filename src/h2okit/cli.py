@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 from .corpus import CorpusError
+from .offline import OfflineError
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m.json"
 
 
 class CLIError(Exception):
@@ -24,7 +30,57 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": (_prepare, "convert the default model and decode the Austen corpus (offline caches)")}
+def _dump_kv(args: argparse.Namespace) -> int:
+    from .offline import dump_kv
+
+    out = dump_kv(args.config, Path(args.out_dir), args.prompt, args.gen, args.corpus, args.threads,
+                  log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {out}")
+    return 0
+
+
+def _dump_kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-m", default=str(DEFAULT_CONFIG), help="config.json (default: the default model)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--prompt", "-p", type=int, default=512)
+    p.add_argument("--gen", "-n", type=int, default=128)
+    p.add_argument("--threads", "-t", type=int, default=None)
+    p.add_argument("--corpus", default=None, help="text file or folder (default: the Austen novels)")
+
+
+_dump_kv.configure = _dump_kv_args
+
+
+def _offline_lossless(args: argparse.Namespace) -> int:
+    from .offline import offline_lossless, to_markdown
+
+    report = offline_lossless(Path(args.dump_dir), args.scope, args.front_n, args.stage, args.dtype)
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(report, indent=1))
+    if args.out_md:
+        Path(args.out_md).write_text(to_markdown(report))
+    print(f"weighted_lossless_ratio {report['weighted_lossless_ratio']:.4f} "
+          f"({report['dtype']}, scope {args.scope}, {len(report['layers'])} layers, round trips verified)")
+    return 0
+
+
+def _offline_lossless_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dump-dir", required=True)
+    p.add_argument("--scope", default="front_n", help="front_n, h2o_kept, front_n_and_h2o_kept or all")
+    p.add_argument("--front-n", type=int, default=2)
+    p.add_argument("--stage", default="final", help="prefill or final")
+    p.add_argument("--dtype", default="stored", help="stored, float32, float16 or bfloat16")
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-md", default=None)
+
+
+_offline_lossless.configure = _offline_lossless_args
+
+COMMANDS = {
+    "prepare": (_prepare, "convert the default model and decode the Austen corpus (offline caches)"),
+    "dump-kv": (_dump_kv, "write real K/V of one request (per layer, after prefill and at the end)"),
+    "offline-lossless": (_offline_lossless, "measure gear_delta on a K/V dump, verifying every round trip"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CorpusError) as exc:
+    except (CLIError, ConfigError, CorpusError, OfflineError) as exc:
         print(f"h2okit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

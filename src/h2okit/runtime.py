@@ -112,8 +112,9 @@ class Engine:
                          logits_to_keep=0 if all_logits else 1, h2o_cache=cache)
         return out.logits[0]
 
-    def generate(self, prompt: list[int], n: int) -> RequestResult:
-        """Greedy: prefill `prompt`, then exactly `n` decode steps (EOS ignored)."""
+    def generate(self, prompt: list[int], n: int, after_prefill=None, at_end=None) -> RequestResult:
+        """Greedy: prefill `prompt`, then exactly `n` decode steps (EOS ignored).
+        `after_prefill(cache)` / `at_end(cache)` may look at the cache (untimed)."""
         if not prompt:
             raise ValueError("empty prompt")
         cache = self.new_cache()
@@ -121,6 +122,8 @@ class Engine:
         logits = self.forward(cache, prompt, 0)
         next_token = int(logits[-1].argmax())
         prefill_s = time.perf_counter() - started
+        if after_prefill is not None:
+            after_prefill(cache)
         tokens: list[int] = []
         started = time.perf_counter()
         for step in range(n):
@@ -128,5 +131,7 @@ class Engine:
             logits = self.forward(cache, [next_token], len(prompt) + step)
             next_token = int(logits[-1].argmax())
         decode_s = time.perf_counter() - started
+        if at_end is not None:
+            at_end(cache)
         return RequestResult(prompt_len=len(prompt), tokens=tokens, prefill_s=prefill_s, decode_s=decode_s,
                              stats=collect_stats(cache), kv_lengths=cache.seq_lengths().tolist())

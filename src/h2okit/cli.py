@@ -86,6 +86,11 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h2okit", description="H2O KV-cache compression kit")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("grid", "sweep a grid given as comma-list flags (the seed's run_h2o_v2_bench.py)"),
+                            ("sweep", "run a preset sweep (the seed's sweep_h2o_v2.py)"),
+                            ("parse", "llm_bench logs -> CSV (the seed's parse_h2o_v2_log.py)"),
+                            ("analyze", "CSV -> summary.md, summary.json, pareto.png (analyze_h2o_v2.py)")):
+        sub.add_parser(name, help=help_text, add_help=False)
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
@@ -95,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KIT_COMMANDS = {"grid": "grid_main", "sweep": "sweep_main", "parse": "parse_main", "analyze": "analyze_main"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in KIT_COMMANDS:  # the kit parses its own flags (shared with exp/h2o_v2/*.py)
+        from .kit import cli as kit_cli
+
+        return getattr(kit_cli, KIT_COMMANDS[argv[0]])(argv[1:], prog=f"h2okit {argv[0]}")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

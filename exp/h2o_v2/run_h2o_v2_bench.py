@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Seed-compatible entry point; the logic lives in h2okit.kit (also: `h2okit grid`)."""
+
+import sys
+
+from _bootstrap import ensure_h2okit
+
+ensure_h2okit()
+
+from h2okit.kit.cli import grid_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(grid_main(prog="run_h2o_v2_bench.py"))

@@ -1,0 +1,166 @@
+"""The kit's command lines, shared by `h2okit grid|sweep|parse|analyze` and the seed's
+`exp/h2o_v2/*.py` scripts (which only call these)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .analyze import AnalyzeError, analyze
+from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, parse_list
+from .parse import ParseError, collect, log_files_from, write_csv
+
+# flag -> grid axis (the seed's names first; ours after)
+AXIS_FLAGS = {
+    "--threads": "threads", "--prompts": "prompts", "--gens": "gens",
+    "--h2o-keep-ratios": "h2o_keep_ratios", "--h2o-block-tokens": "h2o_block_tokens",
+    "--h2o-sink-tokens": "h2o_sink_tokens", "--h2o-recent-tokens": "h2o_recent_tokens",
+    "--h2o-ema-alphas": "h2o_ema_alphas", "--h2o-update-intervals": "h2o_update_intervals",
+    "--h2o-trigger-min-tokens": "h2o_trigger_min_tokens", "--h2o-layer-start": "h2o_layer_start",
+    "--h2o-layer-end": "h2o_layer_end", "--h2o-target-mode": "h2o_target_mode",
+    "--h2o-target-lossy-ratios": "h2o_target_lossy_ratios", "--kv-lossless-scope": "kv_lossless_scope",
+    "--kv-lossless-front-n": "kv_lossless_front_n", "--kv-lossless-codec": "kv_lossless_codec",
+    "--h2o-policies": "h2o_policies", "--kv-lossless-runtime-mode": "kv_lossless_runtime_mode",
+    "--kv-cache-dtype": "kv_cache_dtype",
+}
+KIT_ERRORS = (GridError, ParseError, AnalyzeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm-bench", required=True, help="`llm_bench` (h2okit's own) or a path to MNN's llm_bench")
+    p.add_argument("--base-config", required=True, help="MNN-style config.json (model keys + kv_* keys)")
+    p.add_argument("--out-dir", required=True, help="a new folder (or an earlier sweep's with --resume)")
+    p.add_argument("--backend", default="cpu")
+    p.add_argument("--attention-option", type=int, default=0, help="passed to llm_bench as -qatten")
+    p.add_argument("--dry-run", action="store_true", help="write configs and manifest, print commands, run nothing")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out-dir")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+
+
+def grid_parser(prog: str = "run_h2o_v2_bench.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Sweep a grid of H2O/codec settings through llm_bench. "
+                                       "List flags take comma lists; the grid is their Cartesian product.")
+    _common_run_args(p)
+    p.add_argument("--repeat", type=int, default=3)
+    for flag in AXIS_FLAGS:
+        p.add_argument(flag, default=None, help=f"comma list ({AXES[AXIS_FLAGS[flag]][1].__name__})")
+    p.add_argument("--h2o-log-stats", action="store_true")
+    p.add_argument("--kv-lossless-enable", action="store_true")
+    p.add_argument("--quality", action="store_true", help="add quality columns (h2okit's llm_bench only)")
+    return p
+
+
+def sweep_parser(prog: str = "sweep_h2o_v2.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Run a preset sweep (a JSON file of grid axes).")
+    _common_run_args(p)
+    p.add_argument("--preset", required=True)
+    return p
+
+
+def _executor(args):
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=args.ray_address)
+    return None
+
+
+def _run_sweep(grid: Grid, args) -> int:
+    from .sweep import sweep
+
+    if grid.repeat < 1:
+        raise GridError(f"--repeat must be >= 1, got {grid.repeat}")
+    base = normalize_base_config(args.base_config)
+    result = sweep(grid, base, args.base_config, args.llm_bench, Path(args.out_dir), backend=args.backend,
+                   attention_option=args.attention_option, resume=args.resume, dry_run=args.dry_run,
+                   executor=_executor(args), log=lambda line: print(line, file=sys.stderr))
+    state = "interrupted" if result.interrupted else ("dry run" if args.dry_run else "done")
+    print(f"{state}: {result.total} run(s) in {result.out_dir} ({result.skipped} already complete, "
+          f"{len(result.failed)} failed{': ' + ', '.join(result.failed) if result.failed else ''})",
+          file=sys.stderr)
+    return result.exit_code
+
+
+def grid_main(argv=None, prog="run_h2o_v2_bench.py") -> int:
+    args = grid_parser(prog).parse_args(argv)
+    return _guard(prog, lambda: _grid(args))
+
+
+def _grid(args) -> int:
+    axes = {}
+    for flag, axis in AXIS_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            axes[axis] = parse_list(value, AXES[axis][1], flag)
+    axes.setdefault("prompts", [512])
+    axes.setdefault("gens", [128])
+    grid = Grid(axes=axes, repeat=args.repeat, log_stats=args.h2o_log_stats,
+                lossless_enable=args.kv_lossless_enable, quality=args.quality)
+    return _run_sweep(grid, args)
+
+
+def sweep_main(argv=None, prog="sweep_h2o_v2.py") -> int:
+    args = sweep_parser(prog).parse_args(argv)
+    return _guard(prog, lambda: _run_sweep(load_preset(args.preset), args))
+
+
+def parse_main(argv=None, prog="parse_h2o_v2_log.py") -> int:
+    p = _Parser(prog=prog, description="llm_bench logs (h2okit's or MNN's tables) -> CSV")
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--log-files", nargs="+", default=None)
+    p.add_argument("--out-csv", required=True)
+    args = p.parse_args(argv)
+
+    def run():
+        files = log_files_from(args.log_dir, args.log_files)
+        records, warnings, params = collect(files)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if not records:
+            raise ParseError(f"no llm_bench table rows in {len(files)} log file(s)")
+        write_csv(records, Path(args.out_csv), params)
+        print(f"wrote {len(records)} row(s) from {len(files)} log file(s) to {args.out_csv}", file=sys.stderr)
+        return 0
+
+    return _guard(prog, run)
+
+
+def analyze_main(argv=None, prog="analyze_h2o_v2.py") -> int:
+    p = _Parser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--out", required=True, help="path of summary.md (summary.json and pareto.png go beside it)")
+    p.add_argument("--offline-lossless-json", default=None)
+    p.add_argument("--lossy-target", type=float, default=3.0)
+    p.add_argument("--lossless-target", type=float, default=1.3)
+    p.add_argument("--decode-baseline", default=None, help="tok/s, or 'auto' (the full-cache run's)")
+    p.add_argument("--max-decode-drop", type=float, default=0.05, help="with --decode-baseline; 0.05 = 5%%")
+    args = p.parse_args(argv)
+
+    def run():
+        summary = analyze(Path(args.csv), Path(args.out), args.lossy_target, args.lossless_target,
+                          Path(args.offline_lossless_json) if args.offline_lossless_json else None,
+                          args.decode_baseline, args.max_decode_drop)
+        out = Path(args.out)
+        print(f"summary: {out}\npareto:  {out.with_name('pareto.png')}\ngate:    {summary['gate']['overall']}")
+        return 0
+
+    return _guard(prog, run)
+
+
+def _guard(prog: str, fn) -> int:
+    try:
+        return fn()
+    except KIT_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,88 @@
+"""Sweeps against a fake external llm_bench (fast, no model): failures, reuse, dry run, Ctrl-C + resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = ROOT / "tests" / "data" / "fake_llm_bench.py"
+BASE = ROOT / "configs" / "smollm2-135m.json"
+
+
+def grid(out, *extra, env=None, wait=True):
+    cmd = [sys.executable, "-m", "h2okit.cli", "grid", "--llm-bench", str(FAKE), "--base-config", str(BASE),
+           "--out-dir", str(out), "--prompts", "256,512", "--gens", "8", "--repeat", "1",
+           "--h2o-target-mode", "static", "--h2o-keep-ratios", "0.3,0.5", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def parse_csv(out):
+    csv_path = out / "m.csv"
+    proc = subprocess.run([sys.executable, "-m", "h2okit.cli", "parse", "--log-dir", str(out / "logs"),
+                           "--out-csv", str(csv_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with csv_path.open() as f:
+        return [{k: v for k, v in row.items() if k != "log_file"} for row in csv.DictReader(f)]
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "s"
+    proc = grid(out, "--h2o-block-tokens", "32,13")
+    assert proc.returncode == 2, proc.stderr
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert len(runs) == 8
+    failed = [r for r in runs if r["status"] == "failed"]
+    assert {r["params"]["kv_h2o_block_tokens"] for r in failed} == {13} and len(failed) == 4
+    assert all(r["returncode"] == 3 and "cannot run block 13" in r["stderr_tail"] for r in failed)
+    assert all(r["status"] == "ok" for r in runs if r["params"]["kv_h2o_block_tokens"] == 32)
+    assert len(parse_csv(out)) == 4
+    config = json.loads((out / runs[0]["config"]).read_text())
+    assert Path(config["base_dir"]).is_absolute() and config["kv_h2o_target_keep_ratio"] == 0.3
+
+
+def test_an_earlier_out_dir_is_not_reused_by_accident(tmp_path):
+    out = tmp_path / "s"
+    assert grid(out).returncode == 0
+    again = grid(out)
+    assert again.returncode == 2 and "not empty" in again.stderr and "--resume" in again.stderr
+    resumed = grid(out, "--resume")
+    assert resumed.returncode == 0 and "4 run(s) already complete" in resumed.stderr
+    other = grid(out, "--resume", "--h2o-keep-ratios", "0.4")
+    assert other.returncode == 2 and "grid differs" in other.stderr
+
+
+def test_dry_run_writes_configs_and_runs_nothing(tmp_path):
+    out = tmp_path / "s"
+    proc = grid(out, "--dry-run")
+    assert proc.returncode == 0
+    assert len(list((out / "configs").glob("*.json"))) == 4 and not list((out / "logs").glob("*.log"))
+    assert proc.stderr.count("fake_llm_bench.py -m") == 4
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tmp_path):
+    straight = tmp_path / "straight"
+    assert grid(straight).returncode == 0
+    out = tmp_path / "interrupted"
+    proc = grid(out, env={"FAKE_SLEEP": "0.7"}, wait=False)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until at least one run is complete, then press Ctrl-C
+        if manifest.exists() and '"status": "ok"' in manifest.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    statuses = [r["status"] for r in json.loads(manifest.read_text())["runs"]]
+    assert "ok" in statuses and set(statuses) <= {"ok", "interrupted", "pending"} and statuses.count("ok") < 4
+    assert grid(out, "--resume").returncode == 0
+    rows, expected = parse_csv(out), parse_csv(straight)
+    assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 4
+    assert sorted(rows, key=lambda r: r["run_id"]) == sorted(expected, key=lambda r: r["run_id"])

@@ -1,0 +1,147 @@
+"""The kit without the model: grids, presets, base configs, parsing, Pareto sets, analysis."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from h2okit.kit.analyze import analyze, pareto_mask
+from h2okit.kit.grid import Grid, GridError, expand, load_preset, normalize_base_config, run_id
+from h2okit.kit.parse import collect, parse_log_text, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = """[llm_bench] t=2 p=64 n=8 rep 1/1: prefill 500.0 tok/s
+| model | modelSize | backend | threads | precision | llm_demo | speed(tok/s) | h2o_keep | h2o_lossy | h2o_lossless | h2o_target_keep_effective | h2o_floor_keep | h2o_quantized_keep | h2o_evict_us | h2o_codec_us | kv_true_ratio |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| m | 93.81 MB | CPU | 2 | High | prompt=512<br>decode=128 | 577.21 ± 3.00<br>16.23 ± 0.50 | 0.3333 ± 0.0000 | 3.000 ± 0.000 | 1.178 ± 0.001 | 0.3333 ± 0.0000 | 0.2121 ± 0.0000 | 0.3333 ± 0.0000 | 63.02 ± 1.00 | 900.00 ± 2.00 | 2.055 ± 0.000 |
+"""
+MNN = """| model | modelSize | backend | threads | precision | quantKv | flashAttention | test | t/s |
+|--:|--:|--:|--:|--:|--:|--:|--:|--:|
+| qwen2.5-1.5b | 1.2 GB | CPU | 4 | Low | 0 | 1 | pp512 | 120.50 ± 2.10 |
+| qwen2.5-1.5b | 1.2 GB | CPU | 4 | Low | 0 | 1 | tg128 | 18.25 ± 0.30 |
+"""
+
+
+def test_run_ids_follow_the_seed():
+    assert run_id(7, 512, 128, 0.3, 32, 3.0) == "run_0007_p512_g128_k0.3_b32_lr3"
+
+
+def test_grid_is_the_product_with_ineffective_axes_collapsed():
+    grid = Grid(axes={"prompts": [256, 512], "h2o_keep_ratios": [0.28, 0.30, 0.33], "h2o_target_mode": ["adaptive"],
+                      "h2o_block_tokens": [32, 64]})
+    runs = expand(grid, {})
+    assert len(runs) == 4  # keep ratios collapse in adaptive mode
+    assert [r.idx for r in runs] == [0, 1, 2, 3] and len({r.run_id for r in runs}) == 4
+    assert "h2o_keep_ratios has no effect with adaptive mode" in grid.notes[0]
+    static = Grid(axes={"h2o_keep_ratios": [0.28, 0.30, 0.33], "h2o_target_mode": ["static"]})
+    assert len(expand(static, {})) == 3 and not static.notes
+    full = Grid(axes={"h2o_policies": ["full", "h2o"], "h2o_block_tokens": [32, 64]})
+    assert len(expand(full, {})) == 3  # the full policy ignores block size
+
+
+def test_invalid_values_in_a_grid_are_caught_before_running():
+    with pytest.raises(GridError, match="kv_h2o_target_mode"):
+        expand(Grid(axes={"h2o_target_mode": ["fast"]}), {})
+
+
+def test_presets_load_and_bad_presets_are_named(tmp_path):
+    grid = load_preset(ROOT / "exp/h2o_v2/configs/target_ratio.json")
+    assert grid.axes["h2o_keep_ratios"] == [0.28, 0.30, 0.33] and grid.repeat == 3 and grid.lossless_enable
+    assert len(expand(grid, {})) == 1
+    speed = load_preset(ROOT / "exp/h2o_v2/configs/target_speed.json")
+    assert len(expand(speed, {})) == 3
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"h2o_keep_ratio": [0.3]}))
+    with pytest.raises(GridError, match="unknown preset key 'h2o_keep_ratio'"):
+        load_preset(bad)
+    bad.write_text(json.dumps({"h2o_block_tokens": ["32"]}))
+    with pytest.raises(GridError, match="int"):
+        load_preset(bad)
+    bad.write_text(json.dumps({"prompts": []}))
+    with pytest.raises(GridError, match="empty"):
+        load_preset(bad)
+
+
+def test_base_dir_is_normalised_and_model_keys_made_relative(tmp_path):
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "sub" / "m.gguf").write_bytes(b"GGUF")
+    cfg = tmp_path / "cfg" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"base_dir": "../models", "llm_model": str(models / "sub" / "m.gguf"),
+                               "kv_h2o_enable": True}))
+    out = normalize_base_config(cfg)
+    assert out["base_dir"] == str(models.resolve()) and out["llm_model"] == "sub/m.gguf"
+    pkg = normalize_base_config(ROOT / "configs" / "smollm2-135m.json")
+    assert Path(pkg["base_dir"]).is_absolute() and pkg["llm_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_parse_our_table_with_noise_lines():
+    (row,), warnings = parse_log_text(OURS)
+    assert not warnings
+    assert row["h2o_keep"] == "0.3333 ± 0.0000" and row["h2o_keep_mean"] == pytest.approx(0.3333)
+    assert (row["prefill_tps_mean"], row["prefill_tps_std"], row["decode_tps_mean"]) == (577.21, 3.0, 16.23)
+    assert (row["prompt_len"], row["gen_len"]) == (512, 128)
+    assert row["kv_true_ratio_mean"] == pytest.approx(2.055)
+
+
+def test_parse_mnn_test_layout_merges_prefill_and_decode():
+    (row,), warnings = parse_log_text(MNN)
+    assert not warnings
+    assert row["quantKv"] == "0" and row["test"] == "pp512+tg128"
+    assert (row["prompt_len"], row["prefill_tps_mean"], row["gen_len"], row["decode_tps_mean"]) == (512, 120.5, 128, 18.25)
+
+
+def test_several_tables_repeated_headers_and_truncation(tmp_path):
+    header = OURS.splitlines()[1:3]
+    text = OURS + OURS + "\n".join([*header, *header, OURS.splitlines()[3]]) + "\n" + OURS.splitlines()[3][:80]
+    rows, warnings = parse_log_text(text, "x.log")
+    assert len(rows) == 3 and len(warnings) == 1 and "truncated" in warnings[0]
+    log = tmp_path / "a.log"
+    log.write_text(MNN + OURS)
+    records, _, params = collect([log])
+    out = tmp_path / "m.csv"
+    columns = write_csv(records, out, params)
+    assert columns[:7] == ["model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)"]
+    assert "decode_tps_mean" in columns and columns.index("log_file") > columns.index("decode_tps_mean")
+    assert len(out.read_text().splitlines()) == 3
+
+
+def _brute_force_pareto(values):
+    n = len(values)
+    return [not any(all(values[j] >= values[i]) and any(values[j] > values[i]) for j in range(n) if j != i)
+            for i in range(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=25))
+def test_pareto_mask_matches_brute_force(points):
+    values = np.array(points, dtype=float)
+    assert pareto_mask(values).tolist() == _brute_force_pareto(values)
+
+
+def test_analyze_writes_summary_json_and_plot(tmp_path):
+    rows = []
+    for i, (ratio, decode, ppl) in enumerate([(1.0, 15.0, 0.0), (2.0, 16.0, 3.0), (2.5, 14.0, 2.0), (2.0, 15.5, 5.0)]):
+        rows.append({"model": "m", "decode_tps_mean": decode, "h2o_lossy_mean": ratio * 1.2,
+                     "h2o_lossless_mean": 1.1, "kv_true_ratio_mean": ratio, "ppl_delta_pct_mean": ppl,
+                     "log_file": f"r{i}.log", "run_id": f"run_{i}", "kv_h2o_policy": "full" if i == 0 else "h2o"})
+    import pandas as pd
+
+    csv = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    s = analyze(csv, tmp_path / "summary.md", lossy_target=2.9, lossless_target=1.05, decode_baseline="auto",
+                max_decode_drop=0.05)
+    assert sorted(p["label"] for p in s["pareto"]) == ["run_0", "run_1", "run_2"]  # run_3 dominated by run_1
+    assert s["best_true_ratio"] == {"run": "run_2", "value": 2.5}
+    gate = {g["criterion"]: g for g in s["gate"]["criteria"]}
+    assert gate["lossy"]["result"] == "PASS" and gate["lossy"]["runs_passing"] == 1
+    assert gate["decode"]["rule"].startswith("decode >= 14.25")
+    assert s["gate"]["passing_runs"] == []  # run_2 is the only lossy pass, and it is too slow
+    assert s["gate"]["overall"] == "FAIL"
+    md = (tmp_path / "summary.md").read_text()
+    assert "Pareto set" in md and "Quality lost" in md and "true whole-cache" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"] == 4
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"

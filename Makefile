@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
 PYTHON3 ?= python3
 
-.PHONY: setup test bench run clean
+.PHONY: setup test bench run run-speed clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,24 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/llm_bench -m configs/smollm2-135m-seed.json -a cpu -t 2 -qatten 0 -kv true -p 512 -n 128 -rep 1
+
+# The main job: the seed's target_ratio preset (plus a full-cache baseline and quality) on the
+# default model, into a fresh timestamped folder; then parse and analyze.
+RUN_DIR := runs/target_ratio-$(shell date +%Y%m%d-%H%M%S)
+SPEED_DIR := runs/target_speed-$(shell date +%Y%m%d-%H%M%S)
+KIT = $(PY) exp/h2o_v2
+
+run: setup
+	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
+	    --preset exp/h2o_v2/configs/target_ratio.json --out-dir $(RUN_DIR)
+	$(KIT)/parse_h2o_v2_log.py --log-dir $(RUN_DIR)/logs --out-csv $(RUN_DIR)/h2o_metrics.csv
+	$(KIT)/analyze_h2o_v2.py --csv $(RUN_DIR)/h2o_metrics.csv --out $(RUN_DIR)/summary.md --decode-baseline auto
+
+run-speed: setup
+	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
+	    --preset exp/h2o_v2/configs/target_speed.json --out-dir $(SPEED_DIR)
+	$(KIT)/parse_h2o_v2_log.py --log-dir $(SPEED_DIR)/logs --out-csv $(SPEED_DIR)/h2o_metrics.csv
+	$(KIT)/analyze_h2o_v2.py --csv $(SPEED_DIR)/h2o_metrics.csv --out $(SPEED_DIR)/summary.md --decode-baseline auto
 
 clean:
 	rm -rf $(VENV)

@@ -49,9 +49,10 @@ def test_invalid_values_in_a_grid_are_caught_before_running():
 def test_presets_load_and_bad_presets_are_named(tmp_path):
     grid = load_preset(ROOT / "exp/h2o_v2/configs/target_ratio.json")
     assert grid.axes["h2o_keep_ratios"] == [0.28, 0.30, 0.33] and grid.repeat == 3 and grid.lossless_enable
-    assert len(expand(grid, {})) == 1
+    assert grid.quality and grid.axes["h2o_policies"] == ["full", "h2o"]
+    assert len(expand(grid, {})) == 2  # the full baseline + one adaptive run (keep ratios collapse)
     speed = load_preset(ROOT / "exp/h2o_v2/configs/target_speed.json")
-    assert len(expand(speed, {})) == 3
+    assert len(expand(speed, {})) == 4  # the full baseline + three static keep ratios
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps({"h2o_keep_ratio": [0.3]}))
     with pytest.raises(GridError, match="unknown preset key 'h2o_keep_ratio'"):

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-rep", "--repeat", type=int, default=3, help="measured requests per row (+1 warm-up)")
     p.add_argument("-fp", "--file-print", default=None, help="append the table to this file")
     p.add_argument("--corpus", default=None, help="text file or folder of .txt (default: the Austen novels)")
+    q = p.add_argument_group("quality (h2okit extension; columns after the standard ones)")
+    q.add_argument("--quality", action="store_true", help="perplexity under eviction, agreement, passkey")
+    q.add_argument("--quality-windows", type=int, default=3, help="perplexity windows (one per text)")
+    q.add_argument("--quality-tokens", type=int, default=128, help="scored tokens per window (M)")
+    q.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="comma list of depths; empty to skip")
     return p
 
 
@@ -82,9 +87,9 @@ def format_row(model: str, model_mb: float, backend: str, threads: int, precisio
     cells = [model, f"{model_mb:.2f} MB", backend.upper(), str(threads), precision.capitalize(),
              f"prompt={p}<br>decode={n}", table.speed_cell(samples.prefill_tps, samples.decode_tps)]
     cells += [table.cell(samples.stats[key], fmt) for key, fmt in table.STAT_FORMATS.items()]
-    extras = [key for key in table.EXTRA_FORMATS if key in samples.stats]
-    cells += [table.cell(samples.stats[key], table.EXTRA_FORMATS[key]) for key in extras]
-    return list(table.STANDARD_COLUMNS) + extras, cells
+    extras = table.extra_columns(samples.stats)
+    cells += [table.cell(samples.stats[key], fmt) for key, fmt in extras]
+    return list(table.STANDARD_COLUMNS) + [key for key, _ in extras], cells
 
 
 def run(args: argparse.Namespace) -> str:
@@ -109,6 +114,18 @@ def run(args: argparse.Namespace) -> str:
                         log=lambda line: print(line, file=sys.stderr))
     texts = load_texts(args.corpus)
     engine = Engine(loaded, config.kv)
+    evaluator = None
+    if args.quality:
+        from .quality import QualityEvaluator, QualitySettings
+
+        try:
+            depths = tuple(float(d) for d in args.passkey_depths.split(",") if d.strip())
+        except ValueError:
+            raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'")
+        if any(not 0 <= d <= 1 for d in depths) or args.quality_windows < 1 or args.quality_tokens < 2:
+            raise BenchError("quality settings out of range (depths in [0,1], windows >= 1, tokens >= 2)")
+        evaluator = QualityEvaluator(engine, texts, QualitySettings(
+            windows=args.quality_windows, tokens=args.quality_tokens, passkey_depths=depths))
     threads_list = args.threads or [config.threads]
     columns, rows = None, []
     for threads in threads_list:
@@ -117,6 +134,7 @@ def run(args: argparse.Namespace) -> str:
             prompt = token_stream(loaded.tokenizer, texts, p)
             for n in args.n_gen:
                 samples = RowSamples()
+                generated = []
                 for rep in range(args.repeat + 1):
                     result = engine.generate(prompt, n)
                     tag = "warm-up" if rep == 0 else f"rep {rep}/{args.repeat}"
@@ -125,6 +143,14 @@ def run(args: argparse.Namespace) -> str:
                           f"true ratio {result.stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
                     if rep > 0:
                         samples.add(result)
+                        generated.append(result.tokens)
+                if evaluator is not None:  # after the timed requests, so it cannot disturb them
+                    quality = evaluator.evaluate(p, prompt, generated)
+                    samples.stats.update(quality)
+                    print(f"[llm_bench] quality p={p}: ppl {sum(quality['ppl']) / len(quality['ppl']):.3f} "
+                          f"(+{sum(quality['ppl_delta_pct']) / len(quality['ppl_delta_pct']):.2f}% vs full cache), "
+                          f"agreement {quality['token_agreement'][0]:.3f}, {quality['quality_s'][0]:.0f} s",
+                          file=sys.stderr, flush=True)
                 columns, cells = format_row(loaded.name, loaded.size_bytes / MB, args.backend, threads,
                                             precision, p, n, samples)
                 rows.append(cells)

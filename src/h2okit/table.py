@@ -19,7 +19,18 @@ STAT_FORMATS = {
 EXTRA_FORMATS = {
     "kv_true_ratio": "%.3f", "kv_phys_mb": "%.2f", "kv_logical_mb": "%.2f", "kv_lossless_mb": "%.3f",
     "h2o_codec_decode_us": "%.2f", "h2o_evictions": "%.1f",
+    # quality (llm_bench --quality)
+    "ppl": "%.3f", "ppl_full": "%.3f", "ppl_delta_pct": "%.2f", "token_agreement": "%.4f",
+    "first_divergence": "%.1f", "passkey_acc": "%.3f", "passkey_full_acc": "%.3f", "quality_s": "%.1f",
 }
+
+
+def extra_columns(keys) -> list[tuple[str, str]]:
+    """(column, format) of the extra columns present, known ones first, in a fixed order."""
+    keys = list(keys)
+    known = [(k, f) for k, f in EXTRA_FORMATS.items() if k in keys]
+    rest = [(k, "%.3f") for k in keys if k not in EXTRA_FORMATS and k not in STAT_FORMATS]
+    return known + rest
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

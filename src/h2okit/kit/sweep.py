@@ -36,9 +36,10 @@ class RunSpec:
     """Everything needed to execute one run on any machine with llm_bench installed."""
 
     run_id: str
-    llm_bench: list[str]
+    llm_bench: list[str]  # ["llm_bench"] means h2okit's own, found where the run executes
     args: list[str]  # flags after the binary, with {config} and {log} placeholders
     config_text: str
+    threads: int = 1  # CPUs the run needs (a Ray task reserves them)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
     with tempfile.TemporaryDirectory(prefix="h2okit-run-") as tmp:
         config, log = Path(tmp) / "config.json", Path(tmp) / "run.log"
         config.write_text(spec.config_text)
-        argv = spec.llm_bench + [a.format(config=config, log=log) for a in spec.args]
+        argv = local_argv(spec.llm_bench) + [a.format(config=config, log=log) for a in spec.args]
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)  # Ctrl-C reaches the driver, which stops us
@@ -74,11 +75,21 @@ def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
     return RunOutcome(spec.run_id, proc.returncode, log_text, console, time.perf_counter() - started, error)
 
 
+OWN_LLM_BENCH = ["llm_bench"]
+
+
+def local_argv(llm_bench: list[str]) -> list[str]:
+    """h2okit's own llm_bench as installed here (console script, else `python -m h2okit.bench`)."""
+    if llm_bench != OWN_LLM_BENCH:
+        return llm_bench
+    found = shutil.which("llm_bench")
+    return [found] if found else [sys.executable, "-m", "h2okit.bench"]
+
+
 def resolve_llm_bench(value: str) -> tuple[list[str], bool]:
     """(argv prefix, is h2okit's own). `llm_bench` means ours; a path may be ours or MNN's."""
     if value in ("llm_bench", "h2okit"):
-        found = shutil.which("llm_bench")
-        return ([found] if found else [sys.executable, "-m", "h2okit.bench"]), True
+        return list(OWN_LLM_BENCH), True
     path = Path(value)
     if not path.exists():
         raise GridError(f"llm_bench not found at {value}; pass `llm_bench` for h2okit's own, or the path to "
@@ -99,7 +110,7 @@ def build_specs(runs: list[Run], base_config: dict, llm_bench: list[str], ours: 
                 "-kv", "true", "-p", str(run.prompt), "-n", str(run.gen), "-rep", str(repeat), "-fp", "{log}"]
         if quality and ours:
             args.append("--quality")
-        specs[run.run_id] = RunSpec(run.run_id, llm_bench, args, json.dumps(config, indent=1))
+        specs[run.run_id] = RunSpec(run.run_id, llm_bench, args, json.dumps(config, indent=1), run.threads)
     return specs
 
 
@@ -190,7 +201,7 @@ def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, 
         log(f"resume: {skipped} run(s) already complete, {len(todo)} to run")
     if dry_run:
         for spec in todo:
-            cmd = spec.llm_bench + [a.format(config=out_dir / records[spec.run_id]["config"],
+            cmd = local_argv(spec.llm_bench) + [a.format(config=out_dir / records[spec.run_id]["config"],
                                              log=out_dir / records[spec.run_id]["log"]) for a in spec.args]
             log(" ".join(str(c) for c in cmd))
         save()

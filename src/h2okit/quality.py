@@ -1,0 +1,166 @@
+"""What eviction costs in quality, measured on the real model with eviction and codec active.
+
+- Perplexity under eviction: prefill P tokens of real text, then feed the next M tokens one
+  decode step at a time (H2O scoring, eviction and codec run exactly as in generation) and
+  score each fed token. One window per book; the full-cache perplexity of the same window is
+  the reference (`ppl_delta_pct`).
+- Agreement: greedy tokens of a request against the full-cache run on the same prompt.
+- Passkey: a 5-digit key at several depths of a real-text prompt, then decoded filler text
+  (so that evictions happen), then the question; greedy answer checked for the key.
+
+Full-cache references are cached on disk per model, text, lengths and KV dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .config import KVConfig
+from .corpus import token_stream
+from .metrics import Agreement, delta_pct, passkey_found, perplexity, token_nll
+from .paths import cache_root
+from .runtime import Engine
+
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    windows: int = 3  # perplexity windows, each from a different text
+    tokens: int = 128  # M: scored tokens per window
+    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    passkey_filler: int = 64  # decoded filler tokens between the prompt and the question
+    passkey_answer: int = 8
+
+
+def reference_kv(kv: KVConfig) -> KVConfig:
+    """The full cache: no eviction, no codec (lossless, so it cannot change a token), same dtype."""
+    return replace(kv, h2o_enable=False, lossless_enable=False)
+
+
+class _DiskCache:
+    def __init__(self, model_key: str):
+        self.folder = cache_root() / "quality"
+        self.model_key = model_key
+
+    def get(self, parts: list, compute):
+        digest = hashlib.sha256(json.dumps([self.model_key, *parts]).encode()).hexdigest()[:24]
+        path = self.folder / f"{digest}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass  # a torn write: compute again
+        value = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+        return value
+
+
+def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    """Teacher-forced: NLL of each continuation token, fed one decode step at a time."""
+    cache = engine.new_cache()
+    logits = engine.forward(cache, prompt, 0)
+    nll = np.empty(len(continuation))
+    for i, token in enumerate(continuation):
+        nll[i] = token_nll(logits[-1:].float().numpy(), np.array([token]))[0]
+        if i + 1 < len(continuation):
+            logits = engine.forward(cache, [token], len(prompt) + i)
+    return nll
+
+
+def _make_needle(tokenizer, key: str) -> list[int]:
+    return tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
+
+
+def passkey_trial(engine: Engine, tokenizer, context: list[int], filler: list[int], depth: float, key: str,
+                  answer_tokens: int) -> tuple[bool, str]:
+    needle = _make_needle(tokenizer, key)
+    cut = int(round(depth * len(context)))
+    prompt = context[:cut] + needle + context[cut:]
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    cache = engine.new_cache()
+    logits = engine.forward(cache, prompt, 0)
+    position = len(prompt)
+    for token in filler + question:  # decode steps: H2O scores and evicts as in generation
+        logits = engine.forward(cache, [token], position)
+        position += 1
+    answer = []
+    for _ in range(answer_tokens):
+        token = int(logits[-1].argmax())
+        answer.append(token)
+        logits = engine.forward(cache, [token], position)
+        position += 1
+    text = tokenizer.decode(answer)
+    return passkey_found(text, key), text
+
+
+class QualityEvaluator:
+    def __init__(self, engine: Engine, texts: dict[str, str], settings: QualitySettings = QualitySettings()):
+        self.engine = engine
+        self.reference = Engine(engine.loaded, reference_kv(engine.kv), log=engine.log)
+        self.tokenizer = engine.loaded.tokenizer
+        self.texts = texts
+        self.settings = settings
+        loaded = engine.loaded
+        self.cache = _DiskCache(f"{loaded.source}:{loaded.size_bytes}:{engine.kv.cache_dtype}:"
+                                f"{next(loaded.model.parameters()).dtype}")
+        self.names = list(texts)
+
+    def _window(self, w: int, p: int) -> list[int]:
+        return token_stream(self.tokenizer, self.texts, p + self.settings.tokens, start_text=w % len(self.names))
+
+    def perplexity(self, p: int) -> dict[str, list[float]]:
+        out = {"ppl": [], "ppl_full": [], "ppl_delta_pct": []}
+        for w in range(self.settings.windows):
+            ids = self._window(w, p)
+            prompt, continuation = ids[:p], ids[p:]
+            ref = self.cache.get(["ppl", ids], lambda: perplexity(stream_nll(self.reference, prompt, continuation)))
+            ppl = perplexity(stream_nll(self.engine, prompt, continuation))
+            out["ppl"].append(ppl)
+            out["ppl_full"].append(ref)
+            out["ppl_delta_pct"].append(delta_pct(ppl, ref))
+        return out
+
+    def reference_tokens(self, prompt: list[int], n: int) -> list[int]:
+        return self.cache.get(["greedy", prompt, n], lambda: self.reference.generate(prompt, n).tokens)
+
+    def agreement(self, prompt: list[int], tokens: list[int]) -> Agreement:
+        return Agreement.of(tokens, self.reference_tokens(prompt, len(tokens)))
+
+    def passkey(self, p: int) -> dict[str, list[float]]:
+        s = self.settings
+        names = self.names
+        context = token_stream(self.tokenizer, self.texts, p + s.passkey_filler, start_text=2 % len(names))
+        rng = np.random.default_rng(1234)
+        out: dict[str, list[float]] = {"passkey_acc": [], "passkey_full_acc": []}
+        for depth in s.passkey_depths:
+            key = str(rng.integers(10000, 100000))
+            needle_len = len(_make_needle(self.tokenizer, key))
+            ctx, filler = context[:p - needle_len], context[p:p + s.passkey_filler]
+            ok, _ = passkey_trial(self.engine, self.tokenizer, ctx, filler, depth, key, s.passkey_answer)
+            full_ok = self.cache.get(["passkey", ctx, filler, depth, key, s.passkey_answer], lambda: passkey_trial(
+                self.reference, self.tokenizer, ctx, filler, depth, key, s.passkey_answer)[0])
+            out[f"passkey_d{round(depth * 100):02d}"] = [float(ok)]
+            out["passkey_acc"].append(float(ok))
+            out["passkey_full_acc"].append(float(full_ok))
+        return out
+
+    def evaluate(self, p: int, prompt: list[int], generated: list[list[int]]) -> dict[str, list[float]]:
+        """All quality columns of one llm_bench row; values are samples (windows, requests or depths)."""
+        started = time.perf_counter()
+        columns = self.perplexity(p)
+        agreements = [self.agreement(prompt, tokens) for tokens in generated]
+        columns["token_agreement"] = [a.fraction for a in agreements]
+        columns["first_divergence"] = [float(a.first_divergence) for a in agreements]
+        if self.settings.passkey_depths:
+            columns.update(self.passkey(p))
+        columns["quality_s"] = [time.perf_counter() - started]
+        return columns

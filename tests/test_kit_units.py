@@ -38,7 +38,9 @@ def test_grid_is_the_product_with_ineffective_axes_collapsed():
     static = Grid(axes={"h2o_keep_ratios": [0.28, 0.30, 0.33], "h2o_target_mode": ["static"]})
     assert len(expand(static, {})) == 3 and not static.notes
     full = Grid(axes={"h2o_policies": ["full", "h2o"], "h2o_block_tokens": [32, 64]})
-    assert len(expand(full, {})) == 3  # the full policy ignores block size
+    runs = expand(full, {})
+    assert len(runs) == 3  # the full policy ignores block size
+    assert runs[0].run_id.endswith("_full") and not runs[1].run_id.endswith("_h2o")
 
 
 def test_invalid_values_in_a_grid_are_caught_before_running():

@@ -218,13 +218,14 @@ def _markdown(df: pd.DataFrame, s: dict, compression: Objective, quality: Object
         lines.append("| " + " | ".join(_fmt(row[c]) if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
     if quality is not None:
         lines += ["", "## Quality lost, per run", "",
-                  "| run | policy | compression | decode tok/s | ppl increase % | token agreement |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| run | policy | compression | decode tok/s | ppl increase % | token agreement | passkey |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for _, row in df.sort_values(compression.column, ascending=False).iterrows():
             lines.append(f"| {row['label']} | {row.get('kv_h2o_policy', 'n/a')} | {_fmt(row[compression.column])} | "
                          f"{_fmt(row['decode_tps_mean'], 2)} | {_fmt(row['ppl_delta_pct_mean'], 2)} ± "
                          f"{_fmt(row.get('ppl_delta_pct_std', float('nan')), 2)} | "
-                         f"{_fmt(row.get('token_agreement_mean', float('nan')))} |")
+                         f"{_fmt(row.get('token_agreement_mean', float('nan')))} | "
+                         f"{_fmt(row.get('passkey_acc_mean', float('nan')), 2)} |")
     lines += ["", "## Gate", "", "| criterion | rule | result | best value | runs passing |", "| --- | --- | --- | --- | --- |"]
     for g in s["gate"]["criteria"]:
         lines.append(f"| {g['criterion']} | {g['rule']} | {g['result']} | {_fmt(g['best'])} | {g['runs_passing']} |")

@@ -147,6 +147,9 @@ def expand(grid: Grid, base_kv: dict[str, Any]) -> list[Run]:
         idx = len(runs)
         rid = run_id(idx, prompt, gen, merged.get("kv_h2o_target_keep_ratio", 0.5),
                      merged.get("kv_h2o_block_tokens", 64), merged.get("kv_h2o_target_lossy_ratio", 3.0))
+        policy = merged.get("kv_h2o_policy", "h2o")
+        if policy != "h2o":  # the seed's id, plus the baseline's name so runs stay readable
+            rid += f"_{policy}"
         runs.append(Run(idx, rid, threads, prompt, gen, kv))
     if collapsed:
         detail = "; ".join(f"{name} has no effect with {', '.join(sorted(why))}" for name, why in idle_axes.items())

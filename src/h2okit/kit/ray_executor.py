@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from .grid import GridError
 from .sweep import RunOutcome, RunSpec, execute_run
 
-INSTALL_HINT = "--executor ray needs Ray: pip install 'h2okit[ray]' (or pip install 'ray[default]')"
+INSTALL_HINT = "--executor ray needs Ray: pip install 'h2okit[ray]' (or pip install ray)"
 
 
 def _import_ray():

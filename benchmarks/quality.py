@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/quality.py [--prompt 512] [--tokens 128] [--windows 6]
 
 Seed configuration (block 32, sink 16, recent 64, adaptive 3.0, interval 16, trigger 384,
-layers 2..29); only kv_h2o_policy changes: h2o / streaming (sink + recent, the budget extends
+layers 2..29); only kv_h2o_policy changes (h2o_prefill: h2o that also scores the prompt's attention,
+an opt-in beyond the SPEC): h2o / streaming (sink + recent, the budget extends
 the recent window) / random (seeded) / full. Per policy: perplexity increase over the full
 cache on one window per text (mean ± sample std over windows), greedy agreement with the
 full cache over 64 generated tokens, passkey accuracy at 3 depths, and the wall time of
@@ -27,6 +28,14 @@ from h2okit.quality import QualityEvaluator, QualitySettings
 from h2okit.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
+# variant name -> config overrides on top of the seed configuration
+VARIANTS = {
+    "h2o": {"kv_h2o_policy": "h2o"},
+    "h2o_prefill": {"kv_h2o_policy": "h2o", "kv_h2o_score_prefill": True},  # H2O paper: score the prompt too
+    "streaming": {"kv_h2o_policy": "streaming"},
+    "random": {"kv_h2o_policy": "random"},
+    "full": {"kv_h2o_policy": "full"},
+}
 
 
 def main() -> None:
@@ -35,7 +44,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--policies", default="h2o,streaming,random,full")
+    ap.add_argument("--policies", default="h2o,streaming,random,full", help=f"from {', '.join(VARIANTS)}")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -50,7 +59,7 @@ def main() -> None:
           "| passkey (full cache) | quality eval s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for policy in args.policies.split(","):
-        kv = parse_config({**seed_raw, "kv_h2o_policy": policy}).kv
+        kv = parse_config({**seed_raw, **VARIANTS[policy]}).kv
         engine = Engine(loaded, kv)
         started = time.perf_counter()
         result = engine.generate(prompt, args.gen)

@@ -49,3 +49,16 @@ def test_chunk_mask_is_causal_with_an_offset():
     mask = _causal_mask(3, 5, "cpu")
     assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False],
                              [True] * 5]
+
+
+def test_chunked_causal_attention_with_mass_matches_sdpa_and_eager():
+    from h2okit.attention import causal_attention_with_mass
+
+    q, k, v = torch.randn(1, 9, 70, 16), torch.randn(1, 3, 70, 16), torch.randn(1, 3, 70, 16)
+    out, mass = causal_attention_with_mass(q, k, v, 0.25, rows_per_chunk=32)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    kr = k.repeat_interleave(3, dim=1)
+    logits = (q @ kr.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(70, 70, dtype=torch.bool).tril(), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(mass, probs.sum(dim=(0, 1, 2)) / (9 * 70))

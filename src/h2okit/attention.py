@@ -34,6 +34,26 @@ def attention_with_mass(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out, mass
 
 
+def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk: int = 256):
+    """Causal attention of q_len new rows over the cache (the last q_len slots are theirs), computed
+    explicitly in row chunks to bound memory. Returns (output, mass [T]) as attention_with_mass."""
+    batch, q_heads, q_rows, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    q = query.reshape(batch, kv_heads, group, q_rows, dim)
+    out = torch.empty_like(query).reshape(batch, kv_heads, group, q_rows, dim)
+    mass = torch.zeros(kv_len, dtype=torch.float32)
+    for start in range(0, q_rows, rows_per_chunk):
+        stop = min(q_rows, start + rows_per_chunk)
+        logits = torch.matmul(q[:, :, :, start:stop], key.unsqueeze(2).transpose(-1, -2)) * scaling
+        visible = _causal_mask(q_rows, kv_len, query.device)[start:stop]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))
+        mass += probs.sum(dim=(0, 1, 2, 3))
+    return out.reshape(batch, q_heads, q_rows, dim), mass / (q_heads * q_rows)
+
+
 def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     """Boolean mask for q_len new rows appended after kv_len - q_len cached tokens."""
     past = kv_len - q_len
@@ -55,6 +75,10 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
         else:
             out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
         layer.after_decode_step(mass)
+        return out.transpose(1, 2), None
+    if layer is not None and layer.scores_prefill and q_len == kv_len:  # opt-in: score the prompt too
+        out, mass = causal_attention_with_mass(query, key, value, scaling)
+        layer.observe_prefill(mass)
         return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.dim() == 4:
         mask, causal = attention_mask, False

@@ -98,6 +98,13 @@ class H2OLayer(CacheLayerMixin):
     def scores_attention(self) -> bool:
         return self.policy is not None
 
+    @property
+    def scores_prefill(self) -> bool:
+        return self.policy is not None and self.policy.score_prefill
+
+    def observe_prefill(self, token_mass: torch.Tensor) -> None:
+        self.policy.observe(token_mass.detach().to(torch.float64).numpy(), decode_step=False)
+
     def after_decode_step(self, token_mass: torch.Tensor | None) -> None:
         """After a decode step's attention: H2O scoring and eviction, then the codec's cadence."""
         if self.policy is not None and token_mass is not None:
@@ -179,7 +186,8 @@ class H2OCache(Cache):
             if i in self.h2o_layer_ids:
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
-                                     trigger_min_tokens=kv.h2o_trigger_min_tokens, seed=kv.h2o_seed)
+                                     trigger_min_tokens=kv.h2o_trigger_min_tokens, seed=kv.h2o_seed,
+                                     score_prefill=kv.h2o_score_prefill)
             layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record, codec=codec))
         super().__init__(layers=layers)
 

@@ -58,6 +58,7 @@ KV_KEYS: dict[str, _Key] = {
     # Beyond the seed: which blocks to keep with the same budget (baselines, issue 5).
     "kv_h2o_policy": _Key(str, "h2o", choices=("h2o", "streaming", "random", "full")),
     "kv_h2o_seed": _Key(int, 0, doc="seed of the `random` policy"),
+    "kv_h2o_score_prefill": _Key(bool, False, doc="also score the prompt's attention (H2O paper); SPEC: decode only"),
     "kv_lossless_enable": _Key(bool, False, doc="lossless codec on"),
     "kv_lossless_scope": _Key(str, "front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept")),
     "kv_lossless_front_n": _Key(int, 2, _clamp(0), doc="front_n scope: layers [0, N)"),
@@ -119,6 +120,7 @@ class KVConfig:
     h2o_log_stats: bool = False
     h2o_policy: str = "h2o"
     h2o_seed: int = 0
+    h2o_score_prefill: bool = False
     lossless_enable: bool = False
     lossless_scope: str = "front_n"
     lossless_front_n: int = 2

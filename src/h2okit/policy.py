@@ -158,6 +158,7 @@ class LayerPolicy:
     update_interval: int
     trigger_min_tokens: int
     seed: int = 0
+    score_prefill: bool = False
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     steps_since_eviction: int = 0
     evictions: int = 0
@@ -167,8 +168,9 @@ class LayerPolicy:
         self.steps_since_eviction = 0
         self.evictions = 0
 
-    def observe(self, token_mass: np.ndarray) -> None:
-        """One decode step's attention mass per cached token (already head- and row-averaged)."""
+    def observe(self, token_mass: np.ndarray, decode_step: bool = True) -> None:
+        """One step's attention mass per cached token (already head- and row-averaged).
+        A prefill observation (decode_step=False) updates scores but not the trigger clock."""
         kv = len(token_mass)
         b = self.params.block_tokens
         nb = num_blocks(kv, b)
@@ -179,7 +181,7 @@ class LayerPolicy:
         current = np.add.reduceat(np.asarray(token_mass, dtype=np.float64), np.arange(0, kv, b))
         a = self.ema_alpha
         self.scores = a * self.scores + (1.0 - a) * current
-        self.steps_since_eviction += 1
+        self.steps_since_eviction += int(decode_step)
 
     def maybe_plan(self, kv: int) -> EvictionEvent | None:
         """After a decode step: the plan to apply now, or None. Call `applied` once it is applied."""

@@ -27,6 +27,7 @@ from .paths import cache_root
 from .runtime import Engine
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+WINDOW_STRIDE = 5000  # tokens between a text's successive perplexity windows
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,10 @@ class QualityEvaluator:
         self.names = list(texts)
 
     def _window(self, w: int, p: int) -> list[int]:
-        return token_stream(self.tokenizer, self.texts, p + self.settings.tokens, start_text=w % len(self.names))
+        """Window w: text w mod N; later rounds start WINDOW_STRIDE tokens further into each text."""
+        n = len(self.names)
+        return token_stream(self.tokenizer, self.texts, p + self.settings.tokens, start_text=w % n,
+                            skip_tokens=(w // n) * WINDOW_STRIDE)
 
     def perplexity(self, p: int) -> dict[str, list[float]]:
         out = {"ppl": [], "ppl_full": [], "ppl_delta_pct": []}

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "h2o": {"kv_h2o_policy": "h2o"},
     "h2o_prefill": {"kv_h2o_policy": "h2o", "kv_h2o_score_prefill": True},  # H2O paper: score the prompt too
+    "h2o_a99": {"kv_h2o_policy": "h2o", "kv_h2o_ema_alpha": 0.99},
+    "h2o_prefill_a99": {"kv_h2o_policy": "h2o", "kv_h2o_score_prefill": True, "kv_h2o_ema_alpha": 0.99},
     "streaming": {"kv_h2o_policy": "streaming"},
     "random": {"kv_h2o_policy": "random"},
     "full": {"kv_h2o_policy": "full"},

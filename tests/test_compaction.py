@@ -62,3 +62,28 @@ def test_chunked_causal_attention_with_mass_matches_sdpa_and_eager():
     logits = (q @ kr.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(70, 70, dtype=torch.bool).tril(), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     torch.testing.assert_close(mass, probs.sum(dim=(0, 1, 2)) / (9 * 70))
+
+
+def test_kv_buffer_appends_in_place_grows_and_compacts():
+    from h2okit.cache import KVBuffer
+
+    k0, v0 = torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4)
+    buf = KVBuffer(k0, v0, torch.float16)
+    buf.append(k0, v0)
+    first_storage = buf.k.data_ptr()
+    for _ in range(10):  # decode steps write in place: no reallocation while there is room
+        buf.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    assert buf.k.data_ptr() == first_storage and buf.length == 15 and buf.k.dtype == torch.float16
+    keys, values = buf.views()
+    torch.testing.assert_close(keys[:, :, :5], k0.half())
+    before_k, before_v = keys.clone(), values.clone()
+    index = torch.tensor([0, 2, 3, 9, 14])
+    buf.keep(index)
+    keys, values = buf.views()
+    assert buf.length == 5 and buf.k.data_ptr() == first_storage
+    torch.testing.assert_close(keys, before_k[:, :, index])
+    torch.testing.assert_close(values, before_v[:, :, index])
+    big = torch.randn(1, 3, 600, 4)
+    buf.append(big, big)  # beyond capacity: grows, keeps what it held
+    assert buf.length == 605 and buf.capacity >= 605
+    torch.testing.assert_close(buf.views()[0][:, :, :5], before_k[:, :, index])

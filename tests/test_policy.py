@@ -114,3 +114,13 @@ def test_plan_invariants(kv, block, sink, recent, ratio, seed):
     chosen, rest = scores[kept & ~protected], scores[~kept & ~protected]
     if len(chosen) and len(rest):
         assert chosen.min() >= rest.max()
+
+
+def test_prefill_observation_seeds_scores_without_ticking_the_clock():
+    pol = LayerPolicy(layer=0, params=PlanParams(4, 0, 4, 0.5), ema_alpha=0.9, update_interval=1,
+                      trigger_min_tokens=1)
+    pol.observe(np.array([0.4, 0.0, 0.0, 0.0, 0.1, 0.1, 0.2, 0.2]), decode_step=False)
+    assert pol.scores.tolist() == pytest.approx([0.4, 0.6]) and pol.steps_since_eviction == 0
+    assert pol.maybe_plan(8) is None  # the clock has not ticked: no decode step yet
+    pol.observe(np.zeros(9))
+    assert pol.scores.tolist() == pytest.approx([0.36, 0.54, 0.0]) and pol.steps_since_eviction == 1

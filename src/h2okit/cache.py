@@ -22,6 +22,59 @@ from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class KVBuffer:
+    """One layer's K and V in preallocated `[1, heads, capacity, dim]` buffers: a decode step writes
+    its token in place instead of concatenating (copying) the whole cache, and compaction moves
+    the kept tokens to the front in place. Capacity grows by doubling, so appends are amortised O(1)."""
+
+    HEADROOM = 256  # free slots added on (re)allocation
+
+    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor, dtype: torch.dtype):
+        self.length = 0
+        self.k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=dtype)
+        self.v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed + self.HEADROOM, 2 * self.capacity)
+        k = self.k.new_empty((*self.k.shape[:2], capacity, self.k.shape[-1]))
+        v = self.v.new_empty((*self.v.shape[:2], capacity, self.v.shape[-1]))
+        k[:, :, :self.length] = self.k[:, :, :self.length]
+        v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k, self.v = k, v
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        self._reserve(self.length + n)
+        self.k[:, :, self.length:self.length + n] = keys  # casts to the storage dtype
+        self.v[:, :, self.length:self.length + n] = values
+        self.length += n
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep tokens `index` (ascending), moved to the front in order."""
+        n = len(index)
+        self.k[:, :, :n] = self.k[:, :, index]  # the gather copies before the write: no aliasing
+        self.v[:, :, :n] = self.v[:, :, index]
+        self.length = n
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these tokens (after store mode moved some of them out)."""
+        self.length = 0
+        self.append(keys, values)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
 class H2OLayer(CacheLayerMixin):
     is_sliding = False
 
@@ -44,10 +97,8 @@ class H2OLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.compute_dtype = key_states.dtype
-        shape = (*key_states.shape[:2], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape, dtype=self.store_dtype)
-        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]),
-                                             dtype=self.store_dtype)
+        self.buffer = KVBuffer(key_states, value_states, self.store_dtype)
+        self.keys, self.values = self.buffer.views()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -55,8 +106,8 @@ class H2OLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != 1:
             raise ValueError("h2okit's cache serves batch size 1 (one request at a time)")
-        self.keys = torch.cat([self.keys, key_states.to(self.store_dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.store_dtype)], dim=-2)
+        self.buffer.append(key_states, value_states)
+        self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
         self.tokens_seen += key_states.shape[-2]
         keys, values = self.full_kv()
         if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
@@ -84,7 +135,7 @@ class H2OLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.buffer = None
         self.is_initialized = False
         self.tokens_seen = 0
         self._step_kv = None
@@ -117,7 +168,8 @@ class H2OLayer(CacheLayerMixin):
                     self.on_event(event)
         if self.codec is not None and self.codec.due(self.get_seq_length()):
             if self.stores_cold:
-                self.keys, self.values = self.codec.store_cold(self.keys, self.values)
+                self.buffer.replace(*self.codec.store_cold(self.keys, self.values))
+                self.keys, self.values = self.buffer.views()
             else:
                 self.codec.measure(self.keys, self.values)
         self._step_kv = None
@@ -127,14 +179,14 @@ class H2OLayer(CacheLayerMixin):
         if plan.kv != self.get_seq_length():
             raise ValueError(f"layer {self.layer_idx}: plan for {plan.kv} tokens, layer holds "
                              f"{self.get_seq_length()}")
-        keys, values = self._step_kv if self._step_kv is not None else (self.keys, self.values)
-        if self.stores_cold and self._step_kv is None and self.codec.cold:
-            keys, values = self.full_kv()
-        if self.stores_cold:
-            self.codec.cold = []  # everything is raw again; the codec re-packs the cold part
-        index = torch.from_numpy(plan.kept_token_indices()).to(keys.device)
-        self.keys = keys.index_select(2, index)
-        self.values = values.index_select(2, index)
+        index = torch.from_numpy(plan.kept_token_indices()).to(self.keys.device)
+        if self.stores_cold and self.codec.cold:  # everything is raw again; the codec re-packs the cold part
+            keys, values = self._step_kv if self._step_kv is not None else self.full_kv()
+            self.codec.cold = []
+            self.buffer.replace(keys.index_select(2, index), values.index_select(2, index))
+        else:
+            self.buffer.keep(index)
+        self.keys, self.values = self.buffer.views()
         self._step_kv = None
 
     @property
@@ -143,6 +195,14 @@ class H2OLayer(CacheLayerMixin):
             return 0
         cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
         return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + cold
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
+        if self.keys is None:
+            return 0
+        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
+        return self.buffer.allocated_bytes + cold
 
     @property
     def logical_bytes(self) -> int:
@@ -209,8 +269,20 @@ class H2OCache(Cache):
         return sum(layer.physical_bytes for layer in self.layers)
 
     @property
+    def allocated_bytes(self) -> int:
+        """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
+        if self.keys is None:
+            return 0
+        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
+        return self.buffer.allocated_bytes + cold
+
+    @property
     def logical_bytes(self) -> int:
         return sum(layer.logical_bytes for layer in self.layers)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes for layer in self.layers)
 
     def seq_lengths(self) -> np.ndarray:
         return np.array([layer.get_seq_length() for layer in self.layers])

@@ -170,7 +170,7 @@ class LayerPolicy:
 
     def observe(self, token_mass: np.ndarray, decode_step: bool = True) -> None:
         """One step's attention mass per cached token (already head- and row-averaged).
-        A prefill observation (decode_step=False) updates scores but not the trigger clock."""
+        A prefill observation (decode_step=False, opt-in) sets the initial scores; no clock tick."""
         kv = len(token_mass)
         b = self.params.block_tokens
         nb = num_blocks(kv, b)
@@ -179,9 +179,12 @@ class LayerPolicy:
         if nb > len(self.scores):  # new blocks start at 0
             self.scores = np.concatenate([self.scores, np.zeros(nb - len(self.scores))])
         current = np.add.reduceat(np.asarray(token_mass, dtype=np.float64), np.arange(0, kv, b))
+        if not decode_step:  # the prompt's attention seeds the scores (blending it would weigh it 1-a)
+            self.scores = current
+            return
         a = self.ema_alpha
         self.scores = a * self.scores + (1.0 - a) * current
-        self.steps_since_eviction += int(decode_step)
+        self.steps_since_eviction += 1
 
     def maybe_plan(self, kv: int) -> EvictionEvent | None:
         """After a decode step: the plan to apply now, or None. Call `applied` once it is applied."""

@@ -36,8 +36,9 @@ class RequestStats:
     kv_true_ratio: float = 1.0  # logical KV bytes of all layers and tokens / bytes physically held
     kv_lossless_mb: float = 0.0  # codec output of the in-scope layers (estimated in estimate mode)
     h2o_codec_decode_us: float = 0.0
-    kv_phys_mb: float = 0.0
+    kv_phys_mb: float = 0.0  # bytes of live tokens (raw) plus cold frames
     kv_logical_mb: float = 0.0
+    kv_alloc_mb: float = 0.0  # what the buffers reserve (live tokens + free slots) plus cold frames
     h2o_evictions: int = 0
 
     def as_dict(self) -> dict:
@@ -87,6 +88,7 @@ def collect_stats(cache: H2OCache) -> RequestStats:
     physical, logical = cache.physical_bytes, cache.logical_bytes
     stats.kv_phys_mb = physical / MB
     stats.kv_logical_mb = logical / MB
+    stats.kv_alloc_mb = cache.allocated_bytes / MB
     stats.kv_true_ratio = logical / physical if physical else 1.0
     return stats
 

@@ -17,7 +17,8 @@ STAT_FORMATS = {
     "h2o_evict_us": "%.2f", "h2o_codec_us": "%.2f",
 }
 EXTRA_FORMATS = {
-    "kv_true_ratio": "%.3f", "kv_phys_mb": "%.2f", "kv_logical_mb": "%.2f", "kv_lossless_mb": "%.3f",
+    "kv_true_ratio": "%.3f", "kv_phys_mb": "%.2f", "kv_logical_mb": "%.2f", "kv_alloc_mb": "%.2f",
+    "kv_lossless_mb": "%.3f",
     "h2o_codec_decode_us": "%.2f", "h2o_evictions": "%.1f",
     # quality (llm_bench --quality)
     "ppl": "%.3f", "ppl_full": "%.3f", "ppl_delta_pct": "%.2f", "token_agreement": "%.4f",

@@ -166,14 +166,18 @@ def _idle_reason(key: str, kv: dict[str, Any]) -> str:
     return f"{kv.get('kv_h2o_target_mode')} mode"
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GridError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise GridError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+
+
 def load_preset(path: str | Path) -> Grid:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"preset not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise GridError(f"preset {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    raw = _read_json(path, "preset")
     if not isinstance(raw, dict):
         raise GridError(f"preset {path} must be a JSON object")
     axes, scalars = {}, {}
@@ -210,12 +214,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 def normalize_base_config(path: str | Path) -> dict[str, Any]:
     """The base config with base_dir made an absolute folder and model file keys relative to it."""
     path = Path(path).resolve()
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"base config not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise GridError(f"base config {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    raw = _read_json(path, "base config")
     try:
         parse_config(raw, path)
         base = resolve_base_dir(raw.get("base_dir") or "", path)

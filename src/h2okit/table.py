@@ -42,9 +42,14 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _num(fmt: str, value: float) -> str:
+    text = fmt % value
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.00"
+
+
 def cell(values: Sequence[float], fmt: str) -> str:
     mean, sd = mean_sd(values)
-    return f"{fmt % mean} ± {fmt % sd}"
+    return f"{_num(fmt, mean)} ± {_num(fmt, sd)}"
 
 
 def speed_cell(prefill: Sequence[float], decode: Sequence[float]) -> str:

@@ -26,12 +26,10 @@ def attention_with_mass(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     batch, q_heads, q_rows, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    q = query.reshape(batch, kv_heads, group * q_rows, dim)
-    logits = torch.matmul(q, key.transpose(-1, -2)) * scaling
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    q = query.reshape(batch, kv_heads, group * q_rows, dim) * scaling  # scale q, not the T logits
+    probs = torch.softmax(torch.matmul(q, key.transpose(-1, -2)), dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(value.dtype), value).reshape(batch, q_heads, q_rows, dim)
-    mass = probs.sum(dim=(0, 1, 2)) / (q_heads * q_rows)
-    return out, mass
+    return out, probs.sum(dim=(0, 1, 2)).div_(q_heads * q_rows)
 
 
 def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk: int = 256):

@@ -153,13 +153,20 @@ class H2OLayer(CacheLayerMixin):
     def scores_prefill(self) -> bool:
         return self.policy is not None and self.policy.score_prefill
 
+    def _block_mass(self, token_mass: torch.Tensor) -> np.ndarray:
+        """Per-block sums computed in torch, so only one value per block crosses into numpy."""
+        b = self.policy.params.block_tokens
+        pad = -token_mass.shape[0] % b
+        padded = torch.nn.functional.pad(token_mass.detach().float(), (0, pad))
+        return padded.view(-1, b).sum(dim=1).to(torch.float64).numpy()
+
     def observe_prefill(self, token_mass: torch.Tensor) -> None:
-        self.policy.observe(token_mass.detach().to(torch.float64).numpy(), decode_step=False)
+        self.policy.observe_blocks(self._block_mass(token_mass), decode_step=False)
 
     def after_decode_step(self, token_mass: torch.Tensor | None) -> None:
         """After a decode step's attention: H2O scoring and eviction, then the codec's cadence."""
         if self.policy is not None and token_mass is not None:
-            self.policy.observe(token_mass.detach().to(torch.float64).numpy())
+            self.policy.observe_blocks(self._block_mass(token_mass))
             event = self.policy.maybe_plan(self.get_seq_length())
             if event is not None:
                 self.compact(event.plan)

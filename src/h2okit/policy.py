@@ -169,19 +169,22 @@ class LayerPolicy:
         self.evictions = 0
 
     def observe(self, token_mass: np.ndarray, decode_step: bool = True) -> None:
-        """One step's attention mass per cached token (already head- and row-averaged).
-        A prefill observation (decode_step=False, opt-in) sets the initial scores; no clock tick."""
+        """One step's attention mass per cached token (already head- and row-averaged)."""
         kv = len(token_mass)
-        b = self.params.block_tokens
-        nb = num_blocks(kv, b)
+        current = np.add.reduceat(np.asarray(token_mass, dtype=np.float64), np.arange(0, kv, self.params.block_tokens))
+        self.observe_blocks(current, decode_step)
+
+    def observe_blocks(self, current: np.ndarray, decode_step: bool = True) -> None:
+        """The same, already summed per block (the last block may be partial).
+        A prefill observation (decode_step=False, opt-in) sets the initial scores; no clock tick."""
+        nb = len(current)
         if nb < len(self.scores):
-            raise ValueError(f"layer {self.layer}: {kv} tokens but {len(self.scores)} scored blocks")
+            raise ValueError(f"layer {self.layer}: {nb} blocks observed but {len(self.scores)} scored")
+        if not decode_step:  # the prompt's attention seeds the scores (blending it would weigh it 1-a)
+            self.scores = np.asarray(current, dtype=np.float64)
+            return
         if nb > len(self.scores):  # new blocks start at 0
             self.scores = np.concatenate([self.scores, np.zeros(nb - len(self.scores))])
-        current = np.add.reduceat(np.asarray(token_mass, dtype=np.float64), np.arange(0, kv, b))
-        if not decode_step:  # the prompt's attention seeds the scores (blending it would weigh it 1-a)
-            self.scores = current
-            return
         a = self.ema_alpha
         self.scores = a * self.scores + (1.0 - a) * current
         self.steps_since_eviction += 1

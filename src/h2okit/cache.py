@@ -213,10 +213,7 @@ class H2OLayer(CacheLayerMixin):
 
     @property
     def logical_bytes(self) -> int:
-        if self.keys is None:
-            return 0
-        per_token = 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
-        return self.tokens_seen * per_token
+        return 0 if self.keys is None else self.tokens_seen * self.bytes_per_token
 
     @property
     def bytes_per_token(self) -> int:
@@ -274,14 +271,6 @@ class H2OCache(Cache):
     @property
     def physical_bytes(self) -> int:
         return sum(layer.physical_bytes for layer in self.layers)
-
-    @property
-    def allocated_bytes(self) -> int:
-        """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
-        if self.keys is None:
-            return 0
-        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
-        return self.buffer.allocated_bytes + cold
 
     @property
     def logical_bytes(self) -> int:

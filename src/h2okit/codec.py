@@ -48,7 +48,14 @@ FLAG_MODES, FLAG_VERBATIM = 1, 2
 DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_GROUPS = 4
 MIN_TOKENS_FOR_MODES = 128  # below this the per-channel side data costs more than it saves
-ZSTD_LEVEL = 1
+
+
+def _zstd_params() -> zstandard.ZstdCompressionParameters:
+    """Measured on real K/V: matches shorter than 7 bytes only steal symbols from the Huffman-coded
+    literals (the residuals are mostly noise around a few values), so they are not searched for;
+    smaller and faster than level 1 (bf16 exponent streams: 2.68 vs 2.79 bits/byte, 333 vs 264 MB/s)."""
+    return zstandard.ZstdCompressionParameters(window_log=18, hash_log=12, chain_log=12, search_log=1,
+                                               min_match=7, target_length=0, strategy=zstandard.STRATEGY_FAST)
 
 
 class CodecError(ValueError):
@@ -181,7 +188,7 @@ def _plan_plane(plane: np.ndarray, block_tokens: int, groups: int) -> _PlanePlan
 
 
 def encode(array: np.ndarray, dtype: str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-           level: int = ZSTD_LEVEL, groups: int = DEFAULT_GROUPS) -> bytes:
+           level: int | None = None, groups: int = DEFAULT_GROUPS) -> bytes:
     """Compress `array` ([tokens, ...] of 16/32-bit words) into a self-describing frame."""
     dtype = dtype_of(array, dtype)
     code, word = DTYPES[dtype]
@@ -193,7 +200,8 @@ def encode(array: np.ndarray, dtype: str | None = None, block_tokens: int = DEFA
     tokens = shape[0]
     blocks = -(-tokens // block_tokens)
     plans = [_plan_plane(plane, block_tokens, groups) for plane in _planes(array, word)]
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = (zstandard.ZstdCompressor(level=level) if level is not None
+                  else zstandard.ZstdCompressor(compression_params=_zstd_params()))
     header = [MAGIC, struct.pack("<BBBI", VERSION, code, len(shape), block_tokens),
               struct.pack(f"<{len(shape)}I", *shape), struct.pack("<BI", word, blocks)]
     header += [plan.choices.tobytes() for plan in plans]

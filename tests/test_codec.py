@@ -1,6 +1,5 @@
 """gear_delta round trips (property-based), rejection of bad frames, and the v2 estimate."""
 
-import struct
 
 import numpy as np
 import pytest

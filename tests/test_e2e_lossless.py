@@ -7,7 +7,7 @@ import pytest
 from conftest import DEFAULT_CONFIG, run_cli
 from h2okit.config import parse_config
 from h2okit.corpus import token_stream
-from h2okit.runtime import MB, Engine
+from h2okit.runtime import Engine
 
 pytestmark = pytest.mark.model
 

@@ -193,7 +193,7 @@ def _pareto_columns(df: pd.DataFrame) -> list[str]:
 
 
 def _markdown(df: pd.DataFrame, s: dict, compression: Objective, quality: Objective | None) -> str:
-    lines = [f"# H2O sweep summary", "", f"{s['runs']} run(s) from `{s['csv']}`.", "",
+    lines = ["# H2O sweep summary", "", f"{s['runs']} run(s) from `{s['csv']}`.", "",
              "Where numbers come from: **runtime** = the h2o_* stats of llm_bench; **seed total** = "
              "h2o_lossy x h2o_lossless, the original's headline, which multiplies ratios of different layers "
              "and is not a whole-cache ratio; **true whole-cache** = kv_true_ratio (logical KV bytes of all layers "

@@ -132,7 +132,7 @@ class _PlanePlan:
     choices: np.ndarray  # u8 per token block
     modes: np.ndarray | None  # u8 per channel
     groups: np.ndarray  # u8 per channel (group id)
-    streams: list[bytes]  # residual bytes per group, channel-major (or the whole plane, token-major)
+    streams: list[memoryview]  # residual bytes per group, channel-major (or the whole plane, token-major)
     verbatim: bool = False  # noise plane stored token-major with no predictor
 
 
@@ -150,41 +150,59 @@ def _plan_plane(plane: np.ndarray, block_tokens: int, groups: int) -> _PlanePlan
     bits = _entropy_rows(np.bincount(sample.ravel(), minlength=256)[None, :])[0] / max(sample.size, 1)
     if tokens == 0 or bits >= NOISE_BITS:  # mantissa bytes: nothing to gain, keep them as they are
         return _PlanePlan(np.zeros(blocks, np.uint8), None, np.zeros(channels, np.uint8),
-                          [plane.tobytes()], verbatim=True)
-    previous = _shift_down(plane)
-    candidates = [plane, plane - previous, plane ^ previous]  # uint8 arithmetic wraps mod 256
+                          [_flat(plane)], verbatim=True)
+    # Predictor costs on the sampled rows only; the full residual is built for the chosen ones.
+    before = plane[np.maximum(rows - 1, 0)]
+    before[rows == 0] = 0
+    candidates = [sample, sample - before, sample ^ before]  # uint8 arithmetic wraps mod 256
     modes = None
     if tokens >= MIN_TOKENS_FOR_MODES:
         modes = _channel_modes(sample)
-        candidates.append(plane - modes[None, :])
+        candidates.append(sample - modes[None, :])
     block_of = np.broadcast_to(block_of_row[:, None], sample.shape)
     # With modes, `raw` does not compete: `mode` is `raw` re-centred per channel, and letting raw
     # blocks in would make each channel's stream bimodal, which costs far more than it seems.
     costs = np.stack([np.full(blocks, np.inf) if (i == RAW and modes is not None)
-                      else _entropy_rows(_row_counts(c[rows], block_of, blocks))
-                      for i, c in enumerate(candidates)])
+                      else _entropy_rows(_row_counts(c, block_of, blocks)) for i, c in enumerate(candidates)])
     choices = np.argmin(costs, axis=0).astype(np.uint8)  # ties: the earlier predictor
-    residual = np.empty_like(plane)
-    for b, choice in enumerate(choices):
-        span = slice(b * block_tokens, (b + 1) * block_tokens)
-        residual[span] = candidates[choice][span]
+    residual = _residual(plane, choices, modes, block_tokens)
     if modes is not None and not (choices == MODE).any():
         modes = None
-    by_channel = np.ascontiguousarray(residual.T)  # [channels, tokens]
     n_groups = max(1, min(groups, channels)) if modes is not None else 1
     if n_groups == 1:
-        return _PlanePlan(choices, modes, np.zeros(channels, np.uint8), [by_channel.tobytes()])
+        by_channel = np.ascontiguousarray(residual.T)  # [channels, tokens]
+        return _PlanePlan(choices, modes, np.zeros(channels, np.uint8), [_flat(by_channel)])
     # Spread of each channel's residual (all centred at 0): mean |r| as a signed byte, on the sample.
     spread = np.abs(residual[rows].view(np.int8).astype(np.int16)).mean(axis=0)
     rank = np.empty(channels, dtype=np.int64)
     rank[np.argsort(spread, kind="stable")] = np.arange(channels)
     group_of = (rank * n_groups // channels).astype(np.uint8)
     order = np.argsort(group_of, kind="stable")
-    grouped = by_channel[order]
+    grouped = _flat(residual.T[order])  # channel-major, grouped: one gather pass
     bounds = np.searchsorted(group_of[order], np.arange(n_groups + 1)) * tokens
-    flat = grouped.reshape(-1)
-    streams = [flat[bounds[g]:bounds[g + 1]].tobytes() for g in range(n_groups)]
-    return _PlanePlan(choices, modes, group_of, streams)
+    return _PlanePlan(choices, modes, group_of, [grouped[bounds[g]:bounds[g + 1]] for g in range(n_groups)])
+
+
+def _flat(array: np.ndarray) -> memoryview:
+    """The bytes of a uint8 array as a flat buffer (no copy when it is contiguous)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1))
+
+
+def _residual(plane: np.ndarray, choices: np.ndarray, modes: np.ndarray | None, block_tokens: int) -> np.ndarray:
+    """The chosen predictor's residual, block by block (only what was chosen is computed)."""
+    residual = np.empty_like(plane)
+    previous = _shift_down(plane) if ((choices == DELTA) | (choices == XOR)).any() else None
+    for b, choice in enumerate(choices):
+        span = slice(b * block_tokens, (b + 1) * block_tokens)
+        if choice == RAW:
+            residual[span] = plane[span]
+        elif choice == MODE:
+            np.subtract(plane[span], modes[None, :], out=residual[span])
+        elif choice == DELTA:
+            np.subtract(plane[span], previous[span], out=residual[span])
+        else:
+            np.bitwise_xor(plane[span], previous[span], out=residual[span])
+    return residual
 
 
 def encode(array: np.ndarray, dtype: str | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
@@ -363,10 +381,13 @@ def _stream(cur: _Cursor, decompressor, entry: tuple[int, int, int], size: int, 
 def _unpredict(residual: np.ndarray, choices: np.ndarray, modes: np.ndarray | None,
                block_tokens: int) -> np.ndarray:
     tokens = residual.shape[0]
-    per_row = np.repeat(choices, block_tokens)[:tokens]
     plane = np.array(residual, dtype=np.uint8, order="C")  # raw rows are done
     if modes is not None:
-        plane[per_row == MODE] += modes[None, :]
+        if (choices == MODE).all():
+            plane += modes[None, :]
+        else:
+            for b in np.flatnonzero(choices == MODE):  # slices are views: in place, no gather
+                plane[b * block_tokens:(b + 1) * block_tokens] += modes[None, :]
     # delta/xor rows depend on the row before them: blocks in order (raw/mode rows are final now)
     for b in np.flatnonzero((choices == DELTA) | (choices == XOR)):
         rows = slice(b * block_tokens, min(tokens, (b + 1) * block_tokens))

@@ -41,10 +41,11 @@ def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk
     q = query.reshape(batch, kv_heads, group, q_rows, dim)
     out = torch.empty_like(query).reshape(batch, kv_heads, group, q_rows, dim)
     mass = torch.zeros(kv_len, dtype=torch.float32)
+    visible_all = _causal_mask(q_rows, kv_len, query.device)
     for start in range(0, q_rows, rows_per_chunk):
         stop = min(q_rows, start + rows_per_chunk)
         logits = torch.matmul(q[:, :, :, start:stop], key.unsqueeze(2).transpose(-1, -2)) * scaling
-        visible = _causal_mask(q_rows, kv_len, query.device)[start:stop]
+        visible = visible_all[start:stop]
         logits = logits.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))

@@ -17,7 +17,6 @@ from . import table
 from .config import ConfigError, emit_warnings, load_config
 from .corpus import CorpusError
 
-MB = 1024 * 1024
 PRECISION_DTYPE = {"high": "float32", "normal": "float32", "low": "bfloat16"}
 
 
@@ -151,7 +150,7 @@ def run(args: argparse.Namespace) -> str:
                           f"(+{sum(quality['ppl_delta_pct']) / len(quality['ppl_delta_pct']):.2f}% vs full cache), "
                           f"agreement {quality['token_agreement'][0]:.3f}, {quality['quality_s'][0]:.0f} s",
                           file=sys.stderr, flush=True)
-                columns, cells = format_row(loaded.name, loaded.size_bytes / MB, args.backend, threads,
+                columns, cells = format_row(loaded.name, loaded.size_bytes / table.MB, args.backend, threads,
                                             precision, p, n, samples)
                 rows.append(cells)
     return table.render(columns, rows)

@@ -197,19 +197,20 @@ class H2OLayer(CacheLayerMixin):
         self._step_kv = None
 
     @property
+    def _cold_bytes(self) -> int:
+        return self.codec.cold_compressed_bytes if self.stores_cold else 0
+
+    @property
     def physical_bytes(self) -> int:
+        """Bytes of the live raw tokens plus the cold frames."""
         if self.keys is None:
             return 0
-        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + cold
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + self._cold_bytes
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
-        if self.keys is None:
-            return 0
-        cold = self.codec.cold_compressed_bytes if self.stores_cold else 0
-        return self.buffer.allocated_bytes + cold
+        return 0 if self.keys is None else self.buffer.allocated_bytes + self._cold_bytes
 
     @property
     def logical_bytes(self) -> int:

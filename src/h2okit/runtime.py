@@ -17,8 +17,8 @@ from .cache import H2OCache
 from .config import KVConfig
 from .model import LoadedModel
 from .policy import lossy_ratio
+from .table import MB
 
-MB = 1024 * 1024
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
+MB = 1024 * 1024  # MiB, for every *_mb figure
+
 STANDARD_COLUMNS = (
     "model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)",
     "h2o_keep", "h2o_lossy", "h2o_lossless", "h2o_target_keep_effective", "h2o_floor_keep",

@@ -104,15 +104,19 @@ class H2OLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        keys, values = self.append(key_states, value_states)
+        if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
+            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        return keys, values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new tokens; returns all of the layer's K/V in storage dtype (both decode paths use this)."""
         if key_states.shape[0] != 1:
             raise ValueError("h2okit's cache serves batch size 1 (one request at a time)")
         self.buffer.append(key_states, value_states)
         self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
         self.tokens_seen += key_states.shape[-2]
-        keys, values = self.full_kv()
-        if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
-            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
-        return keys, values
+        return self.full_kv()
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""
@@ -163,10 +167,13 @@ class H2OLayer(CacheLayerMixin):
     def observe_prefill(self, token_mass: torch.Tensor) -> None:
         self.policy.observe_blocks(self._block_mass(token_mass), decode_step=False)
 
-    def after_decode_step(self, token_mass: torch.Tensor | None) -> None:
-        """After a decode step's attention: H2O scoring and eviction, then the codec's cadence."""
-        if self.policy is not None and token_mass is not None:
-            self.policy.observe_blocks(self._block_mass(token_mass))
+    def after_decode_step(self, token_mass: torch.Tensor | None, block_mass: np.ndarray | None = None) -> None:
+        """After a decode step's attention: H2O scoring and eviction, then the codec's cadence.
+        The step's mass comes per token, or already summed per block (the fast path's kernel does that)."""
+        if block_mass is None and token_mass is not None and self.policy is not None:
+            block_mass = self._block_mass(token_mass)
+        if self.policy is not None and block_mass is not None:
+            self.policy.observe_blocks(block_mass)
             event = self.policy.maybe_plan(self.get_seq_length())
             if event is not None:
                 self.compact(event.plan)

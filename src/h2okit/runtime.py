@@ -93,21 +93,49 @@ def collect_stats(cache: H2OCache) -> RequestStats:
     return stats
 
 
-class Engine:
-    """A loaded model plus a KV config; `generate` runs one request from an empty cache."""
+DECODE_PATHS = ("auto", "fast", "reference")
 
-    def __init__(self, loaded: LoadedModel, kv: KVConfig, log=None):
+
+class Engine:
+    """A loaded model plus a KV config; `generate` runs one request from an empty cache.
+
+    Decode steps take the fast path (fastpath.py, C kernels) when `decode_path` is "auto" and
+    the model supports it, or always with "fast" (an error if it cannot); "reference" is the
+    plain transformers forward. `decode_path_used` and `decode_path_note` say what runs.
+    """
+
+    def __init__(self, loaded: LoadedModel, kv: KVConfig, log=None, decode_path: str = "auto"):
+        from .fastpath import FastDecoder, FastPathUnavailable
+
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode path '{decode_path}' unknown; allowed: {', '.join(DECODE_PATHS)}")
         self.loaded = loaded
         self.kv = kv
         self.model = loaded.model
         self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.fast: FastDecoder | None = None
+        self.decode_path_note = "requested"
+        if decode_path != "reference":
+            try:
+                self.fast = FastDecoder(self.model)
+            except FastPathUnavailable as exc:
+                if decode_path == "fast":
+                    raise
+                self.decode_path_note = f"fast path unavailable: {exc}"
+
+    @property
+    def decode_path_used(self) -> str:
+        return "fast" if self.fast is not None else "reference"
 
     def new_cache(self) -> H2OCache:
         return H2OCache(self.loaded.num_layers, self.kv, log=self.log)
 
     @torch.inference_mode()
     def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Feed `ids` at absolute positions start_pos.. ; returns logits (last row, or all rows)."""
+        """Feed `ids` at absolute positions start_pos.. ; returns logits (last row, or all rows).
+        One token goes through the fast path when the engine has one."""
+        if len(ids) == 1 and self.fast is not None:
+            return self.fast.step(cache, ids[0], start_pos).unsqueeze(0)
         input_ids = torch.tensor([ids], dtype=torch.long)
         positions = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long).unsqueeze(0)
         out = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,

@@ -1,0 +1,175 @@
+"""Decode speed as a fraction of the memory-bandwidth roofline (issue 7).
+
+    .venv/bin/python benchmarks/roofline.py [--prompts 512,2048] [--gen 128] [--reps 3]
+
+1. Measures the machine's read bandwidth: a streaming sum over 1 GiB with the kernels' threads
+   and torch's `sum`, medians of 5; the higher of the two is the roofline bandwidth (the stricter).
+2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for float32 and
+   bfloat16 weights (K/V stored in the same dtype):
+     generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline
+     ref+h2o    h2okit's transformers path (reference), seed H2O config
+     fast       h2okit's fast path, H2O off
+     fast+h2o   h2okit's fast path, seed H2O config
+   Every configuration runs once per round, rounds interleaved (the first is a warm-up); medians.
+3. Roofline tok/s = bandwidth / bytes one decode step must read: the weights (lm_head included,
+   the embedding row aside) plus the K/V held at that step, averaged over the G steps (measured
+   from the cache, so H2O's evictions count). The seed H2O config is used without its codec.
+
+Prints one table per prompt length, then the issue's checks: fast >= 0.5 x roofline, fast >=
+3 x generate, and at the longest prompt the H2O speed-up against what the bytes predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from h2okit import kernels
+from h2okit.config import load_config, parse_config
+from h2okit.corpus import load_texts, token_stream
+from h2okit.fastpath import FastDecoder
+from h2okit.model import load_model, resolve_model_path
+from h2okit.runtime import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+
+
+def read_bandwidth(reps: int = 5) -> tuple[float, float]:
+    """(kernel, torch) median GB/s of summing 1 GiB of float32."""
+    lib = kernels.load()
+    data = torch.ones(1 << 28)
+    kernel, torch_sum = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        lib.h2k_read_sum(data.data_ptr(), data.numel())
+        kernel.append(data.numel() * 4 / (time.perf_counter() - start) / GB)
+        start = time.perf_counter()
+        data.sum()
+        torch_sum.append(data.numel() * 4 / (time.perf_counter() - start) / GB)
+    return statistics.median(kernel), statistics.median(torch_sum)
+
+
+class _StepClock(LogitsProcessor):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def plain_generate(model, prompt: list[int], gen: int, kv_bytes_per_token: int) -> tuple[float, float]:
+    """(decode tok/s, mean K/V bytes per step) of transformers' own generate."""
+    clock = _StepClock()
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            model.generate(torch.tensor([prompt]), max_new_tokens=gen + 1, min_new_tokens=gen + 1,
+                           do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    finally:
+        model.set_attn_implementation("h2o")
+    mean_tokens = len(prompt) + (gen + 1) / 2  # the cache grows by one token per step
+    return gen / (clock.times[-1] - clock.times[0]), mean_tokens * kv_bytes_per_token
+
+
+def engine_decode(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
+    """(decode tok/s, mean K/V bytes held per step) of one greedy request; the byte count is untimed."""
+    cache = engine.new_cache()
+    token = int(engine.forward(cache, prompt, 0)[-1].argmax())
+    elapsed, kv_bytes = 0.0, 0
+    for step in range(gen):
+        kv_bytes += cache.physical_bytes  # what this step's attention reads (plus its own token)
+        start = time.perf_counter()
+        token = int(engine.forward(cache, [token], len(prompt) + step)[-1].argmax())
+        elapsed += time.perf_counter() - start
+    return gen / elapsed, kv_bytes / gen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="512,2048")
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--h2o-config", default=str(ROOT / "configs" / "smollm2-135m-seed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    kernel_bw, torch_bw = read_bandwidth()
+    bandwidth = max(kernel_bw, torch_bw)
+    print(f"read bandwidth, {args.threads} threads, median of 5: kernel {kernel_bw:.1f} GB/s, "
+          f"torch.sum {torch_bw:.1f} GB/s -> roofline uses {bandwidth:.1f} GB/s", flush=True)
+
+    seed = load_config(args.h2o_config)
+    h2o_kv = dataclasses.replace(seed.kv, lossless_enable=False)
+    texts = load_texts()
+    setups = {}  # (precision, variant) -> run(prompt) -> (tok/s, kv bytes)
+    weight_bytes = {}
+    for precision in ("float32", "bfloat16"):
+        loaded = load_model(resolve_model_path(seed), dtype=precision)
+        weight_bytes[precision] = FastDecoder(loaded.model).weight_bytes
+        off = dataclasses.replace(parse_config({}).kv, cache_dtype=precision)
+        on = dataclasses.replace(h2o_kv, cache_dtype=precision)
+        bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * torch.finfo(getattr(torch, precision)).bits // 8
+        engines = {"ref+h2o": Engine(loaded, on, decode_path="reference"),
+                   "fast": Engine(loaded, off, decode_path="fast"),
+                   "fast+h2o": Engine(loaded, on, decode_path="fast")}
+        setups[(precision, "generate")] = (lambda m, b: lambda prompt: plain_generate(m, prompt, args.gen, b))(
+            loaded.model, bpt)
+        for name, engine in engines.items():
+            setups[(precision, name)] = (lambda e: lambda prompt: engine_decode(e, prompt, args.gen))(engine)
+        tokenizer = loaded.tokenizer
+
+    variants = ("generate", "ref+h2o", "fast", "fast+h2o")
+    summary = {}
+    for p in [int(x) for x in args.prompts.split(",")]:
+        prompt = token_stream(tokenizer, texts, p)
+        samples = {key: [] for key in setups}
+        for rnd in range(args.reps + 1):  # round 0 is a warm-up
+            for key, run in setups.items():
+                tps, kv_bytes = run(prompt)
+                if rnd > 0:
+                    samples[key].append((tps, kv_bytes))
+            print(f"  P={p} round {rnd}/{args.reps} done", flush=True)
+        print(f"\nP={p} G={args.gen}: decode tok/s, medians of {args.reps} interleaved rounds; "
+              f"roofline = {bandwidth:.1f} GB/s / (weights + mean K/V)")
+        print(f"| dtype | path | tok/s | weights MB | mean K/V MB | roofline tok/s | fraction | vs generate |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for precision in ("float32", "bfloat16"):
+            base = statistics.median(s[0] for s in samples[(precision, "generate")])
+            for variant in variants:
+                tps = statistics.median(s[0] for s in samples[(precision, variant)])
+                kv = statistics.median(s[1] for s in samples[(precision, variant)])
+                roof = bandwidth * GB / (weight_bytes[precision] + kv)
+                summary[(p, precision, variant)] = (tps, kv, roof)
+                print(f"| {precision} | {variant} | {tps:.1f} | {weight_bytes[precision] / 1e6:.0f} | "
+                      f"{kv / 1e6:.1f} | {roof:.1f} | {tps / roof:.2f} | {tps / base:.2f}x |")
+        print(flush=True)
+
+    print("checks (issue 7):")
+    for (p, precision, variant), (tps, kv, roof) in summary.items():
+        if variant == "fast":
+            base = summary[(p, precision, "generate")][0]
+            print(f"  P={p} {precision}: fast {tps / roof:.2f} x roofline (>= 0.5: {tps / roof >= 0.5}), "
+                  f"{tps / base:.2f} x generate (>= 3: {tps / base >= 3})")
+    p = max(q for q, _, _ in summary)
+    for precision in ("float32", "bfloat16"):
+        off_tps, off_kv, _ = summary[(p, precision, "fast")]
+        on_tps, on_kv, _ = summary[(p, precision, "fast+h2o")]
+        w = weight_bytes[precision]
+        predicted = (w + off_kv) / (w + on_kv)
+        measured = on_tps / off_tps
+        share = (measured - 1) / (predicted - 1) if predicted > 1 else float("nan")
+        print(f"  P={p} {precision}: H2O speed-up {measured:.3f}, bytes predict {predicted:.3f} "
+              f"(measured/predicted {measured / predicted:.3f}; share of the predicted gain {share:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+/* One decode step of a Llama-style layer, for h2okit's fast decode path (fastpath.py).
+ *
+ * Decoding one token is a chain of matrix-vector products: every weight is read once per
+ * token, so speed is memory bandwidth. These kernels read row-major [out, in] weights
+ * (nn.Linear's own layout) with each output row a contiguous dot product, split across
+ * OpenMP threads (torch's libgomp, so the two share one thread pool). Activations stay
+ * float32; weights are float32 or bfloat16 (widened on load); K/V may be float32, bfloat16
+ * or float16. No allocation here: every buffer comes from the caller.
+ *
+ * Built at first use by kernels.py with `cc -O3 -march=native -fopenmp`; no -ffast-math
+ * (it would set flush-to-zero for the whole process). Reductions use `omp simd`, which
+ * allows the reassociation that vectorising a dot product needs.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+/* exp(x) for the softmax and SiLU, vectorisable (libm's expf is not without -ffast-math).
+ * Cody-Waite range reduction and a degree-6 polynomial: relative error below 2e-7. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+/* Plain loops: with `omp simd` and -march=native gcc vectorises these as well as hand-written
+ * AVX-512 with four accumulators did (measured: the intrinsics were 5-15% slower here). */
+static inline float dot_f32(const float *w, const float *x, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < n; c++) acc += w[c] * x[c];
+    return acc;
+}
+
+static inline float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * x[c];
+    return acc;
+}
+
+/* y[r] (+)= W[r, :] . x for r < rows. */
+static void gemv(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate) {
+    if (wtype == BF16) {
+        const uint16_t *w = (const uint16_t *)W;
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float v = dot_bf16(w + (long)r * cols, x, cols);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    } else {
+        const float *w = (const float *)W;
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float v = dot_f32(w + (long)r * cols, x, cols);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    }
+}
+
+/* h = x / rms(x) * weight (Llama RMSNorm, computed in float32). */
+static void rms_norm(const float *x, const float *weight, float eps, float *h, int n) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) h[i] = weight[i] * (x[i] * inv);
+}
+
+/* Rotary embedding in place on `heads` consecutive heads (rotate-half layout, as HF Llama). */
+static void rope(float *v, int heads, int head_dim, const float *cos, const float *sin) {
+    int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        float *q = v + h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float a = q[i], b = q[i + half];
+            q[i] = a * cos[i] - b * sin[i];
+            q[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+/* norm -> y = W h, optional RoPE on the first rope_heads heads of y (the q and k of a fused qkv). */
+void h2k_norm_gemv(int wtype, const float *x, const float *norm_w, float eps, const void *W, int rows,
+                   int cols, float *h, float *y, int rope_heads, int head_dim, const float *cos,
+                   const float *sin) {
+    rms_norm(x, norm_w, eps, h, cols);
+    gemv(wtype, W, h, y, rows, cols, 0);
+    if (rope_heads > 0) rope(y, rope_heads, head_dim, cos, sin);
+}
+
+/* The rest of the layer after attention: x += Wo a; h = norm(x); gu = Wgu h;
+ * act = silu(gate) * up; x += Wd act.  gu holds [gate; up] (2 * inter). */
+void h2k_mlp_block(int wtype, float *x, int hidden, const float *attn, int attn_dim, const void *Wo,
+                   const float *post_norm_w, float eps, const void *Wgu, int inter, const void *Wd, float *h,
+                   float *gu) {
+    gemv(wtype, Wo, attn, x, hidden, attn_dim, 1);
+    rms_norm(x, post_norm_w, eps, h, hidden);
+    gemv(wtype, Wgu, h, gu, 2 * inter, hidden, 0);
+    float *up = gu + inter;
+#pragma omp simd
+    for (int i = 0; i < inter; i++) {
+        float g = gu[i];
+        gu[i] = g / (1.0f + exp_approx(-g)) * up[i];
+    }
+    gemv(wtype, Wd, gu, x, hidden, inter, 1);
+}
+
+static inline float load_kv(const void *base, int kvtype, long i) {
+    if (kvtype == BF16) return bf16_to_f32(((const uint16_t *)base)[i]);
+    if (kvtype == F16) return f16_to_f32(((const uint16_t *)base)[i]);
+    return ((const float *)base)[i];
+}
+
+/* One query per head over T cached tokens, grouped-query layout.
+ *   q           [q_heads, head_dim] (already roped; scaled here)
+ *   K, V        [kv_heads, T] rows of head_dim, head h at K + h * head_stride elements
+ *   probs       scratch [q_heads, T]
+ *   out         [q_heads, head_dim]
+ *   block_mass  [ceil(T / block_tokens)] or NULL: per block of tokens, the sum over its tokens and
+ *               the query heads of p[h, t] / q_heads (H2O's score signal, summed as the policy wants it)
+ *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
+ * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
+ * parallel region: its phases are separated by the barriers of the `omp for`s. */
+void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const void *K, const void *V,
+                long head_stride, int kvtype, int T, float scale, float *probs, float *out, float *block_mass,
+                int block_tokens, float *partial, int slots) {
+    int group = q_heads / kv_heads;
+    int width = q_heads * head_dim;
+    int blocks = (T + block_tokens - 1) / block_tokens;
+    float inv_heads = 1.0f / (float)q_heads;
+    int used = 1;
+#pragma omp parallel num_threads(slots)
+    {
+        float row[256];
+#pragma omp single
+        used = omp_get_num_threads();
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            for (int g = 0; g < kv_heads; g++) {
+                long base = g * head_stride + (long)t * head_dim;
+                for (int d = 0; d < head_dim; d++) row[d] = load_kv(K, kvtype, base + d);
+                for (int j = 0; j < group; j++) {
+                    int h = g * group + j;
+                    probs[(long)h * T + t] = dot_f32(row, q + h * head_dim, head_dim) * scale;
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < q_heads; h++) { /* softmax per head */
+            float *p = probs + (long)h * T;
+            float m = -INFINITY;
+            for (int t = 0; t < T; t++) m = p[t] > m ? p[t] : m;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int t = 0; t < T; t++) {
+                p[t] = exp_approx(p[t] - m);
+                s += p[t];
+            }
+            float inv = 1.0f / s;
+#pragma omp simd
+            for (int t = 0; t < T; t++) p[t] *= inv;
+        }
+        if (block_mass != NULL) {
+#pragma omp for schedule(static) nowait
+            for (int b = 0; b < blocks; b++) {
+                int stop = (b + 1) * block_tokens < T ? (b + 1) * block_tokens : T;
+                float s = 0.0f;
+                for (int h = 0; h < q_heads; h++)
+                    for (int t = b * block_tokens; t < stop; t++) s += probs[(long)h * T + t];
+                block_mass[b] = s * inv_heads;
+            }
+        }
+        /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */
+        float *acc = partial + (long)omp_get_thread_num() * width;
+        memset(acc, 0, sizeof(float) * width);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            for (int g = 0; g < kv_heads; g++) {
+                long base = g * head_stride + (long)t * head_dim;
+                for (int d = 0; d < head_dim; d++) row[d] = load_kv(V, kvtype, base + d);
+                for (int j = 0; j < group; j++) {
+                    int h = g * group + j;
+                    float p = probs[(long)h * T + t];
+                    float *a = acc + h * head_dim;
+#pragma omp simd
+                    for (int d = 0; d < head_dim; d++) a[d] += p * row[d];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < width; i++) { /* partials added in thread order: deterministic */
+        float s = 0.0f;
+        for (int tid = 0; tid < used; tid++) s += partial[(long)tid * width + i];
+        out[i] = s;
+    }
+}
+
+/* Machine read bandwidth probe for benchmarks/roofline.py: sums n floats across threads. */
+float h2k_read_sum(const float *a, long n) {
+    float total = 0.0f;
+#pragma omp parallel for simd reduction(+ : total) schedule(static)
+    for (long i = 0; i < n; i++) total += a[i];
+    return total;
+}

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-rep", "--repeat", type=int, default=3, help="measured requests per row (+1 warm-up)")
     p.add_argument("-fp", "--file-print", default=None, help="append the table to this file")
     p.add_argument("--corpus", default=None, help="text file or folder of .txt (default: the Austen novels)")
+    p.add_argument("--decode-path", choices=("auto", "fast", "reference"), default="auto",
+                   help="h2okit extension: decode steps in C kernels (fast; auto = where the model "
+                        "supports it) or through the transformers forward (reference)")
     q = p.add_argument_group("quality (h2okit extension; columns after the standard ones)")
     q.add_argument("--quality", action="store_true", help="perplexity under eviction, agreement, passkey")
     q.add_argument("--quality-windows", type=int, default=3, help="perplexity windows (one per text)")
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> str:
     import torch
 
     from .corpus import load_texts, token_stream
+    from .fastpath import FastPathUnavailable
     from .model import load_model, resolve_model_path
     from .runtime import Engine
 
@@ -112,7 +116,12 @@ def run(args: argparse.Namespace) -> str:
     loaded = load_model(resolve_model_path(config), dtype=PRECISION_DTYPE[precision],
                         log=lambda line: print(line, file=sys.stderr))
     texts = load_texts(args.corpus)
-    engine = Engine(loaded, config.kv)
+    try:
+        engine = Engine(loaded, config.kv, decode_path=args.decode_path)
+    except FastPathUnavailable as exc:
+        raise BenchError(f"--decode-path fast: {exc}") from None
+    print(f"[llm_bench] decode path: {engine.decode_path_used} ({engine.decode_path_note})",
+          file=sys.stderr, flush=True)
     evaluator = None
     if args.quality:
         from .quality import QualityEvaluator, QualitySettings

@@ -114,14 +114,15 @@ class Engine:
         self.model = loaded.model
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.fast: FastDecoder | None = None
-        self.decode_path_note = "requested"
+        self.decode_path_note = "transformers forward, as requested"
         if decode_path != "reference":
             try:
                 self.fast = FastDecoder(self.model)
+                self.decode_path_note = "C kernels for decode steps; prefill by the transformers forward"
             except FastPathUnavailable as exc:
                 if decode_path == "fast":
                     raise
-                self.decode_path_note = f"fast path unavailable: {exc}"
+                self.decode_path_note = f"transformers forward; fast path unavailable: {exc}"
 
     @property
     def decode_path_used(self) -> str:

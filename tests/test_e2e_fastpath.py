@@ -1,0 +1,102 @@
+"""The fast decode path against the reference (transformers) path on the real model and real text."""
+
+import dataclasses
+import functools
+import types
+
+import pytest
+import torch
+
+from h2okit.config import load_config, parse_config
+from h2okit.fastpath import FastPathUnavailable, unsupported_reason
+from h2okit.runtime import Engine
+
+from conftest import DEFAULT_CONFIG, SEED_CONFIG
+
+pytestmark = pytest.mark.model
+
+
+def teacher_forced(engine, tokens, prompt_len):
+    """Logits of every step after the prompt, and the cache (same inputs whatever the path)."""
+    cache = engine.new_cache()
+    engine.forward(cache, tokens[:prompt_len], 0)
+    rows = [engine.forward(cache, [t], prompt_len + i)[-1].float() for i, t in enumerate(tokens[prompt_len:])]
+    return torch.stack(rows), cache
+
+
+def evicting_kv():
+    """The seed's H2O settings with a static keep of 0.7, triggered early and often, so that a short
+    run evicts many times."""
+    kv = load_config(SEED_CONFIG).kv
+    return dataclasses.replace(kv, lossless_enable=False, h2o_trigger_min_tokens=128, h2o_update_interval=8,
+                               h2o_target_mode="static", h2o_target_keep_ratio=0.7)
+
+
+def test_fast_logits_and_eviction_plans_match_the_reference(loaded_model, texts):
+    from h2okit.corpus import token_stream
+
+    tokens = token_stream(loaded_model.tokenizer, texts, 400)
+    kv = evicting_kv()
+    fast, fast_cache = teacher_forced(Engine(loaded_model, kv, decode_path="fast"), tokens, 320)
+    ref, ref_cache = teacher_forced(Engine(loaded_model, kv, decode_path="reference"), tokens, 320)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-3)  # float32 summation order only (seen: 5e-5)
+    assert (fast.argmax(-1) == ref.argmax(-1)).all()
+    events = [(e.layer, e.plan.kv, e.plan.runs) for e in fast_cache.events.evictions]
+    assert len(events) >= 100  # 28 H2O layers, several rounds
+    assert events == [(e.layer, e.plan.kv, e.plan.runs) for e in ref_cache.events.evictions]
+    assert fast_cache.seq_lengths().tolist() == ref_cache.seq_lengths().tolist()
+
+
+def test_fast_greedy_equals_reference_greedy_with_store_mode(loaded_model, texts):
+    from h2okit.corpus import token_stream
+
+    prompt = token_stream(loaded_model.tokenizer, texts, 320)
+    kv = dataclasses.replace(evicting_kv(), lossless_enable=True, lossless_codec="gear_delta",
+                             lossless_runtime_mode="store", cache_dtype="float16")
+    fast = Engine(loaded_model, kv).generate(prompt, 24)  # auto: the fast path
+    ref = Engine(loaded_model, kv, decode_path="reference").generate(prompt, 24)
+    assert fast.tokens == ref.tokens
+    assert fast.stats.kv_phys_mb == pytest.approx(ref.stats.kv_phys_mb, rel=1e-9)
+    assert fast.stats.h2o_lossless > 1.0
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_model():
+    from h2okit.model import load_model, resolve_model_path
+
+    return load_model(resolve_model_path(load_config(DEFAULT_CONFIG)), dtype="bfloat16")
+
+
+def test_fast_bf16_is_at_least_as_close_to_float32_as_transformers_bf16(loaded_model, texts):
+    """bf16 weights, float32 activations: within bf16 noise of transformers' bf16 forward and no
+    further from the float32 reference than it."""
+    from h2okit.corpus import token_stream
+
+    tokens = token_stream(loaded_model.tokenizer, texts, 200)
+    kv = parse_config({}).kv
+    exact, _ = teacher_forced(Engine(loaded_model, kv, decode_path="reference"), tokens, 160)
+    fast, _ = teacher_forced(Engine(_bf16_model(), kv, decode_path="fast"), tokens, 160)
+    ref, _ = teacher_forced(Engine(_bf16_model(), kv, decode_path="reference"), tokens, 160)
+    assert (fast - exact).abs().mean() <= (ref - exact).abs().mean()
+    assert (fast - ref).abs().mean() < 0.2
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.95
+
+
+def test_unsupported_models_fall_back_or_fail_clearly(loaded_model):
+    config = types.SimpleNamespace(model_type="gemma3_text", get_text_config=lambda: config)
+    model = types.SimpleNamespace(config=config)
+    assert "gemma3_text" in unsupported_reason(model)
+    assert unsupported_reason(loaded_model.model) is None
+    with pytest.raises(ValueError, match="allowed: auto, fast, reference"):
+        Engine(loaded_model, parse_config({}).kv, decode_path="turbo")
+
+
+def test_fast_decode_path_requested_for_an_unsupported_model_is_an_error(loaded_model, monkeypatch):
+    import h2okit.fastpath as fastpath
+
+    monkeypatch.setattr(fastpath, "unsupported_reason", lambda model: "model_type 'x'")
+    with pytest.raises(FastPathUnavailable, match="model_type 'x'"):
+        Engine(loaded_model, parse_config({}).kv, decode_path="fast")
+    engine = Engine(loaded_model, parse_config({}).kv)  # auto falls back and says why
+    assert engine.decode_path_used == "reference"
+    assert "model_type 'x'" in engine.decode_path_note

@@ -1,0 +1,123 @@
+"""The fast path's C kernels against the torch math they replace (no model needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from h2okit import kernels
+from h2okit.attention import attention_with_mass
+from h2okit.policy import LayerPolicy, PlanParams
+
+lib = kernels.load()
+P = lambda t: t.data_ptr()  # noqa: E731
+
+
+def rms_norm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean() + eps))
+
+
+def rotate(v, cos, sin):  # HF Llama: v * cos + rotate_half(v) * sin
+    half = v.shape[-1] // 2
+    return v * cos + torch.cat([-v[..., half:], v[..., :half]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)])
+def test_norm_gemv_with_rope_matches_torch(dtype, code):
+    torch.manual_seed(0)
+    rows, cols, head_dim, rope_heads = 96, 80, 16, 4
+    x, norm_w = torch.randn(cols), torch.rand(cols) + 0.5
+    weight = torch.randn(rows, cols).to(dtype)
+    cos, sin = torch.rand(head_dim), torch.rand(head_dim)
+    h, y = torch.empty(cols), torch.empty(rows)
+    lib.h2k_norm_gemv(code, P(x), P(norm_w), 1e-5, P(weight), rows, cols, P(h), P(y), rope_heads, head_dim,
+                      P(cos), P(sin))
+    expected = weight.float() @ rms_norm(x, norm_w, 1e-5)
+    roped = rope_heads * head_dim
+    expected[:roped] = rotate(expected[:roped].view(rope_heads, head_dim), cos, sin).reshape(-1)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)])
+def test_mlp_block_matches_torch(dtype, code):
+    torch.manual_seed(1)
+    hidden, attn_dim, inter = 48, 64, 112
+    x, a = torch.randn(hidden), torch.randn(attn_dim)
+    w_o, w_gu, w_down = (torch.randn(*s).to(dtype) * 0.2 for s in [(hidden, attn_dim), (2 * inter, hidden),
+                                                                      (hidden, inter)])
+    post = torch.rand(hidden) + 0.5
+    residual = x + w_o.float() @ a
+    gate_up = w_gu.float() @ rms_norm(residual, post, 1e-6)
+    expected = residual + w_down.float() @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:])
+    h, gu = torch.empty(hidden), torch.empty(2 * inter)
+    lib.h2k_mlp_block(code, P(x), hidden, P(a), attn_dim, P(w_o), P(post), 1e-6, P(w_gu), inter, P(w_down),
+                      P(h), P(gu))
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
+
+
+def attend(q, keys, values, block, scaling, threads=2):
+    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows)."""
+    q_heads, head_dim = q.shape[1], q.shape[-1]
+    tokens = keys.shape[2]
+    probs, out = torch.empty(q_heads * tokens), torch.empty(q_heads * head_dim)
+    blocks = torch.empty(-(-tokens // block))
+    partial = torch.empty(threads * q_heads * head_dim)
+    code = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}[keys.dtype]
+    lib.h2k_attend(P(q.contiguous()), q_heads, keys.shape[1], head_dim, P(keys), P(values), keys.stride(1), code,
+                   tokens, scaling, P(probs), P(out), P(blocks), block, P(partial), threads)
+    return out.view(1, q_heads, 1, head_dim), blocks
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+def test_attend_matches_attention_with_mass(kv_dtype, tokens):
+    torch.manual_seed(tokens)
+    q = torch.randn(1, 9, 1, 64)
+    capacity = tokens + 5  # a view into a bigger buffer, as the cache holds it
+    k_buf, v_buf = torch.randn(1, 3, capacity, 64).to(kv_dtype), torch.randn(1, 3, capacity, 64).to(kv_dtype)
+    keys, values = k_buf[:, :, :tokens], v_buf[:, :, :tokens]
+    out, blocks = attend(q, keys, values, block=32, scaling=0.125)
+    expected, mass = attention_with_mass(q, keys.float(), values.float(), 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    expected_blocks = torch.nn.functional.pad(mass, (0, -tokens % 32)).view(-1, 32).sum(1)
+    torch.testing.assert_close(blocks, expected_blocks, rtol=1e-5, atol=1e-7)
+    assert blocks.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_attend_is_the_same_with_one_or_two_threads():
+    torch.manual_seed(3)
+    q, keys, values = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 200, 64), torch.randn(1, 3, 200, 64)
+    one, blocks_one = attend(q, keys, values, 16, 0.125, threads=1)
+    two, blocks_two = attend(q, keys, values, 16, 0.125, threads=2)
+    torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocks_one, blocks_two, rtol=1e-6, atol=1e-8)
+
+
+def test_same_attention_inputs_give_identical_plans():
+    """The policy sees the kernel's block mass instead of torch's; over many steps with evictions,
+    its plans must be the same ones (the masses differ only in summation order)."""
+    torch.manual_seed(4)
+    params = PlanParams(block_tokens=16, sink_tokens=16, recent_tokens=16, keep_ratio=0.5)
+    policies = [LayerPolicy(layer=2, params=params, ema_alpha=0.9, update_interval=8, trigger_min_tokens=64)
+                for _ in range(2)]
+    keys, values = torch.randn(1, 3, 400, 64), torch.randn(1, 3, 400, 64)
+    live = [torch.arange(160), torch.arange(160)]  # which of the 400 rows each side still holds
+    plans = [[], []]
+    for step in range(120):
+        q = torch.randn(1, 9, 1, 64) * 2
+        for side, policy in enumerate(policies):
+            k, v = keys[:, :, live[side]], values[:, :, live[side]]
+            if side == 0:
+                _, mass = attention_with_mass(q, k, v, 0.125)
+                blocks = torch.nn.functional.pad(mass, (0, -len(mass) % 16)).view(-1, 16).sum(1)
+            else:
+                _, blocks = attend(q, k, v, 16, 0.125)
+            policy.observe_blocks(blocks.double().numpy())
+            event = policy.maybe_plan(len(live[side]))
+            if event is not None:
+                plans[side].append(event.plan.runs)
+                live[side] = live[side][torch.from_numpy(event.plan.kept_token_indices())]
+                policy.applied(event.plan)
+            nxt = 160 + step
+            live[side] = torch.cat([live[side], torch.tensor([nxt])])
+    assert len(plans[0]) >= 5
+    assert plans[0] == plans[1]

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/roofline.py [--prompts 512,2048] [--gen 128] [--reps 3]
 
-1. Measures the machine's read bandwidth: a streaming sum over 1 GiB with the kernels' threads
-   and torch's `sum`, medians of 5; the higher of the two is the roofline bandwidth (the stricter).
+1. Measures the machine's read bandwidth in every round (this VM drifts by tens of percent over
+   minutes): a streaming sum over 1 GiB with the kernels' threads and torch's `sum`; the higher
+   of the two, median over rounds, is the roofline bandwidth (the stricter choice).
 2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for float32 and
    bfloat16 weights (K/V stored in the same dtype):
      generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 
 
-def read_bandwidth(reps: int = 5) -> tuple[float, float]:
+def read_bandwidth(reps: int = 3) -> tuple[float, float]:
     """(kernel, torch) median GB/s of summing 1 GiB of float32."""
     lib = kernels.load()
     data = torch.ones(1 << 28)
@@ -102,11 +103,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    kernel_bw, torch_bw = read_bandwidth()
-    bandwidth = max(kernel_bw, torch_bw)
-    print(f"read bandwidth, {args.threads} threads, median of 5: kernel {kernel_bw:.1f} GB/s, "
-          f"torch.sum {torch_bw:.1f} GB/s -> roofline uses {bandwidth:.1f} GB/s", flush=True)
-
     seed = load_config(args.h2o_config)
     h2o_kv = dataclasses.replace(seed.kv, lossless_enable=False)
     texts = load_texts()
@@ -132,12 +128,18 @@ def main() -> None:
     for p in [int(x) for x in args.prompts.split(",")]:
         prompt = token_stream(tokenizer, texts, p)
         samples = {key: [] for key in setups}
+        bandwidths = []
         for rnd in range(args.reps + 1):  # round 0 is a warm-up
+            kernel_bw, torch_bw = read_bandwidth()
             for key, run in setups.items():
                 tps, kv_bytes = run(prompt)
                 if rnd > 0:
                     samples[key].append((tps, kv_bytes))
-            print(f"  P={p} round {rnd}/{args.reps} done", flush=True)
+            if rnd > 0:
+                bandwidths.append(max(kernel_bw, torch_bw))
+            print(f"  P={p} round {rnd}/{args.reps}: read bandwidth kernel {kernel_bw:.1f} GB/s, "
+                  f"torch.sum {torch_bw:.1f} GB/s", flush=True)
+        bandwidth = statistics.median(bandwidths)
         print(f"\nP={p} G={args.gen}: decode tok/s, medians of {args.reps} interleaved rounds; "
               f"roofline = {bandwidth:.1f} GB/s / (weights + mean K/V)")
         print(f"| dtype | path | tok/s | weights MB | mean K/V MB | roofline tok/s | fraction | vs generate |")

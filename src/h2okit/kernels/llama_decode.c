@@ -18,11 +18,16 @@
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+/* Type punning through a union: gcc vectorises it (a memcpy here blocked vectorisation). */
+typedef union {
+    uint32_t u;
+    int32_t i;
     float f;
-    memcpy(&f, &u, 4);
-    return f;
+} word32;
+
+static inline float bf16_to_f32(uint16_t h) {
+    word32 w = {.u = (uint32_t)h << 16};
+    return w.f;
 }
 
 static inline float f16_to_f32(uint16_t h) {
@@ -34,7 +39,8 @@ static inline float f16_to_f32(uint16_t h) {
 /* exp(x) for the softmax and SiLU, vectorisable (libm's expf is not without -ffast-math).
  * Cody-Waite range reduction and a degree-6 polynomial: relative error below 2e-7. */
 static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    x = x > -87.0f ? x : -87.0f; /* written as max/min so that it vectorises */
+    x = x < 88.0f ? x : 88.0f;
     float n = floorf(x * 1.44269504f + 0.5f);
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -45,24 +51,65 @@ static inline float exp_approx(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    return p * scale;
+    word32 scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
 }
 
-/* Plain loops: with `omp simd` and -march=native gcc vectorises these as well as hand-written
- * AVX-512 with four accumulators did (measured: the intrinsics were 5-15% slower here). */
-static inline float dot_f32(const float *w, const float *x, int n) {
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* exp_approx on 16 lanes (gcc leaves the scalar one unvectorised in the softmax loop). */
+static inline __m512 exp_approx16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+/* p[t] = exp(p[t] - m) for t < n; returns the sum. */
+static float exp_shifted(float *p, int n, float m) {
+    float s = 0.0f;
+    int t = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps(), shift = _mm512_set1_ps(m);
+    for (; t + 16 <= n; t += 16) {
+        __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(p + t), shift));
+        _mm512_storeu_ps(p + t, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; t < n; t++) {
+        p[t] = exp_approx(p[t] - m);
+        s += p[t];
+    }
+    return s;
+}
+
+/* Dot products: plain loops that gcc vectorises for -march=native. Reassociation is allowed for
+ * these functions only (not -ffast-math, which would set flush-to-zero for the whole process),
+ * so the vector lanes are summed as a tree: `omp simd reduction` summed them one by one (16
+ * dependent adds per dot), which made short dots (attention rows of 64) latency-bound. */
+#define REASSOCIATE __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math")))
+
+static inline REASSOCIATE float dot_f32(const float *w, const float *x, int n) {
     float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
     for (int c = 0; c < n; c++) acc += w[c] * x[c];
     return acc;
 }
 
-static inline float dot_bf16(const uint16_t *w, const float *x, int n) {
+static inline REASSOCIATE float dot_bf16(const uint16_t *w, const float *x, int n) {
     float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
     for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * x[c];
     return acc;
 }
@@ -134,11 +181,51 @@ void h2k_mlp_block(int wtype, float *x, int hidden, const float *attn, int attn_
     gemv(wtype, Wd, gu, x, hidden, inter, 1);
 }
 
-static inline float load_kv(const void *base, int kvtype, long i) {
-    if (kvtype == BF16) return bf16_to_f32(((const uint16_t *)base)[i]);
-    if (kvtype == F16) return f16_to_f32(((const uint16_t *)base)[i]);
-    return ((const float *)base)[i];
+/* Row `base` (head_dim values) of K or V as float32: float32 rows are used in place, narrower
+ * ones are widened into `tmp` (one loop per type, so each vectorises). */
+static inline const float *kv_row(const void *kv, int kvtype, long base, int head_dim, float *tmp) {
+    if (kvtype == F32) return (const float *)kv + base;
+    const uint16_t *src = (const uint16_t *)kv + base;
+    if (kvtype == BF16) {
+#pragma omp simd
+        for (int d = 0; d < head_dim; d++) tmp[d] = bf16_to_f32(src[d]);
+    } else {
+        for (int d = 0; d < head_dim; d++) tmp[d] = f16_to_f32(src[d]);
+    }
+    return tmp;
 }
+
+#ifdef __AVX512F__
+/* The attention output of tokens [t0, t1) for head_dim 64 and groups of up to 4 query heads per
+ * KV head: each V row is loaded once and the group's 4 x 4 accumulators stay in registers
+ * (a read-modify-write of the accumulators in memory was the attention's main cost). */
+static void attend_values64(const float *probs, int T, const void *V, int kvtype, long head_stride, int kv_heads,
+                            int group, int t0, int t1, float *acc, float *tmp) {
+    for (int g = 0; g < kv_heads; g++) {
+        __m512 a[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
+        const float *p = probs + (long)g * group * T;
+        for (int t = t0; t < t1; t++) {
+            const float *v = kv_row(V, kvtype, g * head_stride + (long)t * 64, 64, tmp);
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    __m512 w = _mm512_set1_ps(p[(long)j * T + t]);
+                    a[j][0] = _mm512_fmadd_ps(w, v0, a[j][0]);
+                    a[j][1] = _mm512_fmadd_ps(w, v1, a[j][1]);
+                    a[j][2] = _mm512_fmadd_ps(w, v2, a[j][2]);
+                    a[j][3] = _mm512_fmadd_ps(w, v3, a[j][3]);
+                }
+            }
+        }
+        for (int j = 0; j < group; j++)
+            for (int d = 0; d < 4; d++) _mm512_storeu_ps(acc + (g * group + j) * 64 + 16 * d, a[j][d]);
+    }
+}
+#endif
 
 /* One query per head over T cached tokens, grouped-query layout.
  *   q           [q_heads, head_dim] (already roped; scaled here)
@@ -166,26 +253,20 @@ void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const v
 #pragma omp for schedule(static)
         for (int t = 0; t < T; t++) {
             for (int g = 0; g < kv_heads; g++) {
-                long base = g * head_stride + (long)t * head_dim;
-                for (int d = 0; d < head_dim; d++) row[d] = load_kv(K, kvtype, base + d);
+                const float *k = kv_row(K, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
                 for (int j = 0; j < group; j++) {
                     int h = g * group + j;
-                    probs[(long)h * T + t] = dot_f32(row, q + h * head_dim, head_dim) * scale;
+                    probs[(long)h * T + t] = dot_f32(k, q + h * head_dim, head_dim) * scale;
                 }
             }
         }
 #pragma omp for schedule(static)
         for (int h = 0; h < q_heads; h++) { /* softmax per head */
-            float *p = probs + (long)h * T;
+            float *restrict p = probs + (long)h * T;
             float m = -INFINITY;
+#pragma omp simd reduction(max : m)
             for (int t = 0; t < T; t++) m = p[t] > m ? p[t] : m;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int t = 0; t < T; t++) {
-                p[t] = exp_approx(p[t] - m);
-                s += p[t];
-            }
-            float inv = 1.0f / s;
+            float inv = 1.0f / exp_shifted(p, T, m);
 #pragma omp simd
             for (int t = 0; t < T; t++) p[t] *= inv;
         }
@@ -194,25 +275,36 @@ void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const v
             for (int b = 0; b < blocks; b++) {
                 int stop = (b + 1) * block_tokens < T ? (b + 1) * block_tokens : T;
                 float s = 0.0f;
-                for (int h = 0; h < q_heads; h++)
-                    for (int t = b * block_tokens; t < stop; t++) s += probs[(long)h * T + t];
+                for (int h = 0; h < q_heads; h++) {
+                    const float *p = probs + (long)h * T;
+#pragma omp simd reduction(+ : s)
+                    for (int t = b * block_tokens; t < stop; t++) s += p[t];
+                }
                 block_mass[b] = s * inv_heads;
             }
         }
         /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */
         float *acc = partial + (long)omp_get_thread_num() * width;
-        memset(acc, 0, sizeof(float) * width);
+#ifdef __AVX512F__
+        if (head_dim == 64 && group <= 4) {
+            int chunk = (T + used - 1) / used, t0 = omp_get_thread_num() * chunk;
+            int t1 = t0 + chunk < T ? t0 + chunk : T;
+            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0 < T ? t0 : T, t1, acc, row);
+        } else
+#endif
+        {
+            memset(acc, 0, sizeof(float) * width);
 #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
-            for (int g = 0; g < kv_heads; g++) {
-                long base = g * head_stride + (long)t * head_dim;
-                for (int d = 0; d < head_dim; d++) row[d] = load_kv(V, kvtype, base + d);
-                for (int j = 0; j < group; j++) {
-                    int h = g * group + j;
-                    float p = probs[(long)h * T + t];
-                    float *a = acc + h * head_dim;
+            for (int t = 0; t < T; t++) {
+                for (int g = 0; g < kv_heads; g++) {
+                    const float *v = kv_row(V, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
+                    for (int j = 0; j < group; j++) {
+                        int h = g * group + j;
+                        float p = probs[(long)h * T + t];
+                        float *a = acc + h * head_dim;
 #pragma omp simd
-                    for (int d = 0; d < head_dim; d++) a[d] += p * row[d];
+                        for (int d = 0; d < head_dim; d++) a[d] += p * v[d];
+                    }
                 }
             }
         }

@@ -1,6 +1,11 @@
 """Decode speed of (a) plain transformers `generate`, (b) h2okit with H2O off, (c) the seed config.
 
     .venv/bin/python benchmarks/decode_overhead.py [--prompts 512,2048] [--gen 128] [--reps 3]
+                                                   [--decode-path reference|fast]
+
+h2okit's engines decode through the transformers forward by default here (what this benchmark
+measured first: the cache's own overhead); `--decode-path fast` times the C decode path instead
+(benchmarks/roofline.py compares the two against the bandwidth roofline).
 
 All variants run interleaved in one process on the same prompt (real text), so machine noise
 hits them alike; medians are printed with the ratios (b)/(a) and (c)/(b).
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-path", choices=("reference", "fast"), default="reference")
     ap.add_argument("--seed-config", default=str(ROOT / "configs" / "smollm2-135m-seed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,8 +70,8 @@ def main() -> None:
     texts = load_texts()
     variants = {
         "a_plain_generate": None,
-        "b_h2okit_off": Engine(loaded, parse_config({}).kv),
-        "c_seed_config": Engine(loaded, seed.kv),
+        "b_h2okit_off": Engine(loaded, parse_config({}).kv, decode_path=args.decode_path),
+        "c_seed_config": Engine(loaded, seed.kv, decode_path=args.decode_path),
     }
     results = {}
     for p in [int(x) for x in args.prompts.split(",")]:

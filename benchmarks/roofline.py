@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from decode_overhead import plain_generate_decode_tps  # this folder: the same baseline measurement
 
 from h2okit import kernels
 from h2okit.config import load_config, parse_config
@@ -57,27 +57,10 @@ def read_bandwidth(reps: int = 3) -> tuple[float, float]:
     return statistics.median(kernel), statistics.median(torch_sum)
 
 
-class _StepClock(LogitsProcessor):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def plain_generate(model, prompt: list[int], gen: int, kv_bytes_per_token: int) -> tuple[float, float]:
     """(decode tok/s, mean K/V bytes per step) of transformers' own generate."""
-    clock = _StepClock()
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            model.generate(torch.tensor([prompt]), max_new_tokens=gen + 1, min_new_tokens=gen + 1,
-                           do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    finally:
-        model.set_attn_implementation("h2o")
     mean_tokens = len(prompt) + (gen + 1) / 2  # the cache grows by one token per step
-    return gen / (clock.times[-1] - clock.times[0]), mean_tokens * kv_bytes_per_token
+    return plain_generate_decode_tps(model, prompt, gen), mean_tokens * kv_bytes_per_token
 
 
 def engine_decode(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
@@ -142,7 +125,7 @@ def main() -> None:
         bandwidth = statistics.median(bandwidths)
         print(f"\nP={p} G={args.gen}: decode tok/s, medians of {args.reps} interleaved rounds; "
               f"roofline = {bandwidth:.1f} GB/s / (weights + mean K/V)")
-        print(f"| dtype | path | tok/s | weights MB | mean K/V MB | roofline tok/s | fraction | vs generate |")
+        print("| dtype | path | tok/s | weights MB | mean K/V MB | roofline tok/s | fraction | vs generate |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for precision in ("float32", "bfloat16"):
             base = statistics.median(s[0] for s in samples[(precision, "generate")])

@@ -1,6 +1,5 @@
 """The fast path's C kernels against the torch math they replace (no model needed)."""
 
-import numpy as np
 import pytest
 import torch
 

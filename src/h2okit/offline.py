@@ -164,6 +164,8 @@ def to_markdown(report: dict) -> str:
         "| layer | K ratio | V ratio |", "| --- | --- | --- |",
     ]
     lines += [f"| {r['layer']} | {r['k_ratio']:.4f} | {r['v_ratio']:.4f} |" for r in report["per_layer"]]
-    lines += ["", "Predictor choices (token blocks):", "", "| plane | raw | delta | xor |", "| --- | --- | --- | --- |"]
-    lines += [f"| {plane} | {c['raw']} | {c['delta']} | {c['xor']} |" for plane, c in report["predictor_counts"].items()]
+    lines += ["", "Predictor choices (token blocks):", "", "| plane | raw | delta | xor | mode |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {plane} | {c['raw']} | {c['delta']} | {c['xor']} | {c['mode']} |"
+              for plane, c in report["predictor_counts"].items()]
     return "\n".join(lines) + "\n"

@@ -106,13 +106,15 @@ def passkey_trial(engine: Engine, tokenizer, context: list[int], filler: list[in
 class QualityEvaluator:
     def __init__(self, engine: Engine, texts: dict[str, str], settings: QualitySettings = QualitySettings()):
         self.engine = engine
-        self.reference = Engine(engine.loaded, reference_kv(engine.kv), log=engine.log)
+        # the same decode path as the engine under test: the paths agree only to float tolerance
+        self.reference = Engine(engine.loaded, reference_kv(engine.kv), log=engine.log,
+                                decode_path=engine.decode_path_used)
         self.tokenizer = engine.loaded.tokenizer
         self.texts = texts
         self.settings = settings
         loaded = engine.loaded
         self.cache = _DiskCache(f"{loaded.source}:{loaded.size_bytes}:{engine.kv.cache_dtype}:"
-                                f"{next(loaded.model.parameters()).dtype}")
+                                f"{next(loaded.model.parameters()).dtype}:{engine.decode_path_used}")
         self.names = list(texts)
 
     def _window(self, w: int, p: int) -> list[int]:

@@ -120,3 +120,20 @@ def test_same_attention_inputs_give_identical_plans():
             live[side] = torch.cat([live[side], torch.tensor([nxt])])
     assert len(plans[0]) >= 5
     assert plans[0] == plans[1]
+
+
+def test_a_missing_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setattr(kernels, "_loaded", None)
+    with pytest.raises(kernels.KernelBuildError, match="no C compiler 'no-such-cc' on PATH"):
+        kernels.load()
+
+
+def test_the_library_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
+    source = tmp_path / "llama_decode.c"
+    source.write_text(kernels.SOURCE.read_text())
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    first = kernels.library_path("cc")
+    source.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
+    assert kernels.library_path("cc") != first

@@ -20,13 +20,19 @@ class CLIError(Exception):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Make the default model and corpus ready offline: convert the GGUF once, decode the novels."""
+    """Make the default model and corpus ready offline: convert the GGUF once, decode the novels,
+    build the fast decode path's kernels."""
+    from . import kernels
     from .corpus import ensure_austen
     from .model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, convert_gguf, package_dir
 
     gguf = package_dir(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
-    print(f"model:  {convert_gguf(gguf)}")
-    print(f"corpus: {ensure_austen()}")
+    print(f"model:   {convert_gguf(gguf)}")
+    print(f"corpus:  {ensure_austen()}")
+    try:
+        print(f"kernels: {kernels.load()._name}")
+    except kernels.KernelBuildError as exc:  # not fatal: decoding falls back to the transformers path
+        print(f"kernels: not built ({exc}); decode will use the transformers forward")
     return 0
 
 
@@ -77,7 +83,7 @@ def _offline_lossless_args(p: argparse.ArgumentParser) -> None:
 _offline_lossless.configure = _offline_lossless_args
 
 COMMANDS = {
-    "prepare": (_prepare, "convert the default model and decode the Austen corpus (offline caches)"),
+    "prepare": (_prepare, "convert the default model, decode the Austen corpus, build the decode kernels"),
     "dump-kv": (_dump_kv, "write real K/V of one request (per layer, after prefill and at the end)"),
     "offline-lossless": (_offline_lossless, "measure gear_delta on a K/V dump, verifying every round trip"),
 }

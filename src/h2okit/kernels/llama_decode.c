@@ -207,28 +207,68 @@ static inline const float *kv_row(const void *kv, int kvtype, long base, int hea
 }
 
 #ifdef __AVX512F__
-/* The attention output of tokens [t0, t1) for head_dim 64 and groups of up to 4 query heads per
- * KV head: each V row is loaded once and the group's 4 x 4 accumulators stay in registers
+/* Head_dim 64 and groups of up to 4 query heads per KV head: K/V rows are widened straight into
+ * registers (no float copy for bf16/fp16 rows) and each row is loaded once for the whole group. */
+static inline void load_row64(const void *kv, int kvtype, long base, __m512 r[4]) {
+    if (kvtype == F32) {
+        const float *p = (const float *)kv + base;
+        for (int d = 0; d < 4; d++) r[d] = _mm512_loadu_ps(p + 16 * d);
+    } else if (kvtype == BF16) {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 4; d++)
+            r[d] = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16 * d))), 16));
+    } else {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 4; d++) r[d] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16 * d)));
+    }
+}
+
+/* probs[h, t] = scale * q_h . K[g(h), t] for t in [t0, t1). */
+static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
+                            int kv_heads, int group, int t0, int t1, float *probs) {
+    for (int g = 0; g < kv_heads; g++) {
+        __m512 qv[4][4];
+        for (int j = 0; j < group; j++)
+            for (int d = 0; d < 4; d++) qv[j][d] = _mm512_loadu_ps(q + (g * group + j) * 64 + 16 * d);
+        float *p = probs + (long)g * group * T;
+        for (int t = t0; t < t1; t++) {
+            __m512 k[4];
+            load_row64(K, kvtype, g * head_stride + (long)t * 64, k);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    __m512 acc = _mm512_mul_ps(qv[j][0], k[0]);
+                    acc = _mm512_fmadd_ps(qv[j][1], k[1], acc);
+                    acc = _mm512_fmadd_ps(qv[j][2], k[2], acc);
+                    acc = _mm512_fmadd_ps(qv[j][3], k[3], acc);
+                    p[(long)j * T + t] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+        }
+    }
+}
+
+/* The attention output of tokens [t0, t1): the group's 4 x 4 accumulators stay in registers
  * (a read-modify-write of the accumulators in memory was the attention's main cost). */
 static void attend_values64(const float *probs, int T, const void *V, int kvtype, long head_stride, int kv_heads,
-                            int group, int t0, int t1, float *acc, float *tmp) {
+                            int group, int t0, int t1, float *acc) {
     for (int g = 0; g < kv_heads; g++) {
         __m512 a[4][4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
         const float *p = probs + (long)g * group * T;
         for (int t = t0; t < t1; t++) {
-            const float *v = kv_row(V, kvtype, g * head_stride + (long)t * 64, 64, tmp);
-            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-            __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+            __m512 v[4];
+            load_row64(V, kvtype, g * head_stride + (long)t * 64, v);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 if (j < group) {
                     __m512 w = _mm512_set1_ps(p[(long)j * T + t]);
-                    a[j][0] = _mm512_fmadd_ps(w, v0, a[j][0]);
-                    a[j][1] = _mm512_fmadd_ps(w, v1, a[j][1]);
-                    a[j][2] = _mm512_fmadd_ps(w, v2, a[j][2]);
-                    a[j][3] = _mm512_fmadd_ps(w, v3, a[j][3]);
+                    a[j][0] = _mm512_fmadd_ps(w, v[0], a[j][0]);
+                    a[j][1] = _mm512_fmadd_ps(w, v[1], a[j][1]);
+                    a[j][2] = _mm512_fmadd_ps(w, v[2], a[j][2]);
+                    a[j][3] = _mm512_fmadd_ps(w, v[3], a[j][3]);
                 }
             }
         }
@@ -261,8 +301,17 @@ void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const v
         float row[256];
 #pragma omp single
         used = omp_get_num_threads();
+        int fast64 = 0;
+#ifdef __AVX512F__
+        fast64 = head_dim == 64 && group <= 4;
+        int chunk = (T + used - 1) / used, t0 = omp_get_thread_num() * chunk;
+        int t1 = t0 + chunk < T ? t0 + chunk : T;
+        t0 = t0 < T ? t0 : T;
+        if (fast64) attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
+#pragma omp barrier
+#endif
 #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < (fast64 ? 0 : T); t++) {
             for (int g = 0; g < kv_heads; g++) {
                 const float *k = kv_row(K, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
                 for (int j = 0; j < group; j++) {
@@ -297,10 +346,8 @@ void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const v
         /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */
         float *acc = partial + (long)omp_get_thread_num() * width;
 #ifdef __AVX512F__
-        if (head_dim == 64 && group <= 4) {
-            int chunk = (T + used - 1) / used, t0 = omp_get_thread_num() * chunk;
-            int t1 = t0 + chunk < T ? t0 + chunk : T;
-            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0 < T ? t0 : T, t1, acc, row);
+        if (fast64) {
+            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
         } else
 #endif
         {

@@ -1,5 +1,6 @@
 """The fast path's C kernels against the torch math they replace (no model needed)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,22 @@ def test_the_library_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     first = kernels.library_path("cc")
     source.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
     assert kernels.library_path("cc") != first
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16),
+                                        (torch.float16, kernels.F16)])
+def test_cache_writes_round_as_torch_does(dtype, code):
+    """The kernel stores k/v into the cache itself; its rounding must be torch's `.to(dtype)`."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.integers(-8, 6, 4000),
+                             [0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 1e-8, -3e38, 1.0 + 2.0 ** -8]])
+    src = torch.from_numpy(values.astype(np.float32))
+    out = torch.empty(len(src), dtype=dtype)
+    lib.h2k_store_row(P(src), P(out), len(src), code)
+    expected = src.to(dtype)
+    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    nan = torch.tensor([float("nan")])
+    nan_out = torch.empty(1, dtype=dtype)
+    lib.h2k_store_row(P(nan), P(nan_out), 1, code)
+    assert torch.isnan(nan_out).all()

@@ -51,6 +51,16 @@ class KVBuffer:
         v[:, :, :self.length] = self.v[:, :, :self.length]
         self.k, self.v = k, v
 
+    def next_slot(self) -> tuple[int, int, int]:
+        """(K address, V address, head stride in elements) of the slot the next token goes to, for a
+        kernel that writes it directly; `commit(1)` then counts it."""
+        self._reserve(self.length + 1)
+        offset = self.length * self.k.shape[-1] * self.k.element_size()
+        return self.k.data_ptr() + offset, self.v.data_ptr() + offset, self.k.stride(1)
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = keys.shape[2]
         self._reserve(self.length + n)
@@ -117,6 +127,20 @@ class H2OLayer(CacheLayerMixin):
         self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
         self.tokens_seen += key_states.shape[-2]
         return self.full_kv()
+
+    def decode_slot(self) -> tuple[int, int, int] | None:
+        """Where a kernel may write the next decode token's K/V directly (see KVBuffer.next_slot), or
+        None when it must go through `append` (store mode re-packs cold frames around appends)."""
+        if not self.is_initialized or self.stores_cold:
+            return None
+        return self.buffer.next_slot()
+
+    def commit_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token written into `decode_slot` is in; returns all K/V as `append` does."""
+        self.buffer.commit(1)
+        self.keys, self.values = self.buffer.views()
+        self.tokens_seen += 1
+        return self.keys, self.values
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""

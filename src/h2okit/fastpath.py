@@ -164,9 +164,17 @@ class FastDecoder:
         partial = _ptr(self._partial)
         rows_qkv = self.q_dim + 2 * self.kv_dim
         for layer, (in_norm, w_qkv, w_o, post_norm, w_gu, w_down) in zip(cache.layers, self._ptrs):
-            lib.h2k_norm_gemv(self.wtype, x, in_norm, self.eps, w_qkv, rows_qkv, self.hidden, h, qkv,
-                              self.q_heads + self.kv_heads, self.head_dim, cos, sin)
-            keys, values = layer.append(self.k_new, self.v_new)
+            slot = layer.decode_slot()
+            if slot is not None:  # the kernel writes this token's k and v into the cache itself
+                k_slot, v_slot, stride = slot
+                lib.h2k_attention_input(self.wtype, x, in_norm, self.eps, w_qkv, self.hidden, self.q_heads,
+                                        self.kv_heads, self.head_dim, h, qkv, cos, sin, k_slot, v_slot, stride,
+                                        _KV_CODES[layer.store_dtype])
+                keys, values = layer.commit_slot()
+            else:
+                lib.h2k_norm_gemv(self.wtype, x, in_norm, self.eps, w_qkv, rows_qkv, self.hidden, h, qkv,
+                                  self.q_heads + self.kv_heads, self.head_dim, cos, sin)
+                keys, values = layer.append(self.k_new, self.v_new)
             tokens = keys.shape[2]
             if keys.stride(2) != self.head_dim or keys.stride(3) != 1 or values.stride() != keys.stride():
                 raise RuntimeError(f"layer {layer.layer_idx}: K/V rows are not contiguous {tuple(keys.stride())}")

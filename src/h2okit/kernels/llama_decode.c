@@ -175,6 +175,39 @@ void h2k_norm_gemv(int wtype, const float *x, const float *norm_w, float eps, co
     if (rope_heads > 0) rope(y, rope_heads, head_dim, cos, sin);
 }
 
+/* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
+void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
+    if (kvtype == F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else if (kvtype == BF16) {
+        uint16_t *out = (uint16_t *)dst;
+        for (int i = 0; i < n; i++) {
+            word32 w = {.f = src[i]};
+            out[i] = (w.u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0 : (uint16_t)((w.u + 0x7FFFu + ((w.u >> 16) & 1u)) >> 16);
+        }
+    } else {
+        _Float16 *out = (_Float16 *)dst;
+        for (int i = 0; i < n; i++) out[i] = (_Float16)src[i];
+    }
+}
+
+/* The attention input of a decode step: qkv = W_qkv rmsnorm(x), RoPE on the q and k heads, and
+ * this token's k and v stored into the layer's cache slot (head h at k_slot + h * slot_stride
+ * elements), so no separate copy is needed. */
+void h2k_attention_input(int wtype, const float *x, const float *norm_w, float eps, const void *Wqkv, int hidden,
+                         int q_heads, int kv_heads, int head_dim, float *h, float *qkv, const float *cos,
+                         const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
+    int kv_dim = kv_heads * head_dim, q_dim = q_heads * head_dim;
+    h2k_norm_gemv(wtype, x, norm_w, eps, Wqkv, q_dim + 2 * kv_dim, hidden, h, qkv, q_heads + kv_heads, head_dim, cos,
+                  sin);
+    size_t bytes = kvtype == F32 ? 4 : 2;
+    for (int g = 0; g < kv_heads; g++) {
+        long offset = (long)g * slot_stride * (long)bytes;
+        h2k_store_row(qkv + q_dim + g * head_dim, (char *)k_slot + offset, head_dim, kvtype);
+        h2k_store_row(qkv + q_dim + kv_dim + g * head_dim, (char *)v_slot + offset, head_dim, kvtype);
+    }
+}
+
 /* The rest of the layer after attention: x += Wo a; h = norm(x); gu = Wgu h;
  * act = silu(gate) * up; x += Wd act.  gu holds [gate; up] (2 * inter). */
 void h2k_mlp_block(int wtype, float *x, int hidden, const float *attn, int attn_dim, const void *Wo,

@@ -101,7 +101,7 @@ def main() -> None:
     weight_bytes = {}
     for precision in ("float32", "bfloat16"):
         loaded = load_model(resolve_model_path(seed), dtype=precision)
-        weight_bytes[precision] = FastDecoder(loaded.model).weight_bytes
+        weight_bytes[precision] = FastDecoder.for_model(loaded.model).weight_bytes
         off = dataclasses.replace(parse_config({}).kv, cache_dtype=precision)
         on = dataclasses.replace(h2o_kv, cache_dtype=precision)
         bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * torch.finfo(getattr(torch, precision)).bits // 8

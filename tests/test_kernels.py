@@ -69,11 +69,14 @@ def attend(q, keys, values, block, scaling, threads=2):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 37, 300])
-def test_attend_matches_attention_with_mass(kv_dtype, tokens):
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (9, 3, 32), (8, 1, 64)],
+                         ids=["smollm2", "generic-head-dim", "generic-group"])  # the last two: not the AVX-512 path
+def test_attend_matches_attention_with_mass(kv_dtype, tokens, q_heads, kv_heads, head_dim):
     torch.manual_seed(tokens)
-    q = torch.randn(1, 9, 1, 64)
+    q = torch.randn(1, q_heads, 1, head_dim)
     capacity = tokens + 5  # a view into a bigger buffer, as the cache holds it
-    k_buf, v_buf = torch.randn(1, 3, capacity, 64).to(kv_dtype), torch.randn(1, 3, capacity, 64).to(kv_dtype)
+    k_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
+    v_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
     keys, values = k_buf[:, :, :tokens], v_buf[:, :, :tokens]
     out, blocks = attend(q, keys, values, block=32, scaling=0.125)
     expected, mass = attention_with_mass(q, keys.float(), values.float(), 0.125)

@@ -68,12 +68,13 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = h2o_cache.layers[module.layer_idx] if h2o_cache is not None else None
     if layer is not None and q_len == 1:  # a decode step: H2O scoring and the codec's cadence
-        mass = None
+        blocks = None
         if layer.scores_attention:
             out, mass = attention_with_mass(query, key, value, scaling)
+            blocks = layer.block_mass(mass)
         else:
             out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
-        layer.after_decode_step(mass)
+        layer.after_decode_step(blocks)
         return out.transpose(1, 2), None
     if layer is not None and layer.scores_prefill and q_len == kv_len:  # opt-in: score the prompt too
         out, mass = causal_attention_with_mass(query, key, value, scaling)

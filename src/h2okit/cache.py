@@ -124,8 +124,12 @@ class H2OLayer(CacheLayerMixin):
         if key_states.shape[0] != 1:
             raise ValueError("h2okit's cache serves batch size 1 (one request at a time)")
         self.buffer.append(key_states, value_states)
+        return self._grown(key_states.shape[-2])
+
+    def _grown(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer holds `n` more tokens: refresh the views and the count; all K/V as `full_kv`."""
         self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
-        self.tokens_seen += key_states.shape[-2]
+        self.tokens_seen += n
         return self.full_kv()
 
     def decode_slot(self) -> tuple[int, int, int] | None:
@@ -138,9 +142,7 @@ class H2OLayer(CacheLayerMixin):
     def commit_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The token written into `decode_slot` is in; returns all K/V as `append` does."""
         self.buffer.commit(1)
-        self.keys, self.values = self.buffer.views()
-        self.tokens_seen += 1
-        return self.keys, self.values
+        return self._grown(1)
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""
@@ -181,7 +183,7 @@ class H2OLayer(CacheLayerMixin):
     def scores_prefill(self) -> bool:
         return self.policy is not None and self.policy.score_prefill
 
-    def _block_mass(self, token_mass: torch.Tensor) -> np.ndarray:
+    def block_mass(self, token_mass: torch.Tensor) -> np.ndarray:
         """Per-block sums computed in torch, so only one value per block crosses into numpy."""
         b = self.policy.params.block_tokens
         pad = -token_mass.shape[0] % b
@@ -189,13 +191,11 @@ class H2OLayer(CacheLayerMixin):
         return padded.view(-1, b).sum(dim=1).to(torch.float64).numpy()
 
     def observe_prefill(self, token_mass: torch.Tensor) -> None:
-        self.policy.observe_blocks(self._block_mass(token_mass), decode_step=False)
+        self.policy.observe_blocks(self.block_mass(token_mass), decode_step=False)
 
-    def after_decode_step(self, token_mass: torch.Tensor | None, block_mass: np.ndarray | None = None) -> None:
+    def after_decode_step(self, block_mass: np.ndarray | None) -> None:
         """After a decode step's attention: H2O scoring and eviction, then the codec's cadence.
-        The step's mass comes per token, or already summed per block (the fast path's kernel does that)."""
-        if block_mass is None and token_mass is not None and self.policy is not None:
-            block_mass = self._block_mass(token_mass)
+        `block_mass` is the step's attention mass summed per block (None: the layer does not score)."""
         if self.policy is not None and block_mass is not None:
             self.policy.observe_blocks(block_mass)
             event = self.policy.maybe_plan(self.get_seq_length())

@@ -37,6 +37,7 @@ Frame (little-endian):
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import zlib
@@ -58,8 +59,6 @@ DEFAULT_BLOCK_TOKENS = 64
 MIN_TOKENS_FOR_MODES = 128  # below this the per-channel side data costs more than it saves
 NOISE_BITS = 7.9  # a plane whose sampled order-0 entropy is this high is stored as it is
 COST_SAMPLE_ROWS = 16  # predictor costs are estimated on every 16th token row
-
-
 LOW_ENTROPY_BITS = 4.0  # below this (bits per byte, sampled) a plane takes the smaller match table
 
 
@@ -141,10 +140,6 @@ def _entropy_rows(counts: np.ndarray) -> np.ndarray:
     """Order-0 entropy in bits (total, not per symbol) of each row of a [rows, 256] count table:
     N log2 N - sum c log2 c."""
     return _xlogx(counts.sum(axis=1)) - _xlogx(counts).sum(axis=1)
-
-
-def _row_counts(values: np.ndarray, row_of: np.ndarray, rows: int) -> np.ndarray:
-    return np.bincount((row_of * 256 + values).ravel(), minlength=rows * 256).reshape(rows, 256)
 
 
 # The `mode` predictor subtracts a per-channel centre: the middle of the channel's densest window
@@ -257,11 +252,10 @@ def _residual(plane: np.ndarray, choices: np.ndarray, modes: np.ndarray | None, 
         return plane - modes[None, :]
     if (choices == RAW).all():
         return plane
-    if (choices == choices[0]).all():  # one delta or xor plane: a single whole-array operation
-        residual = plane.copy()
-        op = np.subtract if choices[0] == DELTA else np.bitwise_xor
-        op(plane[1:], plane[:-1], out=residual[1:])
-        return residual
+    previous = None  # row t-1 for each row t (row -1 is 0), if a block predicts along the sequence
+    if ((choices == DELTA) | (choices == XOR)).any():
+        previous = np.zeros_like(plane)
+        previous[1:] = plane[:-1]
     residual = np.empty_like(plane)
     for b, choice in enumerate(choices):
         span = slice(b * block_tokens, (b + 1) * block_tokens)
@@ -270,13 +264,8 @@ def _residual(plane: np.ndarray, choices: np.ndarray, modes: np.ndarray | None, 
         elif choice == MODE:
             np.subtract(plane[span], modes[None, :], out=residual[span])
         else:
-            start, stop = span.indices(plane.shape[0])[:2]
-            if start:
-                previous = plane[start - 1:stop - 1]  # row t-1 for each row t
-            else:  # the first row's predecessor is 0
-                previous = np.concatenate([np.zeros((1, plane.shape[1]), np.uint8), plane[:stop - 1]])
             op = np.subtract if choice == DELTA else np.bitwise_xor
-            op(plane[span], previous, out=residual[span])
+            op(plane[span], previous[span], out=residual[span])
     return residual
 
 
@@ -446,20 +435,15 @@ def _unpredict(residual: np.ndarray, choices: np.ndarray, modes: np.ndarray | No
         plane[b * block_tokens:(b + 1) * block_tokens] += modes[None, :]
     # delta/xor rows depend on the row before them: runs of such blocks in order, each as one prefix
     # sum (xor) seeded with the row before the run (raw/mode rows are final by now)
-    b = 0
-    while b < len(choices):
-        choice = choices[b]
-        if choice not in (DELTA, XOR):
-            b += 1
-            continue
-        end = b
-        while end < len(choices) and choices[end] == choice:
-            end += 1
-        rows = slice(b * block_tokens, min(tokens, end * block_tokens))
-        op = np.add if choice == DELTA else np.bitwise_xor
-        run = _prefix(residual[rows], op)
-        plane[rows] = op(run, plane[rows.start - 1]) if rows.start else run
-        b = end
+    first = 0
+    for choice, run in itertools.groupby(choices.tolist()):
+        count = len(list(run))
+        rows = slice(first * block_tokens, min(tokens, (first + count) * block_tokens))
+        first += count
+        if choice in (DELTA, XOR):
+            op = np.add if choice == DELTA else np.bitwise_xor
+            prefix = _prefix(residual[rows], op)
+            plane[rows] = op(prefix, plane[rows.start - 1]) if rows.start else prefix
     return plane
 
 

@@ -6,17 +6,18 @@ plus ~20 small torch ops per layer); these kernels read them at ~30+ GB/s, three
 layer. It is the same math as the reference path:
 
     x = embed[token]
-    per layer:  qkv = W_qkv · rmsnorm(x)          RoPE on q and k      (h2k_norm_gemv)
-                K, V = layer.append(k, v)          the H2OLayer's own buffer and bookkeeping
-                a, mass = attention(q, K, V)       one query per head  (h2k_attend)
-                layer.after_decode_step(mass)      the same H2O scoring, plans and compaction
+    per layer:  qkv = W_qkv · rmsnorm(x), RoPE on q and k,
+                k and v written into the H2OLayer's slot     (h2k_attention_input)
+                a, mass = attention(q, K, V)                 one query per head (h2k_attend)
+                layer.after_decode_step(mass)                the same H2O scoring, plans, compaction
                 x += W_o a;  x += W_down (silu(W_gate h) * W_up h), h = rmsnorm(x)   (h2k_mlp_block)
-    logits = W_head · rmsnorm(x)
+    logits = W_head · rmsnorm(x)                             (h2k_norm_gemv)
 
 The cache objects and the policy are shared with the reference path, so eviction decisions
 come from the same code; only the floating-point summation order differs (logits agree to
-~1e-5 in float32, see tests/test_fastpath.py). Prefill stays on the transformers forward
-(it is compute-bound, where torch's GEMM is already good).
+~1e-5 in float32, see tests/test_e2e_fastpath.py). Prefill stays on the transformers forward
+(it is compute-bound, where torch's GEMM is already good). The weights are re-laid once per
+model (`FastDecoder.for_model`), however many engines use it.
 
 Activations are float32 in both precisions; bfloat16 weights are widened as they are read,
 so a bf16 model on this path is slightly *more* precise than transformers' bf16 forward.
@@ -24,6 +25,7 @@ so a bf16 model on this path is slightly *more* precise than transformers' bf16 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,14 +79,26 @@ class _Layer:
 class FastDecoder:
     """Decode steps for one loaded Llama-style model; `step` matches `Engine.forward` of one token."""
 
-    def __init__(self, model):
+    _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_model(cls, model) -> FastDecoder:
+        """The model's decoder, built once: engines share it (its fused weights copy ~2/3 of the model).
+        Raises FastPathUnavailable with the reason when the model or the machine cannot take it."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise FastPathUnavailable(reason)
-        try:
-            self.lib = kernels.load()
-        except kernels.KernelBuildError as exc:
-            raise FastPathUnavailable(str(exc)) from None
+        if model not in cls._by_model:
+            try:
+                lib = kernels.load()
+            except kernels.KernelBuildError as exc:
+                raise FastPathUnavailable(str(exc)) from None
+            cls._by_model[model] = cls(model, lib)
+        return cls._by_model[model]
+
+    def __init__(self, model, lib):
+        """Use `for_model`: it checks the model and builds the kernels first."""
+        self.lib = lib
         cfg = model.config.get_text_config()
         inner = model.model
         self.hidden = cfg.hidden_size
@@ -115,12 +129,12 @@ class FastDecoder:
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.x = torch.empty(self.hidden)
-        self.h = torch.empty(max(self.hidden, self.inter))
+        self.h = torch.empty(self.hidden)
         self.qkv = torch.empty(q_dim + 2 * kv_dim)
         self.attn = torch.empty(q_dim)
         self.gate_up = torch.empty(2 * self.inter)
         self.logits = torch.empty(self.head.shape[0])
-        # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what cache.update takes)
+        # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what layer.append takes)
         self.k_new = self.qkv[q_dim:q_dim + kv_dim].view(1, self.kv_heads, 1, self.head_dim)
         self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
         self._probs = self._block_mass_t = self._partial = torch.empty(0)
@@ -162,29 +176,22 @@ class FastDecoder:
         if self._partial.numel() < slots * self.q_dim:
             self._partial = torch.empty(slots * self.q_dim)
         partial = _ptr(self._partial)
-        rows_qkv = self.q_dim + 2 * self.kv_dim
         for layer, (in_norm, w_qkv, w_o, post_norm, w_gu, w_down) in zip(cache.layers, self._ptrs):
-            slot = layer.decode_slot()
-            if slot is not None:  # the kernel writes this token's k and v into the cache itself
-                k_slot, v_slot, stride = slot
-                lib.h2k_attention_input(self.wtype, x, in_norm, self.eps, w_qkv, self.hidden, self.q_heads,
-                                        self.kv_heads, self.head_dim, h, qkv, cos, sin, k_slot, v_slot, stride,
-                                        _KV_CODES[layer.store_dtype])
-                keys, values = layer.commit_slot()
-            else:
-                lib.h2k_norm_gemv(self.wtype, x, in_norm, self.eps, w_qkv, rows_qkv, self.hidden, h, qkv,
-                                  self.q_heads + self.kv_heads, self.head_dim, cos, sin)
-                keys, values = layer.append(self.k_new, self.v_new)
+            slot = layer.decode_slot()  # None in store mode: the layer's own append stores k and v
+            k_slot, v_slot, stride = slot if slot is not None else (None, None, 0)
+            lib.h2k_attention_input(self.wtype, x, in_norm, self.eps, w_qkv, self.hidden, self.q_heads,
+                                    self.kv_heads, self.head_dim, h, qkv, cos, sin, k_slot, v_slot, stride,
+                                    _KV_CODES[layer.store_dtype])
+            # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
+            keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
             tokens = keys.shape[2]
-            if keys.stride(2) != self.head_dim or keys.stride(3) != 1 or values.stride() != keys.stride():
-                raise RuntimeError(f"layer {layer.layer_idx}: K/V rows are not contiguous {tuple(keys.stride())}")
             probs, block_mass = self._scratch(tokens)
             policy = layer.policy
             block = policy.params.block_tokens if policy is not None else 1
             lib.h2k_attend(qkv, self.q_heads, self.kv_heads, self.head_dim, _ptr(keys), _ptr(values),
                            keys.stride(1), _KV_CODES[keys.dtype], tokens, self.scaling, probs, attn,
                            block_mass if policy is not None else None, block, partial, slots)
-            layer.after_decode_step(None, self._block_mass[:-(-tokens // block)].astype(np.float64)
+            layer.after_decode_step(self._block_mass[:-(-tokens // block)].astype(np.float64)
                                     if policy is not None else None)
             lib.h2k_mlp_block(self.wtype, x, self.hidden, attn, self.q_dim, w_o, post_norm, self.eps, w_gu,
                               self.inter, w_down, h, gate_up)

@@ -117,7 +117,7 @@ class Engine:
         self.decode_path_note = "transformers forward, as requested"
         if decode_path != "reference":
             try:
-                self.fast = FastDecoder(self.model)
+                self.fast = FastDecoder.for_model(self.model)
                 self.decode_path_note = "C kernels for decode steps; prefill by the transformers forward"
             except FastPathUnavailable as exc:
                 if decode_path == "fast":

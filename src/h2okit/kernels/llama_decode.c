@@ -193,7 +193,7 @@ void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
 
 /* The attention input of a decode step: qkv = W_qkv rmsnorm(x), RoPE on the q and k heads, and
  * this token's k and v stored into the layer's cache slot (head h at k_slot + h * slot_stride
- * elements), so no separate copy is needed. */
+ * elements), so no separate copy is needed. NULL slots: the caller stores k and v itself. */
 void h2k_attention_input(int wtype, const float *x, const float *norm_w, float eps, const void *Wqkv, int hidden,
                          int q_heads, int kv_heads, int head_dim, float *h, float *qkv, const float *cos,
                          const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
@@ -201,7 +201,7 @@ void h2k_attention_input(int wtype, const float *x, const float *norm_w, float e
     h2k_norm_gemv(wtype, x, norm_w, eps, Wqkv, q_dim + 2 * kv_dim, hidden, h, qkv, q_heads + kv_heads, head_dim, cos,
                   sin);
     size_t bytes = kvtype == F32 ? 4 : 2;
-    for (int g = 0; g < kv_heads; g++) {
+    for (int g = 0; k_slot != NULL && g < kv_heads; g++) {
         long offset = (long)g * slot_stride * (long)bytes;
         h2k_store_row(qkv + q_dim + g * head_dim, (char *)k_slot + offset, head_dim, kvtype);
         h2k_store_row(qkv + q_dim + kv_dim + g * head_dim, (char *)v_slot + offset, head_dim, kvtype);

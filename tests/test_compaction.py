@@ -21,7 +21,9 @@ def test_attention_with_mass_matches_eager_attention_with_repeat_kv():
     kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
     probs = torch.softmax(q @ kr.transpose(-1, -2) * 0.125, dim=-1)
     torch.testing.assert_close(out, probs @ vr, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mass, probs.sum(dim=(0, 1, 2)) / 9)
+    assert mass.shape == (3, 300)  # per KV head: the group's query heads
+    torch.testing.assert_close(mass, probs[0, :, 0].view(3, 3, -1).sum(1) / 9)
+    torch.testing.assert_close(mass.sum(0), probs.sum(dim=(0, 1, 2)) / 9)
     assert abs(float(mass.sum()) - 1.0) < 1e-5  # a probability distribution over cached tokens
 
 
@@ -42,7 +44,7 @@ def test_attention_over_the_compacted_cache_equals_attention_over_the_kept_token
     compacted, _ = attention_with_mass(q, layer.keys, layer.values, 0.125)
     torch.testing.assert_close(compacted, masked, rtol=1e-5, atol=1e-6)
     # V is moved with K, token for token (the original scrambled V's layout)
-    torch.testing.assert_close(layer.values[0, :, 40], v[0, :, plan.kept_token_indices()[40]])
+    torch.testing.assert_close(layer.values[0, :, 40], v[0, :, plan.kept_token_indices()[0, 40]])
 
 
 def test_chunk_mask_is_causal_with_an_offset():
@@ -61,7 +63,7 @@ def test_chunked_causal_attention_with_mass_matches_sdpa_and_eager():
     kr = k.repeat_interleave(3, dim=1)
     logits = (q @ kr.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(70, 70, dtype=torch.bool).tril(), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    torch.testing.assert_close(mass, probs.sum(dim=(0, 1, 2)) / (9 * 70))
+    torch.testing.assert_close(mass.sum(0), probs.sum(dim=(0, 1, 2)) / (9 * 70))
 
 
 def test_kv_buffer_appends_in_place_grows_and_compacts():
@@ -78,7 +80,7 @@ def test_kv_buffer_appends_in_place_grows_and_compacts():
     torch.testing.assert_close(keys[:, :, :5], k0.half())
     before_k, before_v = keys.clone(), values.clone()
     index = torch.tensor([0, 2, 3, 9, 14])
-    buf.keep(index)
+    buf.keep(index[None])
     keys, values = buf.views()
     assert buf.length == 5 and buf.k.data_ptr() == first_storage
     torch.testing.assert_close(keys, before_k[:, :, index])
@@ -87,3 +89,28 @@ def test_kv_buffer_appends_in_place_grows_and_compacts():
     buf.append(big, big)  # beyond capacity: grows, keeps what it held
     assert buf.length == 605 and buf.capacity >= 605
     torch.testing.assert_close(buf.views()[0][:, :, :5], before_k[:, :, index])
+
+
+def test_per_head_compaction_keeps_each_heads_own_tokens():
+    """Per-head plans: head g keeps its own tokens, in order, K and V alike; lengths stay equal."""
+    q, k, v = _qkv(t=200)
+    rng = np.random.default_rng(5)
+    scores = rng.random((3, num_blocks(200, 8)))
+    plan = build_plan(200, scores, PlanParams(8, 8, 16, 0.4, budget_basis="seen", per_head=True), seen=200)
+    index = plan.kept_token_indices()
+    assert index.shape == (3, plan.kept_tokens) == (3, 80)
+    assert not (index[0] == index[1]).all()  # the heads chose differently
+    layer = H2OLayer(5, policy=None, store_dtype=torch.float32)
+    layer.update(k, v)
+    layer.compact(plan)
+    for g in range(3):
+        torch.testing.assert_close(layer.keys[0, g], k[0, g, index[g]])
+        torch.testing.assert_close(layer.values[0, g], v[0, g, index[g]])
+    # attention over the compacted cache equals attention over each head's kept tokens
+    masked = torch.zeros(1, 3, 1, 200, dtype=torch.bool)
+    for g in range(3):
+        masked[0, g, 0, index[g]] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=masked.repeat_interleave(3, dim=1), scale=0.125,
+                                              enable_gqa=True)
+    got, _ = attention_with_mass(q, layer.keys, layer.values, 0.125)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

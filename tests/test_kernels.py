@@ -54,17 +54,21 @@ def test_mlp_block_matches_torch(dtype, code):
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
 
 
-def attend(q, keys, values, block, scaling, threads=2):
-    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows)."""
+def attend(q, keys, values, scaling, threads=2):
+    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows); (out, mass [Hkv, T])."""
     q_heads, head_dim = q.shape[1], q.shape[-1]
-    tokens = keys.shape[2]
+    kv_heads, tokens = keys.shape[1], keys.shape[2]
     probs, out = torch.empty(q_heads * tokens), torch.empty(q_heads * head_dim)
-    blocks = torch.empty(-(-tokens // block))
+    mass = torch.empty(kv_heads, tokens)
     partial = torch.empty(threads * q_heads * head_dim)
     code = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}[keys.dtype]
-    lib.h2k_attend(P(q.contiguous()), q_heads, keys.shape[1], head_dim, P(keys), P(values), keys.stride(1), code,
-                   tokens, scaling, P(probs), P(out), P(blocks), block, P(partial), threads)
-    return out.view(1, q_heads, 1, head_dim), blocks
+    lib.h2k_attend(P(q.contiguous()), q_heads, kv_heads, head_dim, P(keys), P(values), keys.stride(1), code,
+                   tokens, scaling, P(probs), P(out), P(mass), P(partial), threads)
+    return out.view(1, q_heads, 1, head_dim), mass
+
+
+def block_sums(mass, block):
+    return torch.nn.functional.pad(mass, (0, -mass.shape[-1] % block)).view(mass.shape[0], -1, block).sum(-1)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -78,50 +82,50 @@ def test_attend_matches_attention_with_mass(kv_dtype, tokens, q_heads, kv_heads,
     k_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
     v_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
     keys, values = k_buf[:, :, :tokens], v_buf[:, :, :tokens]
-    out, blocks = attend(q, keys, values, block=32, scaling=0.125)
-    expected, mass = attention_with_mass(q, keys.float(), values.float(), 0.125)
+    out, mass = attend(q, keys, values, scaling=0.125)
+    expected, expected_mass = attention_with_mass(q, keys.float(), values.float(), 0.125)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    expected_blocks = torch.nn.functional.pad(mass, (0, -tokens % 32)).view(-1, 32).sum(1)
-    torch.testing.assert_close(blocks, expected_blocks, rtol=1e-5, atol=1e-7)
-    assert blocks.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert mass.shape == (kv_heads, tokens)
+    torch.testing.assert_close(mass, expected_mass, rtol=1e-5, atol=1e-7)
+    assert mass.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_attend_is_the_same_with_one_or_two_threads():
     torch.manual_seed(3)
     q, keys, values = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 200, 64), torch.randn(1, 3, 200, 64)
-    one, blocks_one = attend(q, keys, values, 16, 0.125, threads=1)
-    two, blocks_two = attend(q, keys, values, 16, 0.125, threads=2)
+    one, mass_one = attend(q, keys, values, 0.125, threads=1)
+    two, mass_two = attend(q, keys, values, 0.125, threads=2)
     torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(blocks_one, blocks_two, rtol=1e-6, atol=1e-8)
+    assert torch.equal(mass_one, mass_two)
 
 
-def test_same_attention_inputs_give_identical_plans():
-    """The policy sees the kernel's block mass instead of torch's; over many steps with evictions,
+@pytest.mark.parametrize("policy,block,per_head", [("h2o", 16, False), ("tova", 1, True), ("mean", 4, True)])
+def test_same_attention_inputs_give_identical_plans(policy, block, per_head):
+    """The policy sees the kernel's mass instead of torch's; over many steps with evictions,
     its plans must be the same ones (the masses differ only in summation order)."""
     torch.manual_seed(4)
-    params = PlanParams(block_tokens=16, sink_tokens=16, recent_tokens=16, keep_ratio=0.5)
-    policies = [LayerPolicy(layer=2, params=params, ema_alpha=0.9, update_interval=8, trigger_min_tokens=64)
-                for _ in range(2)]
+    params = PlanParams(block_tokens=block, sink_tokens=16, recent_tokens=16, keep_ratio=0.5, per_head=per_head)
+    policies = [LayerPolicy(layer=2, params=params, ema_alpha=0.9, update_interval=8, trigger_min_tokens=64,
+                            policy=policy) for _ in range(2)]
     keys, values = torch.randn(1, 3, 400, 64), torch.randn(1, 3, 400, 64)
     live = [torch.arange(160), torch.arange(160)]  # which of the 400 rows each side still holds
     plans = [[], []]
     for step in range(120):
         q = torch.randn(1, 9, 1, 64) * 2
-        for side, policy in enumerate(policies):
-            k, v = keys[:, :, live[side]], values[:, :, live[side]]
-            if side == 0:
-                _, mass = attention_with_mass(q, k, v, 0.125)
-                blocks = torch.nn.functional.pad(mass, (0, -len(mass) % 16)).view(-1, 16).sum(1)
-            else:
-                _, blocks = attend(q, k, v, 16, 0.125)
-            policy.observe_blocks(blocks.double().numpy())
-            event = policy.maybe_plan(len(live[side]))
+        for side, layer_policy in enumerate(policies):
+            index = live[side].expand(3, -1) if live[side].dim() == 1 else live[side]
+            k = torch.gather(keys, 2, index[None, :, :, None].expand(1, 3, -1, 64))
+            v = torch.gather(values, 2, index[None, :, :, None].expand(1, 3, -1, 64))
+            _, mass = attention_with_mass(q, k, v, 0.125) if side == 0 else attend(q, k, v, 0.125)
+            layer_policy.observe_blocks(block_sums(mass, block).double().numpy())
+            event = layer_policy.maybe_plan(index.shape[1])
             if event is not None:
                 plans[side].append(event.plan.runs)
-                live[side] = live[side][torch.from_numpy(event.plan.kept_token_indices())]
-                policy.applied(event.plan)
+                kept = torch.from_numpy(event.plan.kept_token_indices())
+                live[side] = torch.gather(index, 1, kept.expand(3, -1))
+                layer_policy.applied(event.plan)
             nxt = 160 + step
-            live[side] = torch.cat([live[side], torch.tensor([nxt])])
+            live[side] = torch.cat([index, torch.full((3, 1), nxt)], dim=1)
     assert len(plans[0]) >= 5
     assert plans[0] == plans[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from h2okit.policy import LayerPolicy, PlanParams, build_plan, floor_mask, lossy_ratio, num_blocks
+from h2okit.policy import (SCORERS, LayerPolicy, PlanParams, build_plan, floor_mask, lossy_ratio, num_blocks)
 
 SEED = PlanParams(block_tokens=32, sink_tokens=16, recent_tokens=64, keep_ratio=1 / 3.0)
 
@@ -19,9 +19,9 @@ def test_worked_example_of_spec_section_3():
     assert plan.target_tokens == 176 and round(plan.target_tokens / kv, 4) == 0.3333
     assert plan.quantized_tokens == 176
     assert plan.kept_tokens == 176 and round(plan.kept_tokens / kv, 4) == 0.3333
-    assert plan.kept_blocks.tolist() == [0, 5, 9, 14, 15, 16]
-    assert plan.runs == ((0, 32), (160, 32), (288, 32), (448, 80))
-    assert lossy_ratio(kv, plan.kept_tokens, len(plan.runs), 3 * 64 * 4 * 2) == pytest.approx(3.0, abs=0.01)
+    assert plan.kept_blocks.tolist() == [[0, 5, 9, 14, 15, 16]]
+    assert plan.runs == (((0, 32), (160, 32), (288, 32), (448, 80)),)
+    assert lossy_ratio(kv, plan.kept_tokens, plan.run_count, 3 * 64 * 4 * 2) == pytest.approx(3.0, abs=0.01)
 
 
 def test_floor_dominates_means_no_eviction():
@@ -34,14 +34,14 @@ def test_partial_last_block_is_kept_even_without_recent_floor():
     kv = 100  # blocks 0-2 full, block 3 holds 4 tokens
     assert floor_mask(kv, params).tolist() == [False, False, False, True]
     plan = build_plan(kv, np.array([0.1, 0.9, 0.2, 0.0]), params)
-    assert plan.kept_blocks.tolist() == [1, 3]
-    assert plan.kept_tokens == 36 and plan.runs == ((32, 32), (96, 4))
+    assert plan.kept_blocks.tolist() == [[1, 3]]
+    assert plan.kept_tokens == 36 and plan.runs == (((32, 32), (96, 4)),)
 
 
 def test_ties_prefer_the_lower_block_index():
     params = PlanParams(block_tokens=10, sink_tokens=0, recent_tokens=10, keep_ratio=0.3)
     plan = build_plan(100, np.ones(10), params)
-    assert plan.kept_blocks.tolist() == [0, 1, 9]
+    assert plan.kept_blocks.tolist() == [[0, 1, 9]]
 
 
 def test_quantisation_rounds_the_target_up_to_whole_blocks():
@@ -49,31 +49,114 @@ def test_quantisation_rounds_the_target_up_to_whole_blocks():
     plan = build_plan(320, np.arange(10, dtype=float), params)
     # floor 64, target 160 -> 64 + ceil(96/32)*32 = 160
     assert (plan.floor_tokens, plan.target_tokens, plan.quantized_tokens) == (64, 160, 160)
-    assert plan.kept_blocks.tolist() == [0, 6, 7, 8, 9]
+    assert plan.kept_blocks.tolist() == [[0, 6, 7, 8, 9]]
 
 
-def test_streaming_and_random_policies_use_the_same_budget():
-    kv, scores = 528, np.random.default_rng(1).random(17)
-    plans = {pol: build_plan(kv, scores, PlanParams(32, 16, 64, 1 / 3, policy=pol),
-                             rng=np.random.default_rng(0)) for pol in ("h2o", "streaming", "random")}
-    assert {p.kept_tokens for p in plans.values()} == {176}
-    assert plans["streaming"].kept_blocks.tolist() == [0, 12, 13, 14, 15, 16]
-    assert build_plan(kv, scores, PlanParams(32, 16, 64, 1 / 3, policy="full")) is None
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_policy_keeps_the_same_budget_and_the_floors(name):
+    """Policies differ only in which blocks they choose: same floors, same count (seed example)."""
+    pol = LayerPolicy(layer=4, params=SEED, ema_alpha=0.9, update_interval=16, trigger_min_tokens=384,
+                      policy=name, seed=3)
+    rng = np.random.default_rng(1)
+    for step in range(16):
+        pol.observe(rng.dirichlet(np.ones(513 + step)))
+    event = pol.maybe_plan(528)
+    assert event is not None and event.plan.kept_tokens == 176
+    kept = event.plan.kept_blocks[0].tolist()
+    assert kept[0] == 0 and kept[-3:] == [14, 15, 16]
+    pol.applied(event.plan)
+    assert pol.scorer.scores(6).shape == (1, 6)
+
+
+def test_streaming_extends_the_recent_window_and_random_is_seeded():
+    def plan_of(name, seed=0):
+        pol = LayerPolicy(layer=4, params=SEED, ema_alpha=0.9, update_interval=1, trigger_min_tokens=1,
+                          policy=name, seed=seed)
+        pol.tick()
+        return pol.maybe_plan(528).plan.kept_blocks.tolist()
+
+    assert plan_of("streaming") == [[0, 12, 13, 14, 15, 16]]
+    assert plan_of("random", 1) == plan_of("random", 1) != plan_of("random", 2)
+    assert not SCORERS["streaming"].uses_attention and not SCORERS["random"].uses_attention
+
+
+def test_tova_scores_only_the_latest_step_and_mean_removes_the_age_bias():
+    tova = SCORERS["tova"]()
+    tova.observe(np.array([[5.0, 0.0]]))
+    tova.observe(np.array([[0.0, 1.0, 2.0]]))
+    assert tova.scores(3).tolist() == [[0.0, 1.0, 2.0]]
+    mean = SCORERS["mean"]()
+    mean.observe(np.array([[0.6, 0.4]]))
+    mean.observe(np.array([[0.2, 0.2, 0.6]]))  # block 2 appears at the second step
+    assert mean.scores(3)[0].tolist() == pytest.approx([0.4, 0.3, 0.6])  # per step visible, not summed
+    mean.keep(np.array([[0, 2]]))
+    assert mean.scores(2)[0].tolist() == pytest.approx([0.4, 0.6])
+    window = SCORERS["window"]()
+    window.observe(np.array([[0.5, 0.5]]))
+    window.observe(np.array([[0.1, 0.9]]))
+    assert window.scores(2)[0].tolist() == pytest.approx([0.6, 1.4])
+    window.keep(np.array([[1]]))
+    assert window.scores(1).tolist() == [[0.0]]  # a new window after each eviction
+
+
+def test_budget_bases():
+    current = PlanParams(1, 0, 0, 0.25)
+    seen = PlanParams(1, 0, 0, 0.25, budget_basis="seen")
+    fixed = PlanParams(1, 0, 0, 0.25, budget_basis="tokens", budget_tokens=30)
+    assert current.budget_tokens_for(kv=100, seen=400) == 25  # the seed: ratio x current length
+    assert seen.budget_tokens_for(kv=200, seen=400) == 100  # ratio x tokens seen
+    assert fixed.budget_tokens_for(kv=200, seen=400) == 30
+    assert seen.budget_tokens_for(kv=50, seen=400) == 50  # never more than the layer holds
+
+
+def test_seen_basis_does_not_compound():
+    """Under `current` each eviction keeps 1/3 of what is left, so the kept fraction of all tokens
+    seen falls; under `seen` it stays at the ratio."""
+    kept = {}
+    for basis in ("current", "seen"):
+        params = PlanParams(1, 4, 16, 1 / 3, budget_basis=basis)
+        kv, seen = 528, 528
+        for _ in range(10):
+            plan = build_plan(kv, np.random.default_rng(kv).random(kv), params, seen=seen)
+            held = kv if plan is None else plan.kept_tokens
+            kv, seen = held + 16, seen + 16
+        kept[basis] = held / (seen - 16)
+    assert kept["seen"] == pytest.approx(1 / 3, abs=0.002)
+    assert kept["current"] < 0.1
+
+
+def test_floors_come_out_of_the_budget_under_seen_and_tokens():
+    params = PlanParams(block_tokens=8, sink_tokens=16, recent_tokens=64, keep_ratio=0.1, budget_basis="tokens",
+                        budget_tokens=40)
+    plan = build_plan(400, np.zeros(50), params)
+    assert plan.kept_tokens <= 40  # the floors (80 tokens) were cut to the budget
+    kept = plan.kept_blocks[0].tolist()
+    assert kept[-1] == 49 and kept[:2] == [0, 1]  # the write head, then the sink, then the newest recent
+    assert kept == [0, 1, 47, 48, 49] and plan.kept_tokens == 40
+
+
+def test_per_head_selection_keeps_the_same_count_per_head():
+    params = PlanParams(block_tokens=4, sink_tokens=4, recent_tokens=4, keep_ratio=0.5, per_head=True)
+    scores = np.array([[0.0, 9, 1, 2, 3, 0], [0.0, 1, 2, 3, 9, 0], [0.0, 3, 9, 1, 2, 0]])
+    plan = build_plan(24, scores, params)
+    assert plan.kept_blocks.tolist() == [[0, 1, 5], [0, 4, 5], [0, 2, 5]]  # each head's best block
+    assert plan.per_head and plan.kept_tokens == 12 and plan.kept_token_indices().shape == (3, 12)
+    assert plan.run_count == 2 + 2 + 3
 
 
 def test_scores_ema_and_remap_after_compaction():
     pol = LayerPolicy(layer=3, params=PlanParams(4, 0, 4, 0.5), ema_alpha=0.5, update_interval=2,
                       trigger_min_tokens=8)
     pol.observe(np.array([1.0, 0, 0, 0, 0, 0, 0, 1.0]))  # blocks: [1, 1]
-    assert pol.scores.tolist() == [0.5, 0.5]
+    assert pol.scores.tolist() == [[0.5, 0.5]]
     pol.observe(np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4.0]))  # third block starts at 0
-    assert pol.scores.tolist() == [0.25, 0.25, 2.0]
+    assert pol.scores.tolist() == [[0.25, 0.25, 2.0]]
     assert pol.maybe_plan(7) is None  # interval reached, but below trigger_min_tokens
-    pol.scores = np.array([0.1, 0.9, 0.3, 0.5])
+    pol.scorer.state = np.array([[0.1, 0.9, 0.3, 0.5]])
     event = pol.maybe_plan(16)
-    assert event.plan.kept_blocks.tolist() == [1, 3]
+    assert event.plan.kept_blocks.tolist() == [[1, 3]]
     pol.applied(event.plan)
-    assert pol.scores.tolist() == [0.9, 0.5] and pol.steps_since_eviction == 0
+    assert pol.scores.tolist() == [[0.9, 0.5]] and pol.steps_since_eviction == 0
 
 
 def test_trigger_needs_both_length_and_interval():
@@ -90,37 +173,61 @@ def test_trigger_needs_both_length_and_interval():
 
 @settings(max_examples=300, deadline=None)
 @given(kv=st.integers(1, 3000), block=st.integers(1, 128), sink=st.integers(0, 300),
-       recent=st.integers(0, 600), ratio=st.floats(0, 1), seed=st.integers(0, 2**16))
-def test_plan_invariants(kv, block, sink, recent, ratio, seed):
-    params = PlanParams(block, sink, recent, ratio)
-    scores = np.random.default_rng(seed).random(num_blocks(kv, block))
-    plan = build_plan(kv, scores, params)
+       recent=st.integers(0, 600), ratio=st.floats(0, 1), seed=st.integers(0, 2**16),
+       basis=st.sampled_from(["current", "seen", "tokens"]), extra_seen=st.integers(0, 3000),
+       heads=st.sampled_from([1, 3]))
+def test_plan_invariants(kv, block, sink, recent, ratio, seed, basis, extra_seen, heads):
+    params = PlanParams(block, sink, recent, ratio, budget_basis=basis, budget_tokens=max(1, int(ratio * 1000)),
+                        per_head=heads > 1)
+    scores = np.random.default_rng(seed).random((heads, num_blocks(kv, block)))
+    seen = kv + extra_seen
+    plan = build_plan(kv, scores, params, seen=seen)
     protected = floor_mask(kv, params)
     if plan is None:
         return
-    kept = np.zeros(len(protected), dtype=bool)
-    kept[plan.kept_blocks] = True
-    assert kept[protected].all()  # floors always survive
-    assert plan.floor_tokens < plan.target_tokens <= plan.quantized_tokens <= plan.kept_tokens < kv
-    assert plan.kept_tokens - plan.quantized_tokens < block  # at most one block over
+    budget = params.budget_tokens_for(kv, seen)
+    if basis == "current":
+        assert plan.floor_tokens < plan.target_tokens <= plan.quantized_tokens <= plan.kept_tokens < kv
+        assert plan.kept_tokens - plan.quantized_tokens < block  # at most one block over
+    else:  # the budget is what it says: never exceeded, not even by the floors (but the write head stays)
+        assert plan.kept_tokens <= max(budget, kv % block or block) and plan.kept_tokens < kv
+        assert plan.kept_tokens > budget - block or plan.kept_tokens == plan.floor_tokens + \
+            block * int((~protected).sum())
+    assert plan.kept_blocks.shape[0] == heads
+    for row, runs, row_scores in zip(plan.kept_blocks, plan.runs, scores):
+        kept = np.zeros(len(protected), dtype=bool)
+        kept[row] = True
+        if basis == "current" or plan.floor_tokens == int(block_sizes_of(kv, block)[protected].sum()):
+            assert kept[protected].all()  # floors survive unless they had to be cut to the budget
+        if recent > 0 or kv % block:
+            assert kept[-1]  # the write head (newest token) survives
+        begins = [b for b, _ in runs]
+        assert begins == sorted(begins)
+        assert all(b1 + n1 < b2 for (b1, n1), (b2, _) in zip(runs, runs[1:]))  # merged, disjoint
+        assert sum(n for _, n in runs) == plan.kept_tokens
+        if plan.floor_tokens < int(block_sizes_of(kv, block)[protected].sum()):
+            continue  # floors cut to the budget: the rest of the layer is evicted regardless of scores
+        # the chosen candidate blocks are the best-scoring ones of this row
+        candidates = ~protected
+        candidates[-1] = candidates[-1] and basis == "current"
+        chosen, rest = row_scores[kept & candidates], row_scores[~kept & candidates]
+        if len(chosen) and len(rest):
+            assert chosen.min() >= rest.max()
     idx = plan.kept_token_indices()
-    assert len(idx) == plan.kept_tokens and np.all(np.diff(idx) > 0)
-    if recent > 0 or kv % block:
-        assert idx[-1] == kv - 1  # the newest token is protected by the recent floor
-    begins = [b for b, _ in plan.runs]
-    assert begins == sorted(begins)
-    assert all(b1 + n1 < b2 for (b1, n1), (b2, _) in zip(plan.runs, plan.runs[1:]))  # merged, disjoint
-    # the chosen unprotected blocks are the best-scoring ones
-    chosen, rest = scores[kept & ~protected], scores[~kept & ~protected]
-    if len(chosen) and len(rest):
-        assert chosen.min() >= rest.max()
+    assert idx.shape == (heads, plan.kept_tokens) and np.all(np.diff(idx, axis=1) > 0)
+
+
+def block_sizes_of(kv, block):
+    from h2okit.policy import block_sizes
+
+    return block_sizes(kv, block)
 
 
 def test_prefill_observation_seeds_scores_without_ticking_the_clock():
     pol = LayerPolicy(layer=0, params=PlanParams(4, 0, 4, 0.5), ema_alpha=0.9, update_interval=1,
                       trigger_min_tokens=1)
-    pol.observe(np.array([0.4, 0.0, 0.0, 0.0, 0.1, 0.1, 0.2, 0.2]), decode_step=False)
-    assert pol.scores.tolist() == pytest.approx([0.4, 0.6]) and pol.steps_since_eviction == 0
+    pol.observe_blocks(np.array([[0.4, 0.6]]), decode_step=False)
+    assert pol.scores[0].tolist() == pytest.approx([0.4, 0.6]) and pol.steps_since_eviction == 0
     assert pol.maybe_plan(8) is None  # the clock has not ticked: no decode step yet
     pol.observe(np.zeros(9))
-    assert pol.scores.tolist() == pytest.approx([0.36, 0.54, 0.0]) and pol.steps_since_eviction == 1
+    assert pol.scores[0].tolist() == pytest.approx([0.36, 0.54, 0.0]) and pol.steps_since_eviction == 1

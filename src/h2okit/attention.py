@@ -18,10 +18,11 @@ ATTN_IMPLEMENTATION = "h2o"
 
 def attention_with_mass(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query row per head over the whole cache. Returns (output [1,Hq,1,D], mass [T]).
+    """One query row per head over the whole cache. Returns (output [1,Hq,1,D], mass [Hkv, T]).
 
-    mass[t] = sum over query heads of p[h, t] / (Hq * q_rows): SPEC §2's signal, with GQA
-    (each query head counts, grouped onto its KV head without materialising repeat_kv).
+    mass[g, t] = sum over the query heads of KV head g of p[h, t] / (Hq * q_rows): summed over g it
+    is SPEC §2's signal, with GQA (each query head counts, grouped onto its KV head without
+    materialising repeat_kv); per g it is what per-head selection scores.
     """
     batch, q_heads, q_rows, dim = query.shape
     kv_heads = key.shape[1]
@@ -29,18 +30,18 @@ def attention_with_mass(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     q = query.reshape(batch, kv_heads, group * q_rows, dim) * scaling  # scale q, not the T logits
     probs = torch.softmax(torch.matmul(q, key.transpose(-1, -2)), dim=-1, dtype=torch.float32)
     out = torch.matmul(probs.to(value.dtype), value).reshape(batch, q_heads, q_rows, dim)
-    return out, probs.sum(dim=(0, 1, 2)).div_(q_heads * q_rows)
+    return out, probs[0].sum(dim=1).div_(q_heads * q_rows)
 
 
 def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk: int = 256):
     """Causal attention of q_len new rows over the cache (the last q_len slots are theirs), computed
-    explicitly in row chunks to bound memory. Returns (output, mass [T]) as attention_with_mass."""
+    explicitly in row chunks to bound memory. Returns (output, mass [Hkv, T]) as attention_with_mass."""
     batch, q_heads, q_rows, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, group, q_rows, dim)
     out = torch.empty_like(query).reshape(batch, kv_heads, group, q_rows, dim)
-    mass = torch.zeros(kv_len, dtype=torch.float32)
+    mass = torch.zeros(kv_heads, kv_len, dtype=torch.float32)
     visible_all = _causal_mask(q_rows, kv_len, query.device)
     for start in range(0, q_rows, rows_per_chunk):
         stop = min(q_rows, start + rows_per_chunk)
@@ -49,7 +50,7 @@ def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk
         logits = logits.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         out[:, :, :, start:stop] = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))
-        mass += probs.sum(dim=(0, 1, 2, 3))
+        mass += probs[0].sum(dim=(1, 2))
     return out.reshape(batch, q_heads, q_rows, dim), mass / (q_heads * q_rows)
 
 
@@ -68,13 +69,12 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = h2o_cache.layers[module.layer_idx] if h2o_cache is not None else None
     if layer is not None and q_len == 1:  # a decode step: H2O scoring and the codec's cadence
-        blocks = None
-        if layer.scores_attention:
+        mass = None
+        if layer.needs_mass:
             out, mass = attention_with_mass(query, key, value, scaling)
-            blocks = layer.block_mass(mass)
         else:
             out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
-        layer.after_decode_step(blocks)
+        layer.after_decode_step(mass)
         return out.transpose(1, 2), None
     if layer is not None and layer.scores_prefill and q_len == kv_len:  # opt-in: score the prompt too
         out, mass = causal_attention_with_mass(query, key, value, scaling)

@@ -9,13 +9,15 @@ steps from an empty cache; the first request is a warm-up and dropped (SPEC §7)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import table
 from .config import ConfigError, emit_warnings, load_config
-from .corpus import CorpusError
+from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
+from .stats import mean_ci
 
 PRECISION_DTYPE = {"high": "float32", "normal": "float32", "low": "bfloat16"}
 
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "supports it) or through the transformers forward (reference)")
     q = p.add_argument_group("quality (h2okit extension; columns after the standard ones)")
     q.add_argument("--quality", action="store_true", help="perplexity under eviction, agreement, passkey")
-    q.add_argument("--quality-windows", type=int, default=3, help="perplexity windows (one per text)")
-    q.add_argument("--quality-tokens", type=int, default=128, help="scored tokens per window (M)")
+    q.add_argument("--quality-windows", type=int, default=DEFAULT_WINDOWS,
+                   help="perplexity windows (default: enough for a ~1.5-point CI at the seed config)")
+    q.add_argument("--quality-tokens", type=int, default=DEFAULT_TOKENS,
+                   help="teacher-forced tokens per window (M); those after the first eviction are scored")
     q.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="comma list of depths; empty to skip")
     return p
 
@@ -155,9 +159,11 @@ def run(args: argparse.Namespace) -> str:
                 if evaluator is not None:  # after the timed requests, so it cannot disturb them
                     quality = evaluator.evaluate(p, prompt, generated)
                     samples.stats.update(quality)
-                    print(f"[llm_bench] quality p={p}: ppl {sum(quality['ppl']) / len(quality['ppl']):.3f} "
-                          f"(+{sum(quality['ppl_delta_pct']) / len(quality['ppl_delta_pct']):.2f}% vs full cache), "
-                          f"agreement {quality['token_agreement'][0]:.3f}, {quality['quality_s'][0]:.0f} s",
+                    delta = mean_ci(quality["ppl_delta_pct"])
+                    print(f"[llm_bench] quality p={p}: ppl {statistics.fmean(quality['ppl']):.3f}, "
+                          f"{delta.text('%+.2f', ' %')} vs full cache (95% CI, t, {delta.n} windows) at attended "
+                          f"fraction {statistics.fmean(quality['attended_fraction']):.3f}; "
+                          f"agreement {quality['token_agreement'][0]:.3f}; {quality['quality_s'][0]:.0f} s",
                           file=sys.stderr, flush=True)
                 columns, cells = format_row(loaded.name, loaded.size_bytes / table.MB, args.backend, threads,
                                             precision, p, n, samples)

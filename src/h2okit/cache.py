@@ -15,11 +15,19 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .config import KVConfig
+from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
 from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [1, heads, T, dim] -> [1, heads, n, dim]: tokens `index` [1, n] of every head, or [heads, n],
+    each head its own."""
+    if index.shape[0] == 1:
+        return x.index_select(2, index[0])
+    return torch.gather(x, 2, index[None, :, :, None].expand(1, -1, -1, x.shape[-1]))
 
 
 class KVBuffer:
@@ -69,10 +77,11 @@ class KVBuffer:
         self.length += n
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep tokens `index` (ascending), moved to the front in order."""
-        n = len(index)
-        self.k[:, :, :n] = self.k[:, :, index]  # the gather copies before the write: no aliasing
-        self.v[:, :, :n] = self.v[:, :, index]
+        """Keep tokens `index` ([1, n] for all heads, or [kv_heads, n] per head; ascending per row),
+        moved to the front in order. The gathers copy before the write: no aliasing."""
+        n = index.shape[1]
+        self.k[:, :, :n] = gather_tokens(self.k[:, :, :self.length], index)
+        self.v[:, :, :n] = gather_tokens(self.v[:, :, :self.length], index)
         self.length = n
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -176,29 +185,37 @@ class H2OLayer(CacheLayerMixin):
 
     # --- H2O ---------------------------------------------------------------------------
     @property
-    def scores_attention(self) -> bool:
-        return self.policy is not None
+    def scores_prefill(self) -> bool:
+        return self.needs_mass and self.policy.score_prefill
 
     @property
-    def scores_prefill(self) -> bool:
-        return self.policy is not None and self.policy.score_prefill
+    def needs_mass(self) -> bool:
+        """Does this layer's decode step need the attention mass (an evicting, attention-scored layer)?"""
+        return self.policy is not None and self.policy.uses_attention
 
-    def block_mass(self, token_mass: torch.Tensor) -> np.ndarray:
-        """Per-block sums computed in torch, so only one value per block crosses into numpy."""
+    def block_mass(self, head_mass: torch.Tensor) -> np.ndarray:
+        """[kv_heads, T] per-token mass -> [kv_heads, blocks] sums, in torch, so only one value per
+        head and block crosses into numpy."""
         b = self.policy.params.block_tokens
-        pad = -token_mass.shape[0] % b
-        padded = torch.nn.functional.pad(token_mass.detach().float(), (0, pad))
-        return padded.view(-1, b).sum(dim=1).to(torch.float64).numpy()
+        mass = head_mass.detach().float()
+        if b == 1:
+            return mass.to(torch.float64).numpy()
+        padded = torch.nn.functional.pad(mass, (0, -mass.shape[-1] % b))
+        return padded.view(mass.shape[0], -1, b).sum(dim=2).to(torch.float64).numpy()
 
-    def observe_prefill(self, token_mass: torch.Tensor) -> None:
-        self.policy.observe_blocks(self.block_mass(token_mass), decode_step=False)
+    def observe_prefill(self, head_mass: torch.Tensor) -> None:
+        self.policy.observe_blocks(self.block_mass(head_mass), decode_step=False)
 
-    def after_decode_step(self, block_mass: np.ndarray | None) -> None:
-        """After a decode step's attention: H2O scoring and eviction, then the codec's cadence.
-        `block_mass` is the step's attention mass summed per block (None: the layer does not score)."""
-        if self.policy is not None and block_mass is not None:
-            self.policy.observe_blocks(block_mass)
-            event = self.policy.maybe_plan(self.get_seq_length())
+    def after_decode_step(self, head_mass: torch.Tensor | None) -> None:
+        """After a decode step's attention: scoring and eviction, then the codec's cadence.
+        `head_mass` is the step's attention mass per KV head and cached token, [kv_heads, T]
+        (None when the layer needs none: see `needs_mass`)."""
+        if self.policy is not None:
+            if head_mass is not None:
+                self.policy.observe_blocks(self.block_mass(head_mass))
+            else:
+                self.policy.tick()
+            event = self.policy.maybe_plan(self.get_seq_length(), self.tokens_seen)
             if event is not None:
                 self.compact(event.plan)
                 self.policy.applied(event.plan)
@@ -221,7 +238,7 @@ class H2OLayer(CacheLayerMixin):
         if self.stores_cold and self.codec.cold:  # everything is raw again; the codec re-packs the cold part
             keys, values = self._step_kv if self._step_kv is not None else self.full_kv()
             self.codec.cold = []
-            self.buffer.replace(keys.index_select(2, index), values.index_select(2, index))
+            self.buffer.replace(gather_tokens(keys, index), gather_tokens(values, index))
         else:
             self.buffer.keep(index)
         self.keys, self.values = self.buffer.views()
@@ -268,7 +285,8 @@ class H2OCache(Cache):
         self._log = log
         params = PlanParams(block_tokens=kv.h2o_block_tokens, sink_tokens=kv.h2o_sink_tokens,
                             recent_tokens=kv.h2o_recent_tokens, keep_ratio=kv.keep_ratio,
-                            policy=kv.h2o_policy if kv.h2o_policy != "full" else "h2o")
+                            budget_basis=kv.h2o_budget_basis, budget_tokens=kv.h2o_budget_tokens,
+                            per_head=kv.h2o_per_head)
         store_dtype = DTYPES[kv.cache_dtype]
         self.lossless_layer_ids = kv.lossless_layers(num_layers)
         layers = []
@@ -282,8 +300,8 @@ class H2OCache(Cache):
             if i in self.h2o_layer_ids:
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
-                                     trigger_min_tokens=kv.h2o_trigger_min_tokens, seed=kv.h2o_seed,
-                                     score_prefill=kv.h2o_score_prefill)
+                                     trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
+                                     seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill)
             layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record, codec=codec))
         super().__init__(layers=layers)
 
@@ -292,7 +310,7 @@ class H2OCache(Cache):
         if self.kv.h2o_log_stats and self._log is not None:
             p = event.plan
             self._log(f"[H2O] layer={event.layer} kv={p.kv} keep={p.kept_tokens} evict={p.evicted_tokens} "
-                      f"runs={len(p.runs)} target={p.target_tokens} floor={p.floor_tokens} "
+                      f"runs={p.run_count} target={p.target_tokens} floor={p.floor_tokens} "
                       f"quantized={p.quantized_tokens} plan_us={event.plan_us:.1f}")
 
     def reset(self) -> None:

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
+
+from .policy import BUDGET_BASES, POLICIES
+
+# KV storage dtypes (names as torch spells them); the runtime maps them to torch dtypes.
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -40,33 +46,6 @@ class _Key:
     doc: str = ""
 
 
-# Order matters only for documentation and `h2okit config --defaults`.
-KV_KEYS: dict[str, _Key] = {
-    "kv_h2o_enable": _Key(bool, False, doc="master switch"),
-    "kv_h2o_layer_start": _Key(int, 2, _clamp(0), doc="first H2O layer (0-based); also capped at L-1"),
-    "kv_h2o_layer_end": _Key(int, -1, doc="last H2O layer, inclusive; negative = last layer"),
-    "kv_h2o_block_tokens": _Key(int, 64, _clamp(1), doc="unit of scoring and eviction"),
-    "kv_h2o_sink_tokens": _Key(int, 32, _clamp(0), doc="leading tokens always kept"),
-    "kv_h2o_recent_tokens": _Key(int, 256, _clamp(0), doc="trailing tokens always kept"),
-    "kv_h2o_target_keep_ratio": _Key(float, 0.5, _clamp(0.0, 1.0), doc="kept fraction (static mode)"),
-    "kv_h2o_target_mode": _Key(str, "adaptive", choices=("static", "adaptive")),
-    "kv_h2o_target_lossy_ratio": _Key(float, 3.0, _clamp(1.0), doc="adaptive mode: keep 1/this"),
-    "kv_h2o_ema_alpha": _Key(float, 0.9, _clamp(0.0, 1.0), doc="score = a*score + (1-a)*current"),
-    "kv_h2o_update_interval": _Key(int, 16, _clamp(1), doc="decode steps between evictions of a layer"),
-    "kv_h2o_trigger_min_tokens": _Key(int, 512, _clamp(1), doc="evict only when the layer holds this many"),
-    "kv_h2o_log_stats": _Key(bool, False, doc="print one [H2O] line per eviction"),
-    # Beyond the seed: which blocks to keep with the same budget (baselines, issue 5).
-    "kv_h2o_policy": _Key(str, "h2o", choices=("h2o", "streaming", "random", "full")),
-    "kv_h2o_seed": _Key(int, 0, doc="seed of the `random` policy"),
-    "kv_h2o_score_prefill": _Key(bool, False, doc="also score the prompt's attention (H2O paper); SPEC: decode only"),
-    "kv_lossless_enable": _Key(bool, False, doc="lossless codec on"),
-    "kv_lossless_scope": _Key(str, "front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept")),
-    "kv_lossless_front_n": _Key(int, 2, _clamp(0), doc="front_n scope: layers [0, N)"),
-    "kv_lossless_codec": _Key(str, "none", choices=("none", "gear_delta")),
-    "kv_lossless_runtime_mode": _Key(str, "full", choices=("estimate", "full", "store")),
-    "kv_cache_dtype": _Key(str, "float32", choices=("float32", "float16", "bfloat16")),
-}
-
 # Model-side keys we use. Other non-kv keys of MNN configs are accepted and ignored
 # (MNN has dozens: sampler, mmap, ...), with a note, so a real MNN config still loads.
 MODEL_KEYS: dict[str, _Key] = {
@@ -79,6 +58,7 @@ MODEL_KEYS: dict[str, _Key] = {
     "precision": _Key(str, "high", choices=("normal", "high", "low")),
 }
 FILE_KEYS = ("llm_model", "llm_weight", "tokenizer_file")
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 
 def _type_name(kind: type) -> str:
@@ -95,38 +75,55 @@ def _check_type(key: str, value: Any, spec: _Key) -> Any:
     )
     if not ok:
         raise ConfigError(f"config key '{key}' must be {_type_name(kind)}, got {json.dumps(value)}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    if kind is int and not INT_MIN <= value <= INT_MAX:
+        raise ConfigError(f"config key '{key}' = {value} does not fit a 32-bit integer; allowed: "
+                          f"{INT_MIN}..{INT_MAX}")
     if spec.choices is not None and value not in spec.choices:
         allowed = ", ".join(spec.choices)
         raise ConfigError(f"config key '{key}' has value {json.dumps(value)}; allowed: {allowed}")
     return float(value) if kind is float else value
 
 
+def _kv(default: Any, clamp: Callable[[Any], Any] | None = None, choices: tuple[str, ...] | None = None,
+        doc: str = ""):
+    """A KVConfig field; its metadata makes the key's entry in KV_KEYS (one source per fact)."""
+    return field(default=default, metadata={"clamp": clamp, "choices": choices, "doc": doc})
+
+
 @dataclass(frozen=True)
 class KVConfig:
-    """The validated `kv_*` settings. Field names are the keys without the `kv_` prefix."""
+    """The validated `kv_*` settings. Field names are the keys without the `kv_` prefix; the order is
+    the order of `h2okit config --defaults` and of the docs."""
 
-    h2o_enable: bool = False
-    h2o_layer_start: int = 2
-    h2o_layer_end: int = -1
-    h2o_block_tokens: int = 64
-    h2o_sink_tokens: int = 32
-    h2o_recent_tokens: int = 256
-    h2o_target_keep_ratio: float = 0.5
-    h2o_target_mode: str = "adaptive"
-    h2o_target_lossy_ratio: float = 3.0
-    h2o_ema_alpha: float = 0.9
-    h2o_update_interval: int = 16
-    h2o_trigger_min_tokens: int = 512
-    h2o_log_stats: bool = False
-    h2o_policy: str = "h2o"
-    h2o_seed: int = 0
-    h2o_score_prefill: bool = False
-    lossless_enable: bool = False
-    lossless_scope: str = "front_n"
-    lossless_front_n: int = 2
-    lossless_codec: str = "none"
-    lossless_runtime_mode: str = "full"
-    cache_dtype: str = "float32"
+    h2o_enable: bool = _kv(False, doc="master switch")
+    h2o_layer_start: int = _kv(2, _clamp(0), doc="first H2O layer (0-based); also capped at L-1")
+    h2o_layer_end: int = _kv(-1, doc="last H2O layer, inclusive; negative = last layer")
+    h2o_block_tokens: int = _kv(64, _clamp(1), doc="unit of scoring and eviction")
+    h2o_sink_tokens: int = _kv(32, _clamp(0), doc="leading tokens always kept")
+    h2o_recent_tokens: int = _kv(256, _clamp(0), doc="trailing tokens always kept")
+    h2o_target_keep_ratio: float = _kv(0.5, _clamp(0.0, 1.0), doc="kept fraction (static mode)")
+    h2o_target_mode: str = _kv("adaptive", choices=("static", "adaptive"))
+    h2o_target_lossy_ratio: float = _kv(3.0, _clamp(1.0), doc="adaptive mode: keep 1/this")
+    h2o_ema_alpha: float = _kv(0.9, _clamp(0.0, 1.0), doc="score = a*score + (1-a)*current")
+    h2o_update_interval: int = _kv(16, _clamp(1), doc="decode steps between evictions of a layer")
+    h2o_trigger_min_tokens: int = _kv(512, _clamp(1), doc="evict only when the layer holds this many")
+    h2o_log_stats: bool = _kv(False, doc="print one [H2O] line per eviction")
+    # Beyond the seed (the README's config table documents each).
+    h2o_policy: str = _kv("h2o", choices=POLICIES, doc="which blocks to keep under the same floors and budget")
+    h2o_budget_basis: str = _kv("current", choices=BUDGET_BASES,
+                                doc="ratio x current length (seed), x tokens seen, or a fixed token count")
+    h2o_budget_tokens: int = _kv(0, _clamp(0), doc="basis 'tokens': kept tokens per layer")
+    h2o_per_head: bool = _kv(False, doc="each KV head keeps its own tokens (same count per head)")
+    h2o_seed: int = _kv(0, doc="seed of the `random` policy")
+    h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
+    lossless_enable: bool = _kv(False, doc="lossless codec on")
+    lossless_scope: str = _kv("front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept"))
+    lossless_front_n: int = _kv(2, _clamp(0), doc="front_n scope: layers [0, N)")
+    lossless_codec: str = _kv("none", choices=("none", "gear_delta"))
+    lossless_runtime_mode: str = _kv("full", choices=("estimate", "full", "store"))
+    cache_dtype: str = _kv("float32", choices=tuple(CACHE_DTYPES))
 
     @property
     def keep_ratio(self) -> float:
@@ -164,6 +161,12 @@ class KVConfig:
 
     def to_keys(self) -> dict[str, Any]:
         return {"kv_" + f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str}
+KV_KEYS: dict[str, _Key] = {
+    "kv_" + f.name: _Key(_KINDS[f.type], f.default, f.metadata["clamp"], f.metadata["choices"], f.metadata["doc"])
+    for f in fields(KVConfig)}
 
 
 @dataclass
@@ -215,7 +218,28 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
             warnings.append(f"config key '{key}' is not used by h2okit; ignored")
     for key, spec in MODEL_KEYS.items():
         model.setdefault(key, spec.default)
-    return Config(kv=KVConfig(**kv_values), model=model, path=path, warnings=warnings)
+    kv = KVConfig(**kv_values)
+    _check_budget(kv, warnings)
+    return Config(kv=kv, model=model, path=path, warnings=warnings)
+
+
+def _check_budget(kv: KVConfig, warnings: list[str]) -> None:
+    """Cross-key checks of the eviction budget: a `tokens` basis needs a count, and floors that
+    exceed the budget where eviction starts are worth a warning naming both numbers."""
+    if kv.h2o_budget_basis == "tokens" and kv.h2o_budget_tokens < 1:
+        raise ConfigError("config key 'kv_h2o_budget_tokens' must be >= 1 with kv_h2o_budget_basis 'tokens' "
+                          f"(got {kv.h2o_budget_tokens})")
+    if not kv.evicting:
+        return
+    b = kv.h2o_block_tokens
+    floors = (-(-kv.h2o_sink_tokens // b) + -(-kv.h2o_recent_tokens // b)) * b
+    at = kv.h2o_trigger_min_tokens
+    budget = kv.h2o_budget_tokens if kv.h2o_budget_basis == "tokens" else math.ceil(kv.keep_ratio * at)
+    if floors > budget:
+        then = ("no eviction while they do (SPEC §3)" if kv.h2o_budget_basis == "current"
+                else "the floors are cut to fit the budget")
+        warnings.append(f"sink + recent floors hold {floors} tokens (whole blocks of {b}), more than the "
+                        f"{budget}-token budget at the trigger ({at} tokens, basis {kv.h2o_budget_basis}); {then}")
 
 
 def load_config(path: str | Path) -> Config:

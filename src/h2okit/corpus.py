@@ -7,11 +7,15 @@ plain `.txt` files; a user may pass any text file or folder of `.txt` files inst
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from .paths import cache_root
 from .rdata import read_lazyload_db
@@ -145,3 +149,52 @@ def token_stream(tokenizer, texts: dict[str, str], n_tokens: int, start_text: in
         if len(ids) >= need:
             return ids[skip_tokens:need]
     raise CorpusError(f"the texts hold {len(ids)} tokens; {need} were asked for")
+
+
+# --- quality windows (the protocol every budget comparison uses) ------------------------------
+# Texts in this order first (the order of the measurements the policy issue compared against),
+# then any others; window starts as fractions of each text, the whole list at each fraction.
+WINDOW_TEXT_ORDER = ("emma", "pride_and_prejudice", "persuasion", "sense_and_sensibility", "mansfield_park",
+                     "northanger_abbey")
+WINDOW_FRACTIONS = (0.3, 0.7, 0.5, 0.1, 0.9, 0.2, 0.4, 0.6, 0.8)
+# The quality evaluation's defaults: see the README ("How many windows") for the measurement behind them.
+DEFAULT_WINDOWS = 24
+DEFAULT_TOKENS = 256  # M: teacher-forced tokens per window
+
+
+def window_plan(lengths: dict[str, int], span: int, count: int) -> list[tuple[str, int]]:
+    """`count` (text, start) windows of `span` tokens: the first four texts of WINDOW_TEXT_ORDER at
+    fraction 0.3, then the rest at 0.3, then all at 0.7, 0.5, ...; start = int(f * (n - span)).
+    Pure, so the same windows come out for every configuration and every run."""
+    names = [n for n in WINDOW_TEXT_ORDER if n in lengths] + sorted(n for n in lengths if n not in WINDOW_TEXT_ORDER)
+    names = [n for n in names if lengths[n] >= span]
+    if not names:
+        raise CorpusError(f"no text holds a window of {span} tokens")
+    plan = [(name, int(f * (lengths[name] - span))) for f in WINDOW_FRACTIONS for name in names]
+    if count > len(plan):
+        raise CorpusError(f"{count} windows asked for; {len(names)} text(s) x {len(WINDOW_FRACTIONS)} "
+                          f"fractions give at most {len(plan)}")
+    return plan[:count]
+
+
+def tokenized_texts(tokenizer, texts: dict[str, str]) -> dict[str, np.ndarray]:
+    """Each text tokenized whole, without special tokens; cached on disk per tokenizer and text."""
+    out = {}
+    folder = cache_root() / "tokens"
+    tok_id = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    for name, text in texts.items():
+        digest = hashlib.sha256(f"{tok_id}\0{text}".encode()).hexdigest()[:24]
+        path = folder / f"{digest}.npy"
+        try:
+            out[name] = np.load(path)
+            continue
+        except (OSError, ValueError):
+            pass
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, ids)
+        os.replace(tmp, path)
+        out[name] = ids
+    return out

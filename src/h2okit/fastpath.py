@@ -28,7 +28,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import kernels
@@ -137,8 +136,7 @@ class FastDecoder:
         # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what layer.append takes)
         self.k_new = self.qkv[q_dim:q_dim + kv_dim].view(1, self.kv_heads, 1, self.head_dim)
         self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
-        self._probs = self._block_mass_t = self._partial = torch.empty(0)
-        self._block_mass = self._block_mass_t.numpy()
+        self._probs = self._head_mass = self._partial = torch.empty(0)
         self._cos = self._sin = torch.empty(0, self.head_dim)
 
     @property
@@ -156,14 +154,14 @@ class FastDecoder:
             self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         return _ptr(self._cos[position]), _ptr(self._sin[position])
 
-    def _scratch(self, tokens: int) -> tuple[int, int]:
-        """Pointers to the attention's probability rows and per-block mass, grown as the cache grows."""
-        if self._block_mass_t.shape[0] < tokens:
-            n = max(tokens, 2 * self._block_mass_t.shape[0], 1024)
+    def _scratch(self, tokens: int) -> tuple[int, torch.Tensor]:
+        """The attention's probability rows (pointer) and a [kv_heads, tokens] per-head mass tensor,
+        grown as the cache grows."""
+        if self._probs.numel() < self.q_heads * tokens:
+            n = max(tokens, 2 * self._probs.numel() // self.q_heads, 1024)
             self._probs = torch.empty(self.q_heads * n)
-            self._block_mass_t = torch.empty(n)  # at most one block per token
-            self._block_mass = self._block_mass_t.numpy()
-        return _ptr(self._probs), _ptr(self._block_mass_t)
+            self._head_mass = torch.empty(self.kv_heads * n)
+        return _ptr(self._probs), self._head_mass[:self.kv_heads * tokens].view(self.kv_heads, tokens)
 
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
@@ -185,14 +183,12 @@ class FastDecoder:
             # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
             keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
             tokens = keys.shape[2]
-            probs, block_mass = self._scratch(tokens)
-            policy = layer.policy
-            block = policy.params.block_tokens if policy is not None else 1
+            probs, head_mass = self._scratch(tokens)
+            needs_mass = layer.needs_mass
             lib.h2k_attend(qkv, self.q_heads, self.kv_heads, self.head_dim, _ptr(keys), _ptr(values),
                            keys.stride(1), _KV_CODES[keys.dtype], tokens, self.scaling, probs, attn,
-                           block_mass if policy is not None else None, block, partial, slots)
-            layer.after_decode_step(self._block_mass[:-(-tokens // block)].astype(np.float64)
-                                    if policy is not None else None)
+                           _ptr(head_mass) if needs_mass else None, partial, slots)
+            layer.after_decode_step(head_mass if needs_mass else None)
             lib.h2k_mlp_block(self.wtype, x, self.hidden, attn, self.q_dim, w_o, post_norm, self.eps, w_gu,
                               self.inter, w_down, h, gate_up)
         lib.h2k_norm_gemv(self.wtype, x, _ptr(self.final_norm), self.eps, _ptr(self.head), self.logits.shape[0],

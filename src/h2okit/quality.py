@@ -1,9 +1,10 @@
 """What eviction costs in quality, measured on the real model with eviction and codec active.
 
-- Perplexity under eviction: prefill P tokens of real text, then feed the next M tokens one
-  decode step at a time (H2O scoring, eviction and codec run exactly as in generation) and
-  score each fed token. One window per book; the full-cache perplexity of the same window is
-  the reference (`ppl_delta_pct`).
+- Perplexity under eviction (SPEC §10's protocol): prefill P tokens of real text with the full
+  cache, then feed the next M tokens one decode step at a time (scoring, eviction and codec run
+  exactly as in generation); score the steady targets, those predicted after the first eviction.
+  The full-cache perplexity of the same targets is the reference (`ppl_delta_pct`), and each
+  window reports the attended fraction it was measured at.
 - Agreement: greedy tokens of a request against the full-cache run on the same prompt.
 - Passkey: a 5-digit key at several depths of a real-text prompt, then decoded filler text
   (so that evictions happen), then the question; greedy answer checked for the key.
@@ -21,19 +22,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .config import KVConfig
-from .corpus import token_stream
+from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, token_stream, tokenized_texts, window_plan
 from .metrics import Agreement, delta_pct, passkey_found, perplexity, token_nll
 from .paths import cache_root
 from .runtime import Engine
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
-WINDOW_STRIDE = 5000  # tokens between a text's successive perplexity windows
 
 
 @dataclass(frozen=True)
 class QualitySettings:
-    windows: int = 3  # perplexity windows, each from a different text
-    tokens: int = 128  # M: scored tokens per window
+    windows: int = DEFAULT_WINDOWS  # perplexity windows (corpus.window_plan)
+    tokens: int = DEFAULT_TOKENS  # M: teacher-forced tokens per window (the steady ones are scored)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_filler: int = 64  # decoded filler tokens between the prompt and the question
     passkey_answer: int = 8
@@ -65,16 +65,39 @@ class _DiskCache:
         return value
 
 
-def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> np.ndarray:
-    """Teacher-forced: NLL of each continuation token, fed one decode step at a time."""
+@dataclass
+class StreamResult:
+    """One teacher-forced window: per target token, its NLL and the attended fraction of the step
+    that predicted it; and the first target predicted entirely after the first eviction."""
+
+    nll: np.ndarray  # [M] nats of continuation[i]
+    attended: np.ndarray  # [M]; target 0 is predicted by the prefill (full cache: 1.0)
+    steady_from: int  # targets steady_from.. are "steady" (M when nothing was ever evicted)
+
+    def steady(self, values: np.ndarray) -> np.ndarray:
+        return values[self.steady_from:] if self.steady_from < len(values) else values
+
+
+def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> StreamResult:
+    """Teacher-forced: NLL of each continuation token, fed one decode step at a time.
+
+    Attended fraction of a step (SPEC §10): the mean over layers of (cache length before the step
+    + 1) / tokens seen. A target is steady when the step that predicted it started after the
+    first eviction had been applied."""
     cache = engine.new_cache()
     logits = engine.forward(cache, prompt, 0)
-    nll = np.empty(len(continuation))
+    m = len(continuation)
+    nll, attended = np.empty(m), np.ones(m)
+    steady_from = m
     for i, token in enumerate(continuation):
         nll[i] = token_nll(logits[-1:].float().numpy(), np.array([token]))[0]
-        if i + 1 < len(continuation):
-            logits = engine.forward(cache, [token], len(prompt) + i)
-    return nll
+        if i + 1 < m:
+            position = len(prompt) + i
+            if steady_from == m and cache.events.evictions:
+                steady_from = i + 1  # this step (predicting target i+1) is the first after an eviction
+            attended[i + 1] = float(np.mean(cache.seq_lengths() + 1)) / (position + 1)
+            logits = engine.forward(cache, [token], position)
+    return StreamResult(nll, attended, steady_from)
 
 
 def _make_needle(tokenizer, key: str) -> list[int]:
@@ -116,23 +139,33 @@ class QualityEvaluator:
         self.cache = _DiskCache(f"{loaded.source}:{loaded.size_bytes}:{engine.kv.cache_dtype}:"
                                 f"{next(loaded.model.parameters()).dtype}:{engine.decode_path_used}")
         self.names = list(texts)
+        self._tokens: dict[str, np.ndarray] | None = None
 
-    def _window(self, w: int, p: int) -> list[int]:
-        """Window w: text w mod N; later rounds start WINDOW_STRIDE tokens further into each text."""
-        n = len(self.names)
-        return token_stream(self.tokenizer, self.texts, p + self.settings.tokens, start_text=w % n,
-                            skip_tokens=(w // n) * WINDOW_STRIDE)
+    def windows(self, p: int) -> list[list[int]]:
+        """The perplexity windows of P + M tokens (corpus.window_plan: the same for every config)."""
+        if self._tokens is None:
+            self._tokens = tokenized_texts(self.tokenizer, self.texts)
+        span = p + self.settings.tokens
+        plan = window_plan({name: len(ids) for name, ids in self._tokens.items()}, span, self.settings.windows)
+        return [self._tokens[name][start:start + span].tolist() for name, start in plan]
 
     def perplexity(self, p: int) -> dict[str, list[float]]:
-        out = {"ppl": [], "ppl_full": [], "ppl_delta_pct": []}
-        for w in range(self.settings.windows):
-            ids = self._window(w, p)
+        """Per window: ppl under eviction and with the full cache over the steady targets, the increase
+        in %, and the attended fraction over the steps that predicted them."""
+        out: dict[str, list[float]] = {"ppl": [], "ppl_full": [], "ppl_delta_pct": [], "attended_fraction": []}
+        for ids in self.windows(p):
             prompt, continuation = ids[:p], ids[p:]
-            ref = self.cache.get(["ppl", ids], lambda: perplexity(stream_nll(self.reference, prompt, continuation)))
-            ppl = perplexity(stream_nll(self.engine, prompt, continuation))
+            ref = np.asarray(self.cache.get(["nll", ids], lambda: stream_nll(self.reference, prompt,
+                                                                             continuation).nll.tolist()))
+            # Without eviction the engine computes the reference's numbers (the codec is lossless).
+            run = stream_nll(self.engine, prompt, continuation) if self.engine.kv.evicting else \
+                StreamResult(ref, np.ones(len(ref)), len(ref))
+            ppl, ppl_full = perplexity(run.steady(run.nll)), perplexity(run.steady(ref))
             out["ppl"].append(ppl)
-            out["ppl_full"].append(ref)
-            out["ppl_delta_pct"].append(delta_pct(ppl, ref))
+            out["ppl_full"].append(ppl_full)
+            out["ppl_delta_pct"].append(delta_pct(ppl, ppl_full))
+            out["attended_fraction"].append(float(run.steady(run.attended).mean()))
+        out["quality_windows"] = [float(len(out["ppl"]))]
         return out
 
     def reference_tokens(self, prompt: list[int], n: int) -> list[int]:

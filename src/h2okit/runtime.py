@@ -71,7 +71,7 @@ def collect_stats(cache: H2OCache) -> RequestStats:
         plan = last.plan
         bpt = cache.layers[last.layer].bytes_per_token
         stats.h2o_keep = plan.kept_tokens / plan.kv
-        stats.h2o_lossy = lossy_ratio(plan.kv, plan.kept_tokens, len(plan.runs), bpt)
+        stats.h2o_lossy = lossy_ratio(plan.kv, plan.kept_tokens, plan.run_count, bpt)
         stats.h2o_target_keep_effective = plan.target_tokens / plan.kv
         stats.h2o_floor_keep = plan.floor_tokens / plan.kv
         stats.h2o_quantized_keep = plan.quantized_tokens / plan.kv

@@ -23,7 +23,8 @@ EXTRA_FORMATS = {
     "kv_lossless_mb": "%.3f",
     "h2o_codec_decode_us": "%.2f", "h2o_evictions": "%.1f",
     # quality (llm_bench --quality)
-    "ppl": "%.3f", "ppl_full": "%.3f", "ppl_delta_pct": "%.2f", "token_agreement": "%.4f",
+    "ppl": "%.3f", "ppl_full": "%.3f", "ppl_delta_pct": "%.2f", "attended_fraction": "%.4f",
+    "quality_windows": "%.0f", "token_agreement": "%.4f",
     "first_divergence": "%.1f", "passkey_acc": "%.3f", "passkey_full_acc": "%.3f", "quality_s": "%.1f",
 }
 

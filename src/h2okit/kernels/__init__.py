@@ -27,7 +27,7 @@ _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 SIGNATURES = {
     "h2k_norm_gemv": (None, [_I, _P, _P, _F, _P, _I, _I, _P, _P, _I, _I, _P, _P]),
     "h2k_mlp_block": (None, [_I, _P, _I, _P, _I, _P, _P, _F, _P, _I, _P, _P, _P]),
-    "h2k_attend": (None, [_P, _I, _I, _I, _P, _P, _L, _I, _I, _F, _P, _P, _P, _I, _P, _I]),
+    "h2k_attend": (None, [_P, _I, _I, _I, _P, _P, _L, _I, _I, _F, _P, _P, _P, _P, _I]),
     "h2k_attention_input": (None, [_I, _P, _P, _F, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _L, _I]),
     "h2k_store_row": (None, [_P, _P, _I, _I]),
     "h2k_read_sum": (_F, [_P, _L]),

@@ -316,18 +316,17 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
  *   K, V        [kv_heads, T] rows of head_dim, head h at K + h * head_stride elements
  *   probs       scratch [q_heads, T]
  *   out         [q_heads, head_dim]
- *   block_mass  [ceil(T / block_tokens)] or NULL: per block of tokens, the sum over its tokens and
- *               the query heads of p[h, t] / q_heads (H2O's score signal, summed as the policy wants it)
+ *   head_mass   [kv_heads, T] or NULL: per KV head g and token t, the sum over g's query heads of
+ *               p[h, t] / q_heads (summed over g: H2O's score signal; per g: per-head selection's)
  *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
  * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
  * parallel region: its phases are separated by the barriers of the `omp for`s. */
 void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const void *K, const void *V,
-                long head_stride, int kvtype, int T, float scale, float *probs, float *out, float *block_mass,
-                int block_tokens, float *partial, int slots) {
+                long head_stride, int kvtype, int T, float scale, float *probs, float *out, float *head_mass,
+                float *partial, int slots) {
     int group = q_heads / kv_heads;
     int width = q_heads * head_dim;
-    int blocks = (T + block_tokens - 1) / block_tokens;
-    float inv_heads = 1.0f / (float)q_heads;
+    float heads = (float)q_heads;
     int used = 1;
 #pragma omp parallel num_threads(slots)
     {
@@ -363,17 +362,20 @@ void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const v
 #pragma omp simd
             for (int t = 0; t < T; t++) p[t] *= inv;
         }
-        if (block_mass != NULL) {
+        if (head_mass != NULL) { /* the group's probabilities added in head order, then / q_heads: torch's order */
 #pragma omp for schedule(static) nowait
-            for (int b = 0; b < blocks; b++) {
-                int stop = (b + 1) * block_tokens < T ? (b + 1) * block_tokens : T;
-                float s = 0.0f;
-                for (int h = 0; h < q_heads; h++) {
-                    const float *p = probs + (long)h * T;
-#pragma omp simd reduction(+ : s)
-                    for (int t = b * block_tokens; t < stop; t++) s += p[t];
+            for (int g = 0; g < kv_heads; g++) {
+                float *restrict m = head_mass + (long)g * T;
+                const float *p0 = probs + (long)g * group * T;
+#pragma omp simd
+                for (int t = 0; t < T; t++) m[t] = p0[t];
+                for (int j = 1; j < group; j++) {
+                    const float *p = p0 + (long)j * T;
+#pragma omp simd
+                    for (int t = 0; t < T; t++) m[t] += p[t];
                 }
-                block_mass[b] = s * inv_heads;
+#pragma omp simd
+                for (int t = 0; t < T; t++) m[t] /= heads;
             }
         }
         /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */

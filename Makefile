@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
 PYTHON3 ?= python3
 
-.PHONY: setup test bench run run-speed clean
+.PHONY: setup test bench run run-speed aa clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ run-speed: setup
 	    --preset exp/h2o_v2/configs/target_speed.json --out-dir $(SPEED_DIR)
 	$(KIT)/parse_h2o_v2_log.py --log-dir $(SPEED_DIR)/logs --out-csv $(SPEED_DIR)/h2o_metrics.csv
 	$(KIT)/analyze_h2o_v2.py --csv $(SPEED_DIR)/h2o_metrics.csv --out $(SPEED_DIR)/summary.md --decode-baseline auto
+
+# The A/A check: two runs that cannot differ; the gate must not FAIL speed or quality (README "Evidence").
+AA_DIR := runs/aa-$(shell date +%Y%m%d-%H%M%S)
+aa: setup
+	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
+	    --preset exp/h2o_v2/configs/aa.json --out-dir $(AA_DIR)
+	$(KIT)/parse_h2o_v2_log.py --log-dir $(AA_DIR)/logs --out-csv $(AA_DIR)/h2o_metrics.csv
+	$(KIT)/analyze_h2o_v2.py --csv $(AA_DIR)/h2o_metrics.csv --out $(AA_DIR)/summary.md --decode-baseline auto
 
 clean:
 	rm -rf $(VENV)

@@ -44,6 +44,6 @@ def test_quick_start_chain_on_the_default_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == 2 and summary["pareto"]
     assert summary["best_true_ratio"]["run"].endswith("k0.5_b16_lr3")
-    lossy = next(g for g in summary["gate"]["criteria"] if g["criterion"] == "lossy")
-    assert lossy["result"] == "PASS" and lossy["runs_passing"] == 1
+    lossy = {g["run"]: g for g in summary["gate"]["criteria"] if g["name"] == "lossy ratio"}
+    assert [g["verdict"] for g in lossy.values()].count("PASS") == 1  # keep 0.5 reaches 1.5x, keep 0.8 cannot
     assert (out / "pareto.png").stat().st_size > 10_000

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from h2okit.kit.analyze import analyze, pareto_mask
+from h2okit.kit.analyze import GateSettings, analyze, pareto_mask
 from h2okit.kit.grid import Grid, GridError, expand, load_preset, normalize_base_config, run_id
 from h2okit.kit.parse import collect, parse_log_text, write_csv
 
@@ -125,26 +125,84 @@ def test_pareto_mask_matches_brute_force(points):
     assert pareto_mask(values).tolist() == _brute_force_pareto(values)
 
 
-def test_analyze_writes_summary_json_and_plot(tmp_path):
-    rows = []
-    for i, (ratio, decode, ppl) in enumerate([(1.0, 15.0, 0.0), (2.0, 16.0, 3.0), (2.5, 14.0, 2.0), (2.0, 15.5, 5.0)]):
-        rows.append({"model": "m", "decode_tps_mean": decode, "h2o_lossy_mean": ratio * 1.2,
-                     "h2o_lossless_mean": 1.1, "kv_true_ratio_mean": ratio, "ppl_delta_pct_mean": ppl,
-                     "log_file": f"r{i}.log", "run_id": f"run_{i}", "kv_h2o_policy": "full" if i == 0 else "h2o"})
+def _sweep_csv(tmp_path, rows):
     import pandas as pd
 
     csv = tmp_path / "m.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    s = analyze(csv, tmp_path / "summary.md", lossy_target=2.9, lossless_target=1.05, decode_baseline="auto",
-                max_decode_drop=0.05)
-    assert sorted(p["label"] for p in s["pareto"]) == ["run_0", "run_1", "run_2"]  # run_3 dominated by run_1
-    assert s["best_true_ratio"] == {"run": "run_2", "value": 2.5}
-    gate = {g["criterion"]: g for g in s["gate"]["criteria"]}
-    assert gate["lossy"]["result"] == "PASS" and gate["lossy"]["runs_passing"] == 1
-    assert gate["decode"]["rule"].startswith("decode >= 14.25")
-    assert s["gate"]["passing_runs"] == []  # run_2 is the only lossy pass, and it is too slow
-    assert s["gate"]["overall"] == "FAIL"
+    return csv
+
+
+def test_analyze_pairs_speed_per_round_and_quality_per_window(tmp_path):
+    """Against hand computations: the decode ratio is paired per round (t CI over rounds), the
+    quality CI is the t interval of the per-window increases (mean, sd, windows)."""
+    full = [50.0, 40.0, 60.0]  # the machine's phase moves all runs of a round together
+    rows = [{"model": "m", "run_id": "full", "kv_h2o_policy": "full", "kv_true_ratio_mean": 1.0,
+             "decode_tps_mean": 50.0, "decode_tps_samples": json.dumps(full),
+             "prefill_tps_mean": 300.0, "prefill_tps_samples": "[300, 300, 300]", "log_file": "a.log",
+             "prompt_len": 512, "gen_len": 128},
+            {"model": "m", "run_id": "h2o", "kv_h2o_policy": "h2o", "kv_true_ratio_mean": 2.0,
+             "h2o_lossy_mean": 3.0, "h2o_lossless_mean": 1.4,
+             "decode_tps_mean": 55.0, "decode_tps_samples": json.dumps([55.0, 42.0, 66.0]),
+             "prefill_tps_mean": 300.0, "prefill_tps_samples": "[299, 301, 300]",
+             "ppl_delta_pct_mean": 4.0, "ppl_delta_pct_std": 2.0, "quality_windows_mean": 16,
+             "log_file": "b.log", "prompt_len": 512, "gen_len": 128}]
+    s = analyze(_sweep_csv(tmp_path, rows), tmp_path / "summary.md", GateSettings(decode_baseline="auto"))
+    crit = {c["name"]: c for c in s["gate"]["criteria"]}
+    ratios = np.array([55 / 50, 42 / 40, 66 / 60])
+    half = 4.302652729911275 * ratios.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert crit["decode speed ratio"]["mean"] == pytest.approx(ratios.mean())
+    assert crit["decode speed ratio"]["ci95"] == pytest.approx([ratios.mean() - half, ratios.mean() + half])
+    assert crit["decode speed ratio"]["verdict"] == "PASS"  # 1.033..1.100 >= 0.95, though the raw speeds overlap
+    half_q = 2.131449545559323 * 2.0 / 4  # t(0.975, 15) * sd / sqrt(16)
+    assert crit["ppl increase %"]["ci95"] == pytest.approx([4 - half_q, 4 + half_q])
+    assert crit["ppl increase %"]["verdict"] == "PASS" and crit["ppl increase %"]["method"] == "t"
+    assert crit["lossy ratio"]["verdict"] == "PASS" and crit["lossless ratio"]["verdict"] == "PASS"
+    assert s["gate"]["runs"] == {"h2o": "PASS"} and s["gate"]["overall"] == "PASS"
     md = (tmp_path / "summary.md").read_text()
-    assert "Pareto set" in md and "Quality lost" in md and "true whole-cache" in md
-    assert json.loads((tmp_path / "summary.json").read_text())["runs"] == 4
+    assert "decode vs full" in md and "[1.0" in md and "**PASS**" in md
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["gate"]["overall"] == "PASS" and all({"name", "verdict", "ci95", "rule"} <= set(c)
+                                                      for c in saved["gate"]["criteria"])
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gate_has_three_answers_and_fails_only_on_a_fail(tmp_path):
+    def run(samples, ppl):
+        return [{"model": "m", "run_id": "full", "kv_h2o_policy": "full", "kv_true_ratio_mean": 1.0,
+                 "decode_tps_mean": 50.0, "decode_tps_samples": "[50, 50, 50, 50]", "log_file": "a.log"},
+                {"model": "m", "run_id": "x", "kv_h2o_policy": "h2o", "kv_true_ratio_mean": 2.0,
+                 "decode_tps_mean": float(np.mean(samples)), "decode_tps_samples": json.dumps(samples),
+                 "ppl_delta_pct_mean": ppl, "ppl_delta_pct_std": 1.0, "quality_windows_mean": 25, "log_file": "b.log"}]
+
+    def verdicts(samples, ppl):
+        s = analyze(_sweep_csv(tmp_path, run(samples, ppl)), tmp_path / "s.md", GateSettings(decode_baseline="auto"))
+        return {c["name"]: c["verdict"] for c in s["gate"]["criteria"]}, s["gate"]["overall"]
+
+    assert verdicts([40, 41, 40, 41], 2.0) == ({"decode speed ratio": "FAIL", "ppl increase %": "PASS"}, "FAIL")
+    assert verdicts([47, 49, 48, 50], 2.0)[0]["decode speed ratio"] == "INCONCLUSIVE"
+    crit, overall = verdicts([47, 49, 48, 50], 10.0)  # quality on the limit, speed unclear: never FAIL
+    assert crit["ppl increase %"] == "INCONCLUSIVE" and overall == "INCONCLUSIVE"
+    assert verdicts([50, 50, 50, 50], 12.0) == ({"decode speed ratio": "PASS", "ppl increase %": "FAIL"}, "FAIL")
+    s = analyze(_sweep_csv(tmp_path, run([47, 49, 48, 50], 2.0)), tmp_path / "s.md",
+                GateSettings(decode_baseline="auto"))
+    decode = next(c for c in s["gate"]["criteria"] if c["name"] == "decode speed ratio")
+    assert decode["to_decide"].startswith("about") and "rounds" in decode["to_decide"]
+
+
+def test_pareto_marks_points_dominated_only_within_noise(tmp_path):
+    rows = [{"model": "m", "run_id": f"r{i}", "kv_h2o_policy": "h2o", "kv_true_ratio_mean": ratio,
+             "decode_tps_mean": float(np.mean(samples)), "decode_tps_samples": json.dumps(samples),
+             "log_file": f"{i}.log"}
+            for i, (ratio, samples) in enumerate([(2.0, [50, 52, 51]), (2.0, [49, 52, 50]), (2.0, [30, 31, 30])])]
+    s = analyze(_sweep_csv(tmp_path, rows), tmp_path / "s.md")
+    assert [p["label"] for p in s["pareto"]] == ["r0"]
+    assert s["pareto_within_noise"] == ["r1"]  # r0 is faster, but not beyond the noise; r2 is clearly slower
+    assert "≈ r1" in (tmp_path / "s.md").read_text()
+
+
+def test_analyze_reads_a_csv_of_the_original_parser(tmp_path):
+    rows = [{"model": "m", "speed(tok/s)": "300.00 ± 1.00<br>50.00 ± 2.00", "h2o_lossy": "3.000 ± 0.000",
+             "h2o_lossless": "1.400 ± 0.000", "log_file": "a.log"}]
+    s = analyze(_sweep_csv(tmp_path, rows), tmp_path / "s.md")
+    assert s["best_decode"]["value"] == 50.0 and s["best_lossy"]["value"] == 3.0

@@ -8,7 +8,7 @@ plain `.txt` files; a user may pass any text file or folder of `.txt` files inst
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import re
 import shutil
 import subprocess
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import write_bytes_atomic
 from .paths import cache_root
 from .rdata import read_lazyload_db
 
@@ -192,9 +193,8 @@ def tokenized_texts(tokenizer, texts: dict[str, str]) -> dict[str, np.ndarray]:
             pass
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, ids)
+        write_bytes_atomic(path, buffer.getvalue())
         out[name] = ids
     return out

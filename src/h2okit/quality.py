@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import KVConfig
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, token_stream, tokenized_texts, window_plan
+from .io import write_text_atomic
 from .metrics import Agreement, delta_pct, passkey_found, perplexity, token_nll
 from .paths import cache_root
 from .runtime import Engine
@@ -59,9 +60,7 @@ class _DiskCache:
                 pass  # a torn write: compute again
         value = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(value))
         return value
 
 

@@ -101,7 +101,7 @@ class Verdict:
 def verdict(ci: Interval, low: float = -math.inf, high: float = math.inf) -> Verdict:
     """PASS if [lo, hi] lies inside [low, high], FAIL if it lies entirely outside, else INCONCLUSIVE.
     The borders count as inside (a CI ending exactly at the limit passes)."""
-    if ci.n >= 2 and low <= ci.lo and ci.hi <= high:
+    if (ci.n >= 2 or ci.method == "exact") and low <= ci.lo and ci.hi <= high:
         return Verdict("PASS", 0)
     if ci.n >= 1 and (ci.hi < low or ci.lo > high):
         return Verdict("FAIL", 0)
@@ -119,10 +119,31 @@ def samples_to_decide(ci: Interval, low: float, high: float) -> int | None:
         return None
     if ci.sd == 0:
         return 0
-    n = ci.n
-    for _ in range(64):  # t depends on n: iterate n = (t_n * sd / gap)^2 to a fixed point
-        needed = max(2, math.ceil((t_quantile(max(n, 2), ci.level) * ci.sd / gap) ** 2))
-        if needed == n:
-            break
-        n = needed
-    return max(0, n - ci.n)
+
+    def clears(n: int) -> bool:  # the half-width t_n * sd / sqrt(n) falls monotonically with n
+        return t_quantile(n, ci.level) * ci.sd / math.sqrt(n) < gap
+
+    hi = max(ci.n, 2)
+    while not clears(hi):
+        if hi > 10**7:
+            return None
+        hi *= 2
+    lo = 2
+    while lo < hi:  # the smallest n that clears
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if not clears(mid) else (lo, mid)
+    return max(0, lo - ci.n)
+
+
+def ci_from_summary(mean: float, sd: float, n: int, level: float = LEVEL) -> Interval:
+    """The t interval of a mean reported as mean, sample sd and n (what a `mean ± sd` cell plus a
+    count gives; the same interval `mean_ci` computes from the samples)."""
+    if n < 2 or not math.isfinite(sd):
+        return Interval(mean, -math.inf, math.inf, max(n, 0), sd if n >= 2 else 0.0, "t", level)
+    half = t_quantile(n, level) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, sd, "t", level)
+
+
+def exact(value: float) -> Interval:
+    """A deterministic figure (a ratio computed from sizes): its 'interval' is the point."""
+    return Interval(value, value, value, 1, 0.0, "exact")

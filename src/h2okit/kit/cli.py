@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .analyze import AnalyzeError, analyze
+from .analyze import (MAX_DECODE_DROP, MAX_PPL_INCREASE, MAX_PREFILL_DROP, AnalyzeError, GateSettings,
+                      analyze)
 from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, parse_list
 from .parse import ParseError, collect, log_files_from, write_csv
 
@@ -134,22 +135,35 @@ def parse_main(argv=None, prog="parse_h2o_v2_log.py") -> int:
 
 
 def analyze_main(argv=None, prog="analyze_h2o_v2.py") -> int:
-    p = _Parser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png")
+    p = _Parser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png. Comparisons with the "
+                "full-cache run are paired (per round for speed, per window for quality) with 95 %% t-CIs; "
+                "each gate criterion is PASS, FAIL or INCONCLUSIVE.")
     p.add_argument("--csv", required=True)
     p.add_argument("--out", required=True, help="path of summary.md (summary.json and pareto.png go beside it)")
     p.add_argument("--offline-lossless-json", default=None)
     p.add_argument("--lossy-target", type=float, default=3.0)
     p.add_argument("--lossless-target", type=float, default=1.3)
-    p.add_argument("--decode-baseline", default=None, help="tok/s, or 'auto' (the full-cache run's)")
-    p.add_argument("--max-decode-drop", type=float, default=0.05, help="with --decode-baseline; 0.05 = 5%%")
+    p.add_argument("--decode-baseline", default=None, help="tok/s, or 'auto' (the full-cache run, paired per round)")
+    p.add_argument("--max-decode-drop", type=float, default=MAX_DECODE_DROP, help="0.05 = 5%%")
+    p.add_argument("--max-prefill-drop", type=float, default=MAX_PREFILL_DROP, help="0.05 = 5%% (with auto)")
+    p.add_argument("--max-ppl-increase", type=float, default=MAX_PPL_INCREASE,
+                   help="percent, paired per window against the full cache (with quality columns)")
     args = p.parse_args(argv)
 
     def run():
-        summary = analyze(Path(args.csv), Path(args.out), args.lossy_target, args.lossless_target,
-                          Path(args.offline_lossless_json) if args.offline_lossless_json else None,
-                          args.decode_baseline, args.max_decode_drop)
+        for flag in ("max_decode_drop", "max_prefill_drop"):
+            value = getattr(args, flag)
+            if not 0 <= value < 1:
+                raise AnalyzeError(f"--{flag.replace('_', '-')} must be a fraction in [0, 1), got {value}")
+        gate = GateSettings(args.lossy_target, args.lossless_target, args.decode_baseline, args.max_decode_drop,
+                            args.max_prefill_drop, args.max_ppl_increase)
+        summary = analyze(Path(args.csv), Path(args.out), gate,
+                          Path(args.offline_lossless_json) if args.offline_lossless_json else None)
         out = Path(args.out)
-        print(f"summary: {out}\npareto:  {out.with_name('pareto.png')}\ngate:    {summary['gate']['overall']}")
+        counts = {v: sum(1 for c in summary["gate"]["criteria"] if c["verdict"] == v)
+                  for v in ("PASS", "FAIL", "INCONCLUSIVE")}
+        print(f"summary: {out}\npareto:  {out.with_name('pareto.png')}\ngate:    {summary['gate']['overall']} "
+              f"({counts['PASS']} pass, {counts['FAIL']} fail, {counts['INCONCLUSIVE']} inconclusive; 95 % t-CIs)")
         return 0
 
     return _guard(prog, run)

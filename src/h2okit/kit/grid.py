@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import read_json
 from ..config import FILE_KEYS, ConfigError, parse_config
 from ..model import resolve_base_dir
 
@@ -167,12 +168,7 @@ def _idle_reason(key: str, kv: dict[str, Any]) -> str:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise GridError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    return read_json(path, what, GridError)
 
 
 def load_preset(path: str | Path) -> Grid:

@@ -3,7 +3,9 @@ headers, `test | t/s` layouts, optional columns). A truncated row is skipped wit
 
 The CSV keeps every original string column (so the seed's own analyzer can still read it),
 adds numeric `<col>_mean` / `<col>_std` columns, prefill/decode tok/s split, prompt/gen
-lengths, `log_file`, and the run parameters joined from the sweep's manifest.
+lengths, `log_file`, and the run parameters joined from the sweep's manifest. The rounds of an
+interleaved sweep (one table per round in a run's log) become one row with every round's
+speed sample (`prefill_tps_samples`, `decode_tps_samples`, `rounds`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import json
 import re
 from pathlib import Path
 
-from ..table import STANDARD_COLUMNS
+import numpy as np
+
+from ..table import STANDARD_COLUMNS, speed_cell
 
 NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf"
 MEAN_SD = re.compile(rf"^\s*({NUM})\s*±\s*({NUM})\s*$", re.IGNORECASE)
@@ -128,6 +132,38 @@ def _manifest_params(log_path: Path) -> dict | None:
     return None
 
 
+SPEED_SAMPLES = {"prefill_tps": "prefill_tps_samples", "decode_tps": "decode_tps_samples"}
+ROUND_KEY = ("log_file", "model", "threads", "precision", "prompt_len", "gen_len")
+
+
+def merge_rounds(records: list[dict]) -> list[dict]:
+    """Rows of one log with the same (model, threads, precision, p, n) are repetitions of one run (an
+    interleaved sweep appends one table per round): one record each, with every round's prefill and
+    decode tok/s kept as `*_samples` (a JSON list), their mean and sample sd, and `rounds`. Other
+    numbers are averaged over the rows that have them (quality is measured in round 1 only)."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(tuple(str(record.get(k, "")) for k in ROUND_KEY), []).append(record)
+    merged = []
+    for rows in groups.values():
+        out = dict(rows[0])
+        out["rounds"] = float(len(rows))
+        for name, column in SPEED_SAMPLES.items():
+            samples = [r[f"{name}_mean"] for r in rows if isinstance(r.get(f"{name}_mean"), float)]
+            out[column] = json.dumps([round(v, 4) for v in samples])
+            if len(samples) > 1:
+                out[f"{name}_mean"], out[f"{name}_std"] = float(np.mean(samples)), float(np.std(samples, ddof=1))
+        numeric = {k for r in rows for k, v in r.items() if isinstance(v, float)}
+        for key in numeric - {f"{n}_{s}" for n in SPEED_SAMPLES for s in ("mean", "std")} - {"rounds"}:
+            values = [r[key] for r in rows if isinstance(r.get(key), float)]
+            out[key] = float(np.mean(values))
+        if len(rows) > 1 and "speed(tok/s)" in out:
+            out["speed(tok/s)"] = speed_cell(json.loads(out["prefill_tps_samples"]),
+                                             json.loads(out["decode_tps_samples"]))
+        merged.append(out)
+    return merged
+
+
 def collect(log_files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
     """(records, warnings, names of the manifest parameter columns)."""
     records, warnings, param_columns = [], [], {}
@@ -141,9 +177,9 @@ def collect(log_files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
         warnings += warns
         params = _manifest_params(path) or {}
         param_columns.update(dict.fromkeys(params))
-        for row in rows:
+        for row in merge_rounds([{**row, "log_file": str(path)} for row in rows]):
             # a run parameter never overwrites a table column of the same name (e.g. threads)
-            records.append({**{k: v for k, v in params.items() if k not in row}, **row, "log_file": str(path)})
+            records.append({**{k: v for k, v in params.items() if k not in row}, **row})
     return records, warnings, list(param_columns)
 
 

@@ -1,4 +1,5 @@
-"""Sweep progress on stderr: a bar with runs done, the current run and the ETA, plus one line per run."""
+"""Sweep progress on stderr: a bar with invocations done, the current round and run and the ETA, plus one
+line per invocation."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class SweepProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def start(self, run_id: str) -> None:
-        self.progress.update(self.task, description=f"running {run_id}")
+    def start(self, run_id: str, round_index: int = 1, rounds: int = 1) -> None:
+        where = f"round {round_index}/{rounds}: " if round_index else ""
+        self.progress.update(self.task, description=f"{where}{run_id}")
 
     def done(self, run_id: str, status: str, seconds: float) -> None:
         self.progress.console.print(f"{run_id}: {status} ({seconds:.1f} s)")

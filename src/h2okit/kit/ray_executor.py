@@ -61,7 +61,7 @@ class RayExecutor:
                 except Exception as exc:  # retries exhausted: record the reason, go on
                     reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     outcome = RunOutcome(spec.run_id, -1, "", "", 0.0, f"ray task failed after "
-                                         f"{self.max_retries} retries: {reason}")
+                                         f"{self.max_retries} retries: {reason}", spec.round)
                 on_done(outcome)
         except KeyboardInterrupt:
             for ref in pending:

@@ -20,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..io import write_json_atomic
 from .grid import Grid, GridError, Run, expand
 from .parse import parse_log_text
 
@@ -40,6 +41,7 @@ class RunSpec:
     args: list[str]  # flags after the binary, with {config} and {log} placeholders
     config_text: str
     threads: int = 1  # CPUs the run needs (a Ray task reserves them)
+    round: int = 1  # which repetition of the run this invocation measures (0: the shared warm-up)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class RunOutcome:
     console_text: str
     seconds: float
     error: str = ""
+    round: int = 1
 
 
 def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
@@ -63,7 +66,8 @@ def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)  # Ctrl-C reaches the driver, which stops us
         except OSError as exc:
-            return RunOutcome(spec.run_id, 127, "", "", time.perf_counter() - started, f"cannot start: {exc}")
+            return RunOutcome(spec.run_id, 127, "", "", time.perf_counter() - started, f"cannot start: {exc}",
+                              spec.round)
         try:
             console, _ = proc.communicate(timeout=timeout)
         except BaseException:  # KeyboardInterrupt or timeout: do not leave llm_bench running
@@ -72,7 +76,8 @@ def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
             raise
         log_text = log.read_text(errors="replace") if log.exists() else ""
     error = "" if proc.returncode == 0 else f"llm_bench exited with {proc.returncode}"
-    return RunOutcome(spec.run_id, proc.returncode, log_text, console, time.perf_counter() - started, error)
+    return RunOutcome(spec.run_id, proc.returncode, log_text, console, time.perf_counter() - started, error,
+                      spec.round)
 
 
 OWN_LLM_BENCH = ["llm_bench"]
@@ -102,29 +107,32 @@ def resolve_llm_bench(value: str) -> tuple[list[str], bool]:
 
 
 def build_specs(runs: list[Run], base_config: dict, llm_bench: list[str], ours: bool, backend: str,
-                attention_option: int, repeat: int, quality: bool) -> dict[str, RunSpec]:
+                attention_option: int, quality: bool, round_index: int) -> dict[str, RunSpec]:
+    """One llm_bench invocation per run for round `round_index` (1-based): one measured repetition
+    (`-rep 1`; llm_bench's own warm-up request comes first). Quality is deterministic, so it is
+    evaluated once, in round 1."""
     specs = {}
     for run in runs:
         config = {**base_config, **run.kv, "thread_num": run.threads}
         args = ["-m", "{config}", "-a", backend, "-t", str(run.threads), "-qatten", str(attention_option),
-                "-kv", "true", "-p", str(run.prompt), "-n", str(run.gen), "-rep", str(repeat), "-fp", "{log}"]
-        if quality and ours:
+                "-kv", "true", "-p", str(run.prompt), "-n", str(run.gen), "-rep", "1", "-fp", "{log}"]
+        if quality and ours and round_index == 1:
             args.append("--quality")
-        specs[run.run_id] = RunSpec(run.run_id, llm_bench, args, json.dumps(config, indent=1), run.threads)
+        specs[run.run_id] = RunSpec(run.run_id, llm_bench, args, json.dumps(config, indent=1), run.threads,
+                                    round_index)
     return specs
 
 
-def log_is_complete(path: Path) -> bool:
+def log_tables(path: Path) -> int:
+    """Complete table rows in a run's log (one per finished round); 0 if any row is torn."""
     if not path.is_file():
-        return False
+        return 0
     rows, warnings = parse_log_text(path.read_text(errors="replace"), str(path))
-    return bool(rows) and not warnings
+    return 0 if warnings else len(rows)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def log_is_complete(path: Path) -> bool:
+    return log_tables(path) > 0
 
 
 class LocalExecutor:
@@ -152,91 +160,160 @@ class SweepResult:
         return 130 if self.interrupted else (2 if self.failed else 0)
 
 
+def _new_record(run: Run, rounds: int) -> dict:
+    return {"run_id": run.run_id, "idx": run.idx, "params": run.params(), "config": f"configs/{run.run_id}.json",
+            "log": f"logs/{run.run_id}.log", "console": f"logs/{run.run_id}.console.txt", "status": "pending",
+            "returncode": None, "seconds": None, "error": "", "stderr_tail": "",
+            "rounds": [{"round": r, "status": "pending", "returncode": None, "seconds": None}
+                       for r in range(1, rounds + 1)]}
+
+
+def _resume_records(out_dir: Path, records: dict[str, dict]) -> None:
+    """Take over the finished rounds of an earlier sweep of the same grid (a run whose log does not
+    hold one table per finished round starts again from round 1)."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise GridError(f"--resume: {out_dir} has no {MANIFEST}; it is not a sweep folder")
+    try:
+        old = json.loads(manifest_path.read_text())
+        old_runs = {r["run_id"]: r for r in old["runs"]}
+        same = {k: r["params"] for k, r in old_runs.items()} == {k: r["params"] for k, r in records.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise GridError(f"--resume: {manifest_path} is not a manifest h2okit can continue (corrupt or from "
+                        f"another tool); use a new --out-dir") from None
+    if not same:
+        raise GridError(f"--resume: the grid differs from the one in {manifest_path}; use a new --out-dir")
+    for rid, rec in records.items():
+        prior = old_runs[rid]
+        done = [r for r in prior.get("rounds", []) if r.get("status") == "ok"]
+        if len(prior.get("rounds", [])) != len(rec["rounds"]) or log_tables(out_dir / rec["log"]) != len(done):
+            for path in (out_dir / rec["log"], out_dir / rec["console"]):
+                path.unlink(missing_ok=True)
+            continue
+        rec.update({k: prior[k] for k in ("returncode", "seconds", "error", "stderr_tail") if k in prior})
+        rec["rounds"] = prior["rounds"]
+        rec["status"] = "ok" if len(done) == len(rec["rounds"]) else "pending"
+
+
+def _prepare_out_dir(out_dir: Path, records: dict[str, dict], resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GridError(f"--out-dir {out_dir} is a file; give a folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not resume:
+            raise GridError(f"out-dir {out_dir} is not empty (an earlier sweep?); pass --resume to continue it "
+                            f"or choose a new --out-dir")
+        _resume_records(out_dir, records)
+    (out_dir / "configs").mkdir(parents=True, exist_ok=True)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+
 def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, out_dir: Path,
           backend: str = "cpu", attention_option: int = 0, resume: bool = False, dry_run: bool = False,
           executor=None, log=print) -> SweepResult:
+    """Run every run of the grid `grid.repeat` times, interleaved: round r runs each run's r-th
+    repetition before round r+1 starts, so all runs see the same phases of the machine (its read
+    bandwidth drifts within minutes); a paired comparison per round then cancels the drift."""
     argv, ours = resolve_llm_bench(llm_bench)
     if grid.quality and not ours:
         raise GridError("quality columns need h2okit's own llm_bench; drop quality for an external binary")
     runs = expand(grid, {k: v for k, v in base_config.items() if k.startswith("kv_")})
     for note in grid.notes:
         log(f"note: {note}")
-    specs = build_specs(runs, base_config, argv, ours, backend, attention_option, grid.repeat, grid.quality)
+    rounds = {r: build_specs(runs, base_config, argv, ours, backend, attention_option, grid.quality, r)
+              for r in range(1, grid.repeat + 1)}
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    records = {run.run_id: {"run_id": run.run_id, "idx": run.idx, "params": run.params(),
-                            "config": f"configs/{run.run_id}.json", "log": f"logs/{run.run_id}.log",
-                            "console": f"logs/{run.run_id}.console.txt", "status": "pending",
-                            "returncode": None, "seconds": None, "error": "", "stderr_tail": ""} for run in runs}
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not resume:
-            raise GridError(f"out-dir {out_dir} is not empty (an earlier sweep?); pass --resume to continue it "
-                            f"or choose a new --out-dir")
-        if not manifest_path.is_file():
-            raise GridError(f"--resume: {out_dir} has no {MANIFEST}; it is not a sweep folder")
-        old = json.loads(manifest_path.read_text())
-        old_runs = {r["run_id"]: r for r in old.get("runs", [])}
-        if {k: r["params"] for k, r in old_runs.items()} != {k: r["params"] for k, r in records.items()}:
-            raise GridError(f"--resume: the grid differs from the one in {manifest_path}; use a new --out-dir")
-        for rid, rec in records.items():
-            prior = old_runs[rid]
-            if prior.get("status") == "ok" and log_is_complete(out_dir / rec["log"]):
-                records[rid] = prior
-    (out_dir / "configs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    manifest = {"tool": "h2okit", "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    records = {run.run_id: _new_record(run, grid.repeat) for run in runs}
+    _prepare_out_dir(out_dir, records, resume)
+    manifest = {"tool": "h2okit", "format": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "llm_bench": argv, "llm_bench_is_h2okit": ours, "base_config": str(base_config_path),
                 "backend": backend, "attention_option": attention_option, "grid": grid.to_json(),
+                "schedule": "interleaved rounds: every run's repetition r before any run's r+1",
                 "notes": grid.notes, "executor": getattr(executor, "name", "local"), "runs": list(records.values())}
 
     def save():
         manifest["runs"] = list(records.values())
-        write_json_atomic(manifest_path, manifest)
+        write_json_atomic(out_dir / MANIFEST, manifest)
 
-    for rid, spec in specs.items():
+    for rid, spec in rounds[1].items():
         (out_dir / records[rid]["config"]).write_text(spec.config_text)
-    todo = [specs[rid] for rid, rec in records.items() if rec["status"] != "ok"]
-    skipped = len(records) - len(todo)
-    if skipped:
-        log(f"resume: {skipped} run(s) already complete, {len(todo)} to run")
-    if dry_run:
-        for spec in todo:
-            cmd = local_argv(spec.llm_bench) + [a.format(config=out_dir / records[spec.run_id]["config"],
-                                             log=out_dir / records[spec.run_id]["log"]) for a in spec.args]
-            log(" ".join(str(c) for c in cmd))
-        save()
-        return SweepResult(out_dir, len(records), skipped, [])
-    save()
+    todo = {r: [spec for rid, spec in specs.items() if records[rid]["rounds"][r - 1]["status"] != "ok"]
+            for r, specs in rounds.items()}
+    todo = {r: specs for r, specs in todo.items() if specs}
+    invocations = sum(len(specs) for specs in todo.values())
+    skipped = sum(1 for rec in records.values() if rec["status"] == "ok")
+    if skipped or (resume and invocations):
+        log(f"resume: {skipped} run(s) already complete, {invocations} invocation(s) of "
+            f"{len(records) * grid.repeat} to run")
     result = SweepResult(out_dir, len(records), skipped, [])
-    executor = executor or LocalExecutor()
+    if dry_run:
+        for specs in todo.values():
+            for spec in specs:
+                rec = records[spec.run_id]
+                cmd = local_argv(spec.llm_bench) + [a.format(config=out_dir / rec["config"], log=out_dir / rec["log"])
+                                                    for a in spec.args]
+                log(" ".join(str(c) for c in cmd))
+        save()
+        return result
+    save()
+    _run_rounds(todo, records, out_dir, executor or LocalExecutor(), save, result, manifest)
+    return result
+
+
+def _run_rounds(todo: dict[int, list[RunSpec]], records: dict[str, dict], out_dir: Path, executor, save,
+                result: SweepResult, manifest: dict) -> None:
     from .progress import SweepProgress
 
-    with SweepProgress(len(todo)) as progress:
+    total = sum(len(specs) for specs in todo.values())
+    with SweepProgress(total + (1 if total else 0)) as progress:
         def on_start(spec: RunSpec):
-            records[spec.run_id]["status"] = "running"
-            progress.start(spec.run_id)
+            if spec.round:
+                records[spec.run_id]["status"] = "running"
+            progress.start(spec.run_id if spec.round else f"warm-up ({spec.run_id})",
+                           spec.round, max(todo) if todo else 0)
 
         def on_done(outcome: RunOutcome):
-            rec = records[outcome.run_id]
-            log_path = out_dir / rec["log"]
-            log_path.write_text(outcome.log_text)
-            (out_dir / rec["console"]).write_text(outcome.console_text)
-            complete = outcome.returncode == 0 and log_is_complete(log_path)
-            rec.update(returncode=outcome.returncode, seconds=round(outcome.seconds, 2),
-                       status="ok" if complete else "failed",
-                       error=outcome.error or ("" if complete else "llm_bench wrote no complete table"),
-                       stderr_tail="" if complete else "\n".join(outcome.console_text.splitlines()[-STDERR_TAIL_LINES:]))
-            if not complete:
-                result.failed.append(outcome.run_id)
+            if outcome.round == 0:  # the shared warm-up: only its time is kept
+                manifest["warmup"] = {"run_id": outcome.run_id, "returncode": outcome.returncode,
+                                      "seconds": round(outcome.seconds, 2)}
+                progress.done("warm-up", "ok" if outcome.returncode == 0 else "failed", outcome.seconds)
+                return
+            _record_round(records[outcome.run_id], outcome, out_dir, result)
             save()
-            progress.done(outcome.run_id, rec["status"], outcome.seconds)
+            progress.done(f"{outcome.run_id} round {outcome.round}", records[outcome.run_id]["rounds"][
+                outcome.round - 1]["status"], outcome.seconds)
 
         try:
-            executor.run(todo, on_start, on_done)
+            if total:  # one shared warm-up (page cache, kernels, CPU clocks), so round 1 is like the others
+                first = next(iter(todo.values()))[0]
+                executor.run([replace(first, round=0, args=[a for a in first.args if a != "--quality"])],
+                             on_start, on_done)
+            for specs in todo.values():
+                executor.run(specs, on_start, on_done)
         except KeyboardInterrupt:
             for rec in records.values():
                 if rec["status"] == "running":
                     rec["status"] = "interrupted"
             save()
             result.interrupted = True
-    return result
+
+
+def _record_round(rec: dict, outcome: RunOutcome, out_dir: Path, result: SweepResult) -> None:
+    """Append one round's table to the run's log (only a complete one) and update its record."""
+    rows, warnings = parse_log_text(outcome.log_text, rec["log"])
+    complete = outcome.returncode == 0 and bool(rows) and not warnings
+    with (out_dir / rec["console"]).open("a") as f:
+        f.write(f"=== round {outcome.round} ===\n{outcome.console_text}")
+    if complete:
+        with (out_dir / rec["log"]).open("a") as f:
+            f.write(outcome.log_text)
+    round_rec = rec["rounds"][outcome.round - 1]
+    round_rec.update(status="ok" if complete else "failed", returncode=outcome.returncode,
+                     seconds=round(outcome.seconds, 2))
+    error = outcome.error or ("" if complete else "llm_bench wrote no complete table")
+    rec.update(returncode=outcome.returncode, seconds=round(sum(r["seconds"] or 0 for r in rec["rounds"]), 2))
+    if not complete:
+        rec.update(error=error, stderr_tail="\n".join(outcome.console_text.splitlines()[-STDERR_TAIL_LINES:]))
+        if rec["run_id"] not in result.failed:
+            result.failed.append(rec["run_id"])
+    statuses = [r["status"] for r in rec["rounds"]]
+    rec["status"] = "failed" if "failed" in statuses else ("ok" if set(statuses) == {"ok"} else "pending")

@@ -46,7 +46,7 @@ def ensure_dump(dump_dir: Path | None) -> Path:
 def load_tensors(dump: Path, dtype: str) -> list[np.ndarray]:
     manifest = json.loads((dump / "manifest.json").read_text())
     out = []
-    for key, name in sorted(manifest["files"]["final"].items()):
+    for _, name in sorted(manifest["files"]["final"].items()):
         words = np.load(dump / name)
         out.append(words.astype(np.float16) if dtype == "float16" else codec.float32_to_bfloat16_words(words))
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -154,7 +153,7 @@ def main() -> int:
         for base in ("streaming", "random"):
             d = paired_ci(deltas[name], deltas[base])
             row[f"vs_{base}"] = {"mean": d.mean, "ci95": [d.lo, d.hi], "method": "t"}
-    print(f"\n| policy | attended | ppl increase % [95% CI] | vs streaming [95% CI] | vs random [95% CI] |")
+    print("\n| policy | attended | ppl increase % [95% CI] | vs streaming [95% CI] | vs random [95% CI] |")
     print("| --- | ---: | --- | --- | --- |")
     for name, row in sorted(results.items(), key=lambda kv: kv[1]["delta_pct"]):
         fmt = lambda d: f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731

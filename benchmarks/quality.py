@@ -71,7 +71,8 @@ def main() -> None:
         row = {"keep": result.stats.h2o_keep, "ppl_delta_pct_mean": statistics.fmean(deltas),
                "ppl_delta_pct_sd": statistics.stdev(deltas) if len(deltas) > 1 else 0.0, "ppl_delta_pct": deltas,
                "token_agreement": q["token_agreement"][0], "first_divergence": q["first_divergence"][0],
-               "passkey_acc": statistics.fmean(q["passkey_acc"]), "passkey_full_acc": statistics.fmean(q["passkey_full_acc"]),
+               "passkey_acc": statistics.fmean(q["passkey_acc"]),
+               "passkey_full_acc": statistics.fmean(q["passkey_full_acc"]),
                "seconds": seconds}
         results[policy] = row
         print(f"| {policy} | {row['keep']:.4f} | {row['ppl_delta_pct_mean']:+.2f} ± {row['ppl_delta_pct_sd']:.2f} | "

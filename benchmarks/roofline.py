@@ -104,7 +104,8 @@ def main() -> None:
         weight_bytes[precision] = FastDecoder.for_model(loaded.model).weight_bytes
         off = dataclasses.replace(parse_config({}).kv, cache_dtype=precision)
         on = dataclasses.replace(h2o_kv, cache_dtype=precision)
-        bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * torch.finfo(getattr(torch, precision)).bits // 8
+        bits = torch.finfo(getattr(torch, precision)).bits
+        bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * bits // 8
         engines = {"ref+h2o": Engine(loaded, on, decode_path="reference"),
                    "fast": Engine(loaded, off, decode_path="fast"),
                    "fast+h2o": Engine(loaded, on, decode_path="fast")}
@@ -132,7 +133,8 @@ def main() -> None:
             paired[(p, precision, variant)] = values
         print(f"\nP={p} G={args.gen}: medians of {args.reps} interleaved rounds; each run's roofline uses the "
               f"bandwidth probed right before and after it (the higher)")
-        print("| dtype | path | tok/s | weights MB | mean K/V MB | bandwidth GB/s | fraction of roofline | vs generate |")
+        print("| dtype | path | tok/s | weights MB | mean K/V MB | bandwidth GB/s | fraction of roofline "
+              "| vs generate |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for precision in ("float32", "bfloat16"):
             w = weight_bytes[precision]
@@ -149,7 +151,7 @@ def main() -> None:
         print(flush=True)
 
     print("checks (issue 7):")
-    for (p, precision, variant), (tps, fraction, vs_generate) in summary.items():
+    for (p, precision, variant), (_, fraction, vs_generate) in summary.items():
         if variant == "fast":
             print(f"  P={p} {precision}: fast {fraction:.2f} x roofline (>= 0.5: {fraction >= 0.5}), "
                   f"{vs_generate:.2f} x generate (>= 3: {vs_generate >= 3})")

@@ -49,6 +49,6 @@ def run_cli(*args, timeout=900):
 
 def parse_markdown_rows(text):
     """Rows of the first markdown table in `text`, as dicts (a deliberately independent reader)."""
-    lines = [l for l in text.splitlines() if l.startswith("|")]
+    lines = [line for line in text.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import table
+from . import __version__, table
 from .config import ConfigError, emit_warnings, load_config
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
@@ -51,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="llm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"llm_bench (h2okit {__version__})")
     p.add_argument("-m", "--config", required=True, help="config.json (model keys and kv_* keys)")
     p.add_argument("-a", "--backend", default="cpu", help="backend; only cpu")
     p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list of thread counts")
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> str:
         try:
             depths = tuple(float(d) for d in args.passkey_depths.split(",") if d.strip())
         except ValueError:
-            raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'")
+            raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'") \
+                from None
         if any(not 0 <= d <= 1 for d in depths) or args.quality_windows < 1 or args.quality_tokens < 2:
             raise BenchError("quality settings out of range (depths in [0,1], windows >= 1, tokens >= 2)")
         evaluator = QualityEvaluator(engine, texts, QualitySettings(

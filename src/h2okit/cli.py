@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import ConfigError
 from .corpus import CorpusError
 from .offline import OfflineError
@@ -91,6 +92,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h2okit", description="H2O KV-cache compression kit")
+    parser.add_argument("--version", action="version", version=f"h2okit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("grid", "sweep a grid given as comma-list flags (the seed's run_h2o_v2_bench.py)"),
                             ("sweep", "run a preset sweep (the seed's sweep_h2o_v2.py)"),

@@ -14,6 +14,7 @@ Full-cache references are cached on disk per model, text, lengths and KV dtype.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -99,6 +100,14 @@ def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> St
     return StreamResult(nll, attended, steady_from)
 
 
+def _nll_list(engine: Engine, prompt: list[int], continuation: list[int]) -> list[float]:
+    return stream_nll(engine, prompt, continuation).nll.tolist()
+
+
+def _passkey_ok(*args) -> bool:
+    return passkey_trial(*args)[0]
+
+
 def _make_needle(tokenizer, key: str) -> list[int]:
     return tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
 
@@ -154,8 +163,8 @@ class QualityEvaluator:
         out: dict[str, list[float]] = {"ppl": [], "ppl_full": [], "ppl_delta_pct": [], "attended_fraction": []}
         for ids in self.windows(p):
             prompt, continuation = ids[:p], ids[p:]
-            ref = np.asarray(self.cache.get(["nll", ids], lambda: stream_nll(self.reference, prompt,
-                                                                             continuation).nll.tolist()))
+            ref = np.asarray(self.cache.get(["nll", ids], functools.partial(
+                _nll_list, self.reference, prompt, continuation)))
             # Without eviction the engine computes the reference's numbers (the codec is lossless).
             run = stream_nll(self.engine, prompt, continuation) if self.engine.kv.evicting else \
                 StreamResult(ref, np.ones(len(ref)), len(ref))
@@ -184,8 +193,8 @@ class QualityEvaluator:
             needle_len = len(_make_needle(self.tokenizer, key))
             ctx, filler = context[:p - needle_len], context[p:p + s.passkey_filler]
             ok, _ = passkey_trial(self.engine, self.tokenizer, ctx, filler, depth, key, s.passkey_answer)
-            full_ok = self.cache.get(["passkey", ctx, filler, depth, key, s.passkey_answer], lambda: passkey_trial(
-                self.reference, self.tokenizer, ctx, filler, depth, key, s.passkey_answer)[0])
+            full_ok = self.cache.get(["passkey", ctx, filler, depth, key, s.passkey_answer], functools.partial(
+                _passkey_ok, self.reference, self.tokenizer, ctx, filler, depth, key, s.passkey_answer))
             out[f"passkey_d{round(depth * 100):02d}"] = [float(ok)]
             out["passkey_acc"].append(float(ok))
             out["passkey_full_acc"].append(float(full_ok))

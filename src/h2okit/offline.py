@@ -24,7 +24,7 @@ class OfflineError(ValueError):
 
 
 def dump_kv(config_path: str, out_dir: Path, prompt_len: int, gen_len: int, corpus: str | None,
-            threads: int | None = None, log=print) -> Path:
+            threads: int | None = None) -> Path:
     import torch
 
     from .config import emit_warnings, load_config
@@ -36,7 +36,7 @@ def dump_kv(config_path: str, out_dir: Path, prompt_len: int, gen_len: int, corp
     config = load_config(config_path)
     emit_warnings(config)
     torch.set_num_threads(threads or config.threads)
-    loaded = load_model(resolve_model_path(config), log=log)
+    loaded = load_model(resolve_model_path(config))
     prompt = token_stream(loaded.tokenizer, load_texts(corpus), prompt_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, str]] = {}

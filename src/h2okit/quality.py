@@ -138,8 +138,7 @@ class QualityEvaluator:
     def __init__(self, engine: Engine, texts: dict[str, str], settings: QualitySettings = QualitySettings()):
         self.engine = engine
         # the same decode path as the engine under test: the paths agree only to float tolerance
-        self.reference = Engine(engine.loaded, reference_kv(engine.kv), log=engine.log,
-                                decode_path=engine.decode_path_used)
+        self.reference = Engine(engine.loaded, reference_kv(engine.kv), decode_path=engine.decode_path_used)
         self.tokenizer = engine.loaded.tokenizer
         self.texts = texts
         self.settings = settings

@@ -7,7 +7,6 @@ collected from the cache. Stats follow SPEC §6; the true whole-cache ratio is o
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +16,7 @@ from .cache import H2OCache
 from .config import KVConfig
 from .model import LoadedModel
 from .policy import lossy_ratio
-from .table import MB
+from .table import MIB
 
 
 
@@ -84,11 +83,11 @@ def collect_stats(cache: H2OCache) -> RequestStats:
         stats.h2o_lossless = max(1.0, raw / packed) if packed else 1.0
         stats.h2o_codec_us = sum(c.encode_us for c in codecs) / len(codecs)
         stats.h2o_codec_decode_us = sum(c.decode_us for c in codecs) / len(codecs)
-        stats.kv_lossless_mb = packed / MB
+        stats.kv_lossless_mb = packed / MIB
     physical, logical = cache.physical_bytes, cache.logical_bytes
-    stats.kv_phys_mb = physical / MB
-    stats.kv_logical_mb = logical / MB
-    stats.kv_alloc_mb = cache.allocated_bytes / MB
+    stats.kv_phys_mb = physical / MIB
+    stats.kv_logical_mb = logical / MIB
+    stats.kv_alloc_mb = cache.allocated_bytes / MIB
     stats.kv_true_ratio = logical / physical if physical else 1.0
     return stats
 
@@ -104,7 +103,7 @@ class Engine:
     plain transformers forward. `decode_path_used` and `decode_path_note` say what runs.
     """
 
-    def __init__(self, loaded: LoadedModel, kv: KVConfig, log=None, decode_path: str = "auto"):
+    def __init__(self, loaded: LoadedModel, kv: KVConfig, decode_path: str = "auto"):
         from .fastpath import FastDecoder, FastPathUnavailable
 
         if decode_path not in DECODE_PATHS:
@@ -112,7 +111,6 @@ class Engine:
         self.loaded = loaded
         self.kv = kv
         self.model = loaded.model
-        self.log = log or (lambda line: print(line, file=sys.stderr))
         self.fast: FastDecoder | None = None
         self.decode_path_note = "transformers forward, as requested"
         if decode_path != "reference":
@@ -129,7 +127,7 @@ class Engine:
         return "fast" if self.fast is not None else "reference"
 
     def new_cache(self) -> H2OCache:
-        return H2OCache(self.loaded.num_layers, self.kv, log=self.log)
+        return H2OCache(self.loaded.num_layers, self.kv)
 
     @torch.inference_mode()
     def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-MB = 1024 * 1024  # MiB, for every *_mb figure
+MIB = 1024 * 1024  # every *_mb figure is in MiB
+GIB = 1024 * MIB
 
 STANDARD_COLUMNS = (
     "model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)",
@@ -27,6 +28,11 @@ EXTRA_FORMATS = {
     "quality_windows": "%.0f", "token_agreement": "%.4f",
     "first_divergence": "%.1f", "passkey_acc": "%.3f", "passkey_full_acc": "%.3f", "quality_s": "%.1f",
 }
+
+
+def size_cell(size_bytes: float) -> str:
+    """The modelSize cell in MNN's (and llama-bench's) units: MiB below 1 GiB, else GiB."""
+    return f"{size_bytes / GIB:.2f} GiB" if size_bytes >= GIB else f"{size_bytes / MIB:.2f} MiB"
 
 
 def extra_columns(keys) -> list[tuple[str, str]]:

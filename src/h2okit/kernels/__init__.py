@@ -57,6 +57,14 @@ def library_path(cc: str) -> Path:
     return cache_root() / "kernels" / f"llama_decode-{digest[:16]}.so"
 
 
+def build_id() -> str | None:
+    """The hash naming the kernel build in use (source, flags, compiler), or None without a compiler."""
+    try:
+        return library_path(_compiler()).stem.split("-", 1)[1]
+    except KernelBuildError:
+        return None
+
+
 def build(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.{os.getpid()}.tmp")

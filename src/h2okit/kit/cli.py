@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..clikit import guard, setup_logging
 from .analyze import (MAX_DECODE_DROP, MAX_PPL_INCREASE, MAX_PREFILL_DROP, AnalyzeError, GateSettings,
                       analyze)
 from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, parse_list
@@ -170,11 +171,5 @@ def analyze_main(argv=None, prog="analyze_h2o_v2.py") -> int:
 
 
 def _guard(prog: str, fn) -> int:
-    try:
-        return fn()
-    except KIT_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    setup_logging()
+    return guard(prog, fn, KIT_ERRORS)

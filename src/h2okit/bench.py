@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="llm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"llm_bench (h2okit {__version__})")
-    p.add_argument("-m", "--config", required=True, help="config.json (model keys and kv_* keys)")
+    p.add_argument("-m", "--config", default=None, help="config.json (model keys and kv_* keys); required")
     p.add_argument("-a", "--backend", default="cpu", help="backend; only cpu")
     p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list of thread counts")
     p.add_argument("-qatten", "--quant-attention", type=int, default=0, help="MNN attention option; only 0")
@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-fp", "--file-print", default=None, help="append MNN's table to this file")
     p.add_argument("-o", "--output", choices=OUTPUTS, default="md",
                    help="what stdout gets: MNN's markdown table (default), one JSON document, or JSON lines")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate -m (and print its warnings) without loading the model; exit 2 if invalid")
+    p.add_argument("--check-config", nargs="+", metavar="FILE", default=None,
+                   help="validate these configs (printing their warnings) without loading a model; exit 2 if any "
+                        "is invalid")
     p.add_argument("--corpus", default=None, help="text file or folder of .txt (default: the Austen novels)")
     p.add_argument("--decode-path", choices=DECODE_PATHS, default="auto",
                    help="h2okit extension: decode steps in C kernels (fast; auto = where the model "
@@ -198,6 +199,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def check_configs(paths: list[str]) -> None:
+    """--check-config: each file validated as `-m` would be (the model is resolved, not loaded)."""
+    from .model import resolve_model_path
+
+    bad = 0
+    for path in paths:
+        try:
+            config = load_config(path)
+            resolve_model_path(config)
+        except ConfigError as exc:
+            print(f"llm_bench: error: {path}: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        for line in config.warnings:
+            print(f"llm_bench: warning: {path}: {line}", file=sys.stderr)
+    if bad:
+        raise BenchError(f"{bad} of {len(paths)} config(s) invalid")
+    print(f"llm_bench: {len(paths)} config(s) valid", file=sys.stderr)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     if args.backend.lower() != "cpu":
         raise BenchError(f"backend '{args.backend}' is not available; allowed: cpu")
@@ -286,12 +307,14 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
     from .model import load_model, resolve_model_path
     from .runtime import Engine
 
+    if args.check_config:
+        check_configs(args.check_config)
+        return "", []
+    if args.config is None:
+        raise BenchError("-m CONFIG.json is required")
     _check_flags(args)
     config = load_config(args.config)
     emit_warnings(config)
-    if args.check_config:
-        print(f"llm_bench: {args.config}: valid ({len(config.warnings)} warning(s))", file=sys.stderr)
-        return "", []
     precision = config.model["precision"]
     model_path = resolve_model_path(config)
     texts = load_texts(args.corpus)

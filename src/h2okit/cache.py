@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
-from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams
+from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights
 
 log = logging.getLogger(__name__)
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
@@ -205,6 +205,18 @@ class H2OLayer(CacheLayerMixin):
         padded = torch.nn.functional.pad(mass, (0, -mass.shape[-1] % b))
         return padded.view(mass.shape[0], -1, b).sum(dim=2).to(torch.float64).numpy()
 
+    def value_norms(self) -> np.ndarray:
+        """[kv_heads, blocks]: the mean L2 norm of each block's value vectors, per KV head."""
+        _, values = self._step_kv if self._step_kv is not None else self.full_kv()
+        norms = values[0].float().norm(dim=-1)  # [kv_heads, T]
+        b = self.policy.params.block_tokens
+        t = norms.shape[-1]
+        sums = torch.nn.functional.pad(norms, (0, -t % b)).view(norms.shape[0], -1, b).sum(-1)
+        counts = torch.full((sums.shape[1],), float(b))
+        if t % b:
+            counts[-1] = t % b
+        return (sums / counts).to(torch.float64).numpy()
+
     def observe_prefill(self, head_mass: torch.Tensor) -> None:
         self.policy.observe_blocks(self.block_mass(head_mass), decode_step=False)
 
@@ -217,7 +229,9 @@ class H2OLayer(CacheLayerMixin):
                 self.policy.observe_blocks(self.block_mass(head_mass))
             else:
                 self.policy.tick()
-            event = self.policy.maybe_plan(self.get_seq_length(), self.tokens_seen)
+            kv = self.get_seq_length()
+            norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(kv) else None
+            event = self.policy.maybe_plan(kv, self.tokens_seen, norms)
             if event is not None:
                 self.compact(event.plan)
                 self.policy.applied(event.plan)
@@ -284,10 +298,8 @@ class H2OCache(Cache):
         self.kv = kv
         self.h2o_layer_ids = kv.h2o_layers(num_layers) if kv.evicting else range(0)
         self.events = CacheEvents()
-        params = PlanParams(block_tokens=kv.h2o_block_tokens, sink_tokens=kv.h2o_sink_tokens,
-                            recent_tokens=kv.h2o_recent_tokens, keep_ratio=kv.keep_ratio,
-                            budget_basis=kv.h2o_budget_basis, budget_tokens=kv.h2o_budget_tokens,
-                            per_head=kv.h2o_per_head)
+        weights = dict(zip(self.h2o_layer_ids, layer_budget_weights(len(self.h2o_layer_ids),
+                                                                     kv.h2o_layer_budget_slope)))
         store_dtype = DTYPES[kv.cache_dtype]
         self.lossless_layer_ids = kv.lossless_layers(num_layers)
         layers = []
@@ -299,6 +311,12 @@ class H2OCache(Cache):
                                    raw_window_tokens=kv.h2o_recent_tokens, align_tokens=kv.h2o_block_tokens)
             policy = None
             if i in self.h2o_layer_ids:
+                w = weights[i]
+                params = PlanParams(block_tokens=kv.h2o_block_tokens, sink_tokens=kv.h2o_sink_tokens,
+                                    recent_tokens=kv.h2o_recent_tokens, keep_ratio=min(1.0, kv.keep_ratio * w),
+                                    budget_basis=kv.h2o_budget_basis,
+                                    budget_tokens=max(1, round(kv.h2o_budget_tokens * w)),
+                                    per_head=kv.h2o_per_head, value_norm=kv.h2o_value_norm)
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
@@ -318,6 +336,30 @@ class H2OCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.events = CacheEvents()
+
+    # transformers' Cache offers these for beam search, speculative decoding and offloading; each would
+    # leave the preallocated buffers, the per-layer token counts and the policies out of step.
+    def _unsupported(self, name: str):
+        raise NotImplementedError(f"H2OCache.{name} is not supported: h2okit's cache serves one greedy request "
+                                  "per cache (per-layer buffers, token counts and eviction state)")
+
+    def reorder_cache(self, *args, **kwargs):
+        self._unsupported("reorder_cache")
+
+    def crop(self, *args, **kwargs):
+        self._unsupported("crop")
+
+    def offload(self, *args, **kwargs):
+        self._unsupported("offload")
+
+    def prefetch(self, *args, **kwargs):
+        self._unsupported("prefetch")
+
+    def batch_repeat_interleave(self, *args, **kwargs):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, *args, **kwargs):
+        self._unsupported("batch_select_indices")
 
     @property
     def physical_bytes(self) -> int:

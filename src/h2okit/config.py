@@ -116,6 +116,10 @@ class KVConfig:
                                 doc="ratio x current length (seed), x tokens seen, or a fixed token count")
     h2o_budget_tokens: int = _kv(0, _clamp(0), doc="basis 'tokens': kept tokens per layer")
     h2o_per_head: bool = _kv(False, doc="each KV head keeps its own tokens (same count per head)")
+    h2o_value_norm: bool = _kv(False, doc="weigh scores by the values' L2 norm")
+    h2o_layer_budget_slope: float = _kv(0.0, _clamp(-1.0, 1.0),
+                                        doc="budget x (1 + slope) at the first evicting layer .. (1 - slope) at the "
+                                            "last; same total")
     h2o_seed: int = _kv(0, doc="seed of the `random` policy")
     h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
     lossless_enable: bool = _kv(False, doc="lossless codec on")

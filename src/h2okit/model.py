@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from .config import Config, ConfigError
 from .paths import cache_root
 
@@ -35,9 +37,12 @@ def package_dir(name: str) -> Path:
 
 
 def resolve_base_dir(base_dir: str, config_path: Path | None) -> Path:
-    """MNN semantics: base_dir defaults to the config's folder; a relative one is taken from there."""
-    if base_dir.startswith(PKG_PREFIX):
-        return package_dir(base_dir[len(PKG_PREFIX):])
+    """MNN semantics: base_dir defaults to the config's folder; a relative one is taken from there.
+    `pkg:NAME` is an installed package's folder, wherever it stands in the path: a tool that joins
+    base_dir with the config's folder (the original kit's runner) turns it into `.../configs/pkg:NAME`."""
+    if PKG_PREFIX in base_dir:
+        name = base_dir[base_dir.index(PKG_PREFIX) + len(PKG_PREFIX):].strip("/")
+        return package_dir(name)
     anchor = config_path.parent if config_path is not None else Path.cwd()
     base = Path(base_dir) if base_dir else anchor
     return (base if base.is_absolute() else anchor / base).resolve()
@@ -107,6 +112,14 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     _check_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # parallel llm_bench processes (Ray) convert it once
+        if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+            return target
+        return _convert(gguf, target)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

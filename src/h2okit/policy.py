@@ -171,6 +171,7 @@ class PlanParams:
     budget_basis: str = "current"
     budget_tokens: int = 0  # basis "tokens": the fixed number of kept tokens
     per_head: bool = False
+    value_norm: bool = False  # weigh each block's score by its values' mean L2 norm (per head or pooled)
 
     def __post_init__(self):
         if self.block_tokens < 1:
@@ -319,6 +320,14 @@ def _runs(kept_blocks: np.ndarray, sizes: np.ndarray, b: int) -> tuple[tuple[int
     return tuple((begin, length) for begin, length in runs)
 
 
+def layer_budget_weights(layers: int, slope: float) -> np.ndarray:
+    """Per-layer multipliers of the budget, mean 1 (the same total): 1 + slope at the first evicting
+    layer falling linearly to 1 - slope at the last (slope > 0: more for lower layers, as PyramidKV)."""
+    if layers <= 1:
+        return np.ones(max(layers, 0))
+    return 1.0 + slope * (1.0 - 2.0 * np.arange(layers) / (layers - 1))
+
+
 def lossy_ratio(kv: int, kept: int, runs: int, bytes_per_token: int) -> float:
     """SPEC §6 h2o_lossy: logical bytes over kept bytes plus 8 bytes of run metadata per run."""
     return kv * bytes_per_token / (kept * bytes_per_token + 8 * runs)
@@ -402,12 +411,16 @@ class LayerPolicy:
     def due(self, kv: int) -> bool:
         return kv >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
 
-    def maybe_plan(self, kv: int, seen: int | None = None) -> EvictionEvent | None:
-        """After a decode step: the plan to apply now, or None. Call `applied` once it is applied."""
+    def maybe_plan(self, kv: int, seen: int | None = None, value_norms: np.ndarray | None = None
+                   ) -> EvictionEvent | None:
+        """After a decode step: the plan to apply now, or None. Call `applied` once it is applied.
+        `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores."""
         if not self.due(kv):
             return None
         started = time.perf_counter()
         scores = self.scorer.scores(num_blocks(kv, self.params.block_tokens))
+        if self.params.value_norm and value_norms is not None:
+            scores = scores * self._rows(value_norms)
         plan = build_plan(kv, scores, self.params, seen)
         plan_us = (time.perf_counter() - started) * 1e6
         return None if plan is None else EvictionEvent(self.layer, plan, plan_us)

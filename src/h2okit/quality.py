@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+from filelock import FileLock
 
 from .config import KVConfig
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, token_stream, tokenized_texts, window_plan
@@ -59,9 +60,12 @@ class _DiskCache:
                 return json.loads(path.read_text())
             except json.JSONDecodeError:
                 pass  # a torn write: compute again
-        value = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(value))
+        with FileLock(str(path) + ".lock"):  # parallel runs needing the same reference compute it once
+            if path.is_file():
+                return json.loads(path.read_text())
+            value = compute()
+            write_text_atomic(path, json.dumps(value))
         return value
 
 

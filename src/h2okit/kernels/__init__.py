@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from filelock import FileLock
+
 from ..paths import cache_root
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
@@ -84,7 +86,10 @@ def load() -> ctypes.CDLL:
         cc = _compiler()
         path = library_path(cc)
         if not path.is_file():
-            build(cc, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):  # several llm_bench processes may start at once
+                if not path.is_file():
+                    build(cc, path)
         lib = ctypes.CDLL(str(path))
         for name, (restype, argtypes) in SIGNATURES.items():
             fn = getattr(lib, name)

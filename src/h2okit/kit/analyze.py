@@ -201,7 +201,11 @@ def speed_ci(run: pd.Series, baseline: pd.Series | None, fixed: float | None, na
 
 
 def quality_ci(run: pd.Series) -> Interval | None:
-    """The ppl increase over the full cache: per window already a paired difference (same targets)."""
+    """The ppl increase over the full cache: per window already a paired difference (same targets).
+    From the per-window samples when the CSV has them, else from mean, sd and the window count."""
+    raw = run.get("ppl_delta_pct_samples")
+    if isinstance(raw, str) and raw.startswith("["):
+        return mean_ci(json.loads(raw))
     mean = run.get("ppl_delta_pct_mean")
     if mean is None or pd.isna(mean):
         return None

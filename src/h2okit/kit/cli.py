@@ -83,7 +83,7 @@ def _run_sweep(grid: Grid, args) -> int:
     base = normalize_base_config(args.base_config)
     result = sweep(grid, base, args.base_config, args.llm_bench, Path(args.out_dir), backend=args.backend,
                    attention_option=args.attention_option, resume=args.resume, dry_run=args.dry_run,
-                   executor=_executor(args), log=lambda line: print(line, file=sys.stderr))
+                   executor=_executor(args))
     state = "interrupted" if result.interrupted else ("dry run" if args.dry_run else "done")
     print(f"{state}: {result.total} run(s) in {result.out_dir} ({result.skipped} already complete, "
           f"{len(result.failed)} failed{': ' + ', '.join(result.failed) if result.failed else ''})",

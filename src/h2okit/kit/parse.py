@@ -117,19 +117,69 @@ def parse_log_text(text: str, source: str = "") -> tuple[list[dict], list[str]]:
     return records, warnings
 
 
-def _manifest_params(log_path: Path) -> dict | None:
-    """The manifest record of the sweep run that wrote this log, if any."""
+def _manifest_record(log_path: Path) -> dict | None:
+    """The manifest record of the sweep run that wrote this log, if any. h2okit's manifest is an
+    object with `runs`; the original kit's is a list of run records: both are read."""
     manifest = log_path.resolve().parent.parent / "manifest.json"
     if not manifest.is_file():
         return None
     try:
-        runs = json.loads(manifest.read_text()).get("runs", [])
-    except json.JSONDecodeError:
+        data = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
+    runs = data.get("runs", []) if isinstance(data, dict) else data if isinstance(data, list) else []
     for run in runs:
-        if Path(run.get("log", "")).name == log_path.name:
-            return {"run_id": run["run_id"], "run_status": run.get("status", ""), **run.get("params", {})}
+        if not isinstance(run, dict):
+            continue
+        log = run.get("log") or run.get("log_file") or run.get("log_path") or ""
+        if Path(str(log)).name == log_path.name:
+            return run
     return None
+
+
+def _manifest_params(record: dict | None) -> dict:
+    if record is None:
+        return {}
+    params = record.get("params")
+    if not isinstance(params, dict):  # the original kit: parameters at the top level of the record
+        params = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool)) and k not in (
+            "log", "log_file", "log_path", "config", "config_path", "cmd", "returncode")}
+    run_id = record.get("run_id") or record.get("id") or ""
+    return {"run_id": run_id, "run_status": record.get("status", ""), **params}
+
+
+def _json_results(log_path: Path, record: dict | None) -> list[dict]:
+    """h2okit's `-o jsonl` results beside the log (one line per round), if the sweep kept them."""
+    name = (record or {}).get("results")
+    path = log_path.resolve().parent.parent / name if name else None
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line; the markdown log still has the round
+        if isinstance(row, dict) and str(row.get("schema", "")).startswith("h2okit.llm_bench/"):
+            out.append(row)
+    return out
+
+
+def samples_from_json(results: list[dict]) -> dict:
+    """Every repetition's speeds over all rounds, and the per-window quality samples, as JSON lists."""
+    out: dict = {}
+    for name in SPEED_SAMPLES:
+        values = [v for r in results for v in r.get(name, {}).get("samples", [])]
+        if values:
+            out[SPEED_SAMPLES[name]] = json.dumps(values)
+            out[f"{name}_mean"], out[f"{name}_std"] = float(np.mean(values)), (
+                float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+    for r in results:
+        for column, summary in r.get("quality", {}).items():
+            out[f"{column}_samples"] = json.dumps(summary.get("samples", []))
+    if results:
+        out["decode_path"] = results[0].get("decode_path", "")
+    return out
 
 
 SPEED_SAMPLES = {"prefill_tps": "prefill_tps_samples", "decode_tps": "decode_tps_samples"}
@@ -175,9 +225,14 @@ def collect(log_files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
             continue
         rows, warns = parse_log_text(text, str(path))
         warnings += warns
-        params = _manifest_params(path) or {}
+        record = _manifest_record(path)
+        params = _manifest_params(record)
         param_columns.update(dict.fromkeys(params))
-        for row in merge_rounds([{**row, "log_file": str(path)} for row in rows]):
+        merged = merge_rounds([{**row, "log_file": str(path)} for row in rows])
+        results = _json_results(path, record)
+        for row in merged:
+            if results and len(merged) == 1:  # the JSON lines hold the same rounds, at full precision
+                row.update(samples_from_json(results))
             # a run parameter never overwrites a table column of the same name (e.g. threads)
             records.append({**{k: v for k, v in params.items() if k not in row}, **row})
     return records, warnings, list(param_columns)

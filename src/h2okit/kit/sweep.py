@@ -12,7 +12,9 @@ the out-dir, so its layout is the same whichever executor ran the runs.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,11 +26,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from filelock import FileLock, Timeout
+
 from ..io import write_json_atomic
 from .grid import Grid, GridError, Run, expand
 from .parse import parse_log_text
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+LOCK = ".sweep.lock"
 STDERR_TAIL_LINES = 20
 
 
@@ -53,31 +59,72 @@ class RunOutcome:
     seconds: float
     error: str = ""
     round: int = 1
+    results_jsonl: str = ""  # h2okit's llm_bench: its `-o jsonl` stdout (every sample, per window)
+
+
+SCRATCH_PREFIX = "h2okit-run-"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: its own process group (Ctrl-C reaches the driver, which stops it),
+    and SIGKILL when the sweep process dies, even by kill -9 (Linux's parent-death signal)."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the process-group kill on exit still applies
+
+
+def clean_stale_scratch() -> int:
+    """Remove scratch folders left by sweeps that were killed (their pid, in the name, is gone)."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        try:
+            pid = int(folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
-    """Run llm_bench for one spec in a scratch folder; return its log and console texts."""
+    """Run llm_bench for one spec in a scratch folder; return its log, stdout and console texts."""
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="h2okit-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
         config, log = Path(tmp) / "config.json", Path(tmp) / "run.log"
         config.write_text(spec.config_text)
         argv = local_argv(spec.llm_bench) + [a.format(config=config, log=log) for a in spec.args]
         try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)  # Ctrl-C reaches the driver, which stops us
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=_die_with_parent)
         except OSError as exc:
             return RunOutcome(spec.run_id, 127, "", "", time.perf_counter() - started, f"cannot start: {exc}",
                               spec.round)
         try:
-            console, _ = proc.communicate(timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except BaseException:  # KeyboardInterrupt or timeout: do not leave llm_bench running
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         log_text = log.read_text(errors="replace") if log.exists() else ""
     error = "" if proc.returncode == 0 else f"llm_bench exited with {proc.returncode}"
+    json_out = "-o" in spec.args and spec.args[spec.args.index("-o") + 1] == "jsonl"
+    console = stderr if json_out else stdout + stderr
     return RunOutcome(spec.run_id, proc.returncode, log_text, console, time.perf_counter() - started, error,
-                      spec.round)
+                      spec.round, stdout if json_out else "")
 
 
 OWN_LLM_BENCH = ["llm_bench"]
@@ -116,11 +163,30 @@ def build_specs(runs: list[Run], base_config: dict, llm_bench: list[str], ours: 
         config = {**base_config, **run.kv, "thread_num": run.threads}
         args = ["-m", "{config}", "-a", backend, "-t", str(run.threads), "-qatten", str(attention_option),
                 "-kv", "true", "-p", str(run.prompt), "-n", str(run.gen), "-rep", "1", "-fp", "{log}"]
+        if ours:  # h2okit's own binary also prints every sample as JSON lines (kept beside the MNN log)
+            args += ["-o", "jsonl"]
         if quality and ours and round_index == 1:
             args.append("--quality")
         specs[run.run_id] = RunSpec(run.run_id, llm_bench, args, json.dumps(config, indent=1), run.threads,
                                     round_index)
     return specs
+
+
+def check_configs(llm_bench: list[str], configs: dict[str, dict]) -> None:
+    """Every run's config through `llm_bench --check-config` (one process for all) before anything runs."""
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
+        paths = []
+        for run_id, config in configs.items():
+            paths.append(Path(tmp) / f"{run_id}.json")
+            paths[-1].write_text(json.dumps(config))
+        proc = subprocess.run(local_argv(llm_bench) + ["--check-config", *map(str, paths)], capture_output=True,
+                              text=True)
+    if proc.returncode != 0:
+        prefix = "llm_bench: error: "
+        errors = [line[len(prefix):] for line in proc.stderr.splitlines() if line.startswith(prefix)]
+        first = errors[0].replace(tmp + "/", "").replace(".json: ", ": ", 1) if errors else \
+            f"llm_bench --check-config exited with {proc.returncode}"
+        raise GridError(f"run {first}")
 
 
 def log_tables(path: Path) -> int:
@@ -162,7 +228,8 @@ class SweepResult:
 
 def _new_record(run: Run, rounds: int) -> dict:
     return {"run_id": run.run_id, "idx": run.idx, "params": run.params(), "config": f"configs/{run.run_id}.json",
-            "log": f"logs/{run.run_id}.log", "console": f"logs/{run.run_id}.console.txt", "status": "pending",
+            "log": f"logs/{run.run_id}.log", "console": f"logs/{run.run_id}.console.txt",
+            "results": f"logs/{run.run_id}.jsonl", "status": "pending",
             "returncode": None, "seconds": None, "error": "", "stderr_tail": "",
             "rounds": [{"round": r, "status": "pending", "returncode": None, "seconds": None}
                        for r in range(1, rounds + 1)]}
@@ -187,18 +254,35 @@ def _resume_records(out_dir: Path, records: dict[str, dict]) -> None:
         prior = old_runs[rid]
         done = [r for r in prior.get("rounds", []) if r.get("status") == "ok"]
         if len(prior.get("rounds", [])) != len(rec["rounds"]) or log_tables(out_dir / rec["log"]) != len(done):
-            for path in (out_dir / rec["log"], out_dir / rec["console"]):
-                path.unlink(missing_ok=True)
+            for key in ("log", "console", "results"):
+                (out_dir / rec[key]).unlink(missing_ok=True)
             continue
         rec.update({k: prior[k] for k in ("returncode", "seconds", "error", "stderr_tail") if k in prior})
         rec["rounds"] = prior["rounds"]
         rec["status"] = "ok" if len(done) == len(rec["rounds"]) else "pending"
 
 
-def _prepare_out_dir(out_dir: Path, records: dict[str, dict], resume: bool) -> None:
+def _lock_out_dir(out_dir: Path) -> FileLock:
+    """One sweep per out-dir at a time: a second one (say, two `--resume`s) is refused with one line."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GridError(f"--out-dir {out_dir} is a file; give a folder")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GridError(f"--out-dir {out_dir}: cannot create it ({exc.strerror})") from None
+    lock = FileLock(out_dir / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise GridError(f"out-dir {out_dir} is in use by another sweep (lock {out_dir / LOCK}); wait for it to "
+                        f"finish or choose another --out-dir") from None
+    except OSError as exc:
+        raise GridError(f"--out-dir {out_dir}: cannot lock it ({exc.strerror})") from None
+    return lock
+
+
+def _prepare_out_dir(out_dir: Path, records: dict[str, dict], resume: bool) -> None:
+    if any(p.name != LOCK for p in out_dir.iterdir()):
         if not resume:
             raise GridError(f"out-dir {out_dir} is not empty (an earlier sweep?); pass --resume to continue it "
                             f"or choose a new --out-dir")
@@ -209,7 +293,7 @@ def _prepare_out_dir(out_dir: Path, records: dict[str, dict], resume: bool) -> N
 
 def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, out_dir: Path,
           backend: str = "cpu", attention_option: int = 0, resume: bool = False, dry_run: bool = False,
-          executor=None, log=print) -> SweepResult:
+          executor=None) -> SweepResult:
     """Run every run of the grid `grid.repeat` times, interleaved: round r runs each run's r-th
     repetition before round r+1 starts, so all runs see the same phases of the machine (its read
     bandwidth drifts within minutes); a paired comparison per round then cancels the drift."""
@@ -218,11 +302,27 @@ def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, 
         raise GridError("quality columns need h2okit's own llm_bench; drop quality for an external binary")
     runs = expand(grid, {k: v for k, v in base_config.items() if k.startswith("kv_")})
     for note in grid.notes:
-        log(f"note: {note}")
+        log.info("note: %s", note)
+    if ours:
+        check_configs(argv, {rid: json.loads(spec.config_text) for rid, spec in build_specs(
+            runs, base_config, argv, ours, backend, attention_option, False, 1).items()})
+    else:
+        log.info("note: %s is not h2okit's llm_bench: kv_* keys go to it unchecked", llm_bench)
     rounds = {r: build_specs(runs, base_config, argv, ours, backend, attention_option, grid.quality, r)
               for r in range(1, grid.repeat + 1)}
     out_dir = Path(out_dir)
     records = {run.run_id: _new_record(run, grid.repeat) for run in runs}
+    lock = _lock_out_dir(out_dir)
+    try:
+        return _sweep_locked(grid, runs, rounds, records, argv, ours, base_config_path, out_dir, backend,
+                             attention_option, resume, dry_run, executor)
+    finally:
+        lock.release()
+
+
+def _sweep_locked(grid, runs, rounds, records, argv, ours, base_config_path, out_dir, backend, attention_option,
+                  resume, dry_run, executor) -> SweepResult:
+    clean_stale_scratch()
     _prepare_out_dir(out_dir, records, resume)
     manifest = {"tool": "h2okit", "format": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "llm_bench": argv, "llm_bench_is_h2okit": ours, "base_config": str(base_config_path),
@@ -242,8 +342,8 @@ def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, 
     invocations = sum(len(specs) for specs in todo.values())
     skipped = sum(1 for rec in records.values() if rec["status"] == "ok")
     if skipped or (resume and invocations):
-        log(f"resume: {skipped} run(s) already complete, {invocations} invocation(s) of "
-            f"{len(records) * grid.repeat} to run")
+        log.info("resume: %d run(s) already complete, %d invocation(s) of %d to run", skipped, invocations,
+                 len(records) * grid.repeat)
     result = SweepResult(out_dir, len(records), skipped, [])
     if dry_run:
         for specs in todo.values():
@@ -251,7 +351,7 @@ def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, 
                 rec = records[spec.run_id]
                 cmd = local_argv(spec.llm_bench) + [a.format(config=out_dir / rec["config"], log=out_dir / rec["log"])
                                                     for a in spec.args]
-                log(" ".join(str(c) for c in cmd))
+                log.info(" ".join(str(c) for c in cmd))
         save()
         return result
     save()
@@ -306,6 +406,9 @@ def _record_round(rec: dict, outcome: RunOutcome, out_dir: Path, result: SweepRe
     if complete:
         with (out_dir / rec["log"]).open("a") as f:
             f.write(outcome.log_text)
+        if outcome.results_jsonl:
+            with (out_dir / rec["results"]).open("a") as f:
+                f.write(outcome.results_jsonl)
     round_rec = rec["rounds"][outcome.round - 1]
     round_rec.update(status="ok" if complete else "failed", returncode=outcome.returncode,
                      seconds=round(outcome.seconds, 2))

@@ -393,8 +393,15 @@ def decode(frame: bytes) -> Decoded:
     decompressor = _decompressor()
     for i, plane in enumerate(header.planes):
         payload = cur.bytes(plane.length, "payload")
+        expected = tokens * channels
         try:
-            raw = decompressor.decompress(payload, max_output_size=tokens * channels)
+            # zstd allocates a frame's declared content size before it checks anything, so a flipped bit
+            # there would ask for gigabytes: the size must be what the (checksummed) header says.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (expected, zstandard.CONTENTSIZE_UNKNOWN):
+                raise CodecError(f"corrupted gear_delta frame (plane {i} declares {declared} bytes, "
+                                 f"the header {expected})")
+            raw = decompressor.decompress(payload, max_output_size=expected)
         except zstandard.ZstdError as exc:  # includes zstd's content checksum mismatch
             raise CodecError(f"corrupted gear_delta frame (plane {i}: {exc})") from None
         if len(raw) != tokens * channels:

@@ -144,6 +144,22 @@ class KVConfig:
     def codec_on(self) -> bool:
         return self.lossless_enable and self.lossless_codec != "none" and self.lossless_scope != "none"
 
+    def layer_warnings(self, num_layers: int) -> list[str]:
+        """Settings the model's depth clamps (known only once the model is loaded), one line each."""
+        out = []
+        last = num_layers - 1
+        if self.h2o_enable and self.h2o_layer_start > last:
+            out.append(f"kv_h2o_layer_start {self.h2o_layer_start} is beyond the model's {num_layers} layers; "
+                       f"using {last}")
+        if self.h2o_enable and self.h2o_layer_end > last:
+            out.append(f"kv_h2o_layer_end {self.h2o_layer_end} is beyond the model's {num_layers} layers; "
+                       f"using {last}")
+        if self.codec_on and self.lossless_scope in ("front_n", "front_n_and_h2o_kept") and \
+                self.lossless_front_n > num_layers:
+            out.append(f"kv_lossless_front_n {self.lossless_front_n} is more than the model's {num_layers} layers; "
+                       f"the codec covers all {num_layers}")
+        return out
+
     def h2o_layers(self, num_layers: int) -> range:
         """Layer range [start, end] after SPEC §1's clamps; empty if end < start or H2O is off."""
         if not self.h2o_enable or num_layers <= 0:
@@ -214,7 +230,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         elif key in MODEL_KEYS:
             spec = MODEL_KEYS[key]
             value = _check_type(key, value, spec)
-            if spec.clamp is not None:
+            if spec.clamp is not None and spec.clamp(value) != value:
+                warnings.append(f"config key '{key}' = {value} is out of range; using {spec.clamp(value)}")
                 value = spec.clamp(value)
             model[key] = value
         else:
@@ -233,6 +250,9 @@ def _check_budget(kv: KVConfig, warnings: list[str]) -> None:
     if kv.h2o_budget_basis == "tokens" and kv.h2o_budget_tokens < 1:
         raise ConfigError("config key 'kv_h2o_budget_tokens' must be >= 1 with kv_h2o_budget_basis 'tokens' "
                           f"(got {kv.h2o_budget_tokens})")
+    if kv.h2o_enable and kv.h2o_layer_end >= 0 and kv.h2o_layer_end < kv.h2o_layer_start:
+        warnings.append(f"kv_h2o_layer_end {kv.h2o_layer_end} < kv_h2o_layer_start {kv.h2o_layer_start}: H2O is on "
+                        f"but evicts in no layer")
     if not kv.evicting:
         return
     b = kv.h2o_block_tokens

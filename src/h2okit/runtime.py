@@ -7,6 +7,7 @@ collected from the cache. Stats follow SPEC §6; the true whole-cache ratio is o
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,6 +18,8 @@ from .config import KVConfig
 from .model import LoadedModel
 from .policy import lossy_ratio
 from .table import MIB
+
+log = logging.getLogger(__name__)
 
 
 
@@ -110,6 +113,8 @@ class Engine:
             raise ValueError(f"decode path '{decode_path}' unknown; allowed: {', '.join(DECODE_PATHS)}")
         self.loaded = loaded
         self.kv = kv
+        for line in kv.layer_warnings(loaded.num_layers):
+            log.warning("warning: %s", line)
         self.model = loaded.model
         self.fast: FastDecoder | None = None
         self.decode_path_note = "transformers forward, as requested"

@@ -27,6 +27,7 @@ AXIS_FLAGS = {
     "--kv-cache-dtype": "kv_cache_dtype",
 }
 KIT_ERRORS = (GridError, ParseError, AnalyzeError)
+DEFAULT_OUT_DIR = Path("exp/h2o_v2/out")  # the seed's defaults
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-bench", required=True, help="`llm_bench` (h2okit's own) or a path to MNN's llm_bench")
     p.add_argument("--base-config", required=True, help="MNN-style config.json (model keys + kv_* keys)")
-    p.add_argument("--out-dir", required=True, help="a new folder (or an earlier sweep's with --resume)")
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                   help="a new folder (or an earlier sweep's with --resume); default, as the seed's: %(default)s")
     p.add_argument("--backend", default="cpu")
     p.add_argument("--attention-option", type=int, default=0, help="passed to llm_bench as -qatten")
     p.add_argument("--dry-run", action="store_true", help="write configs and manifest, print commands, run nothing")
@@ -64,6 +66,8 @@ def sweep_parser(prog: str = "sweep_h2o_v2.py") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Run a preset sweep (a JSON file of grid axes).")
     _common_run_args(p)
     p.add_argument("--preset", required=True)
+    p.add_argument("--threads", default=None, help="comma list of thread counts, overriding the preset's (the "
+                   "seed's sweep defaults to 4; here the preset's, else the base config's thread_num)")
     return p
 
 
@@ -111,24 +115,38 @@ def _grid(args) -> int:
 
 def sweep_main(argv=None, prog="sweep_h2o_v2.py") -> int:
     args = sweep_parser(prog).parse_args(argv)
-    return _guard(prog, lambda: _run_sweep(load_preset(args.preset), args))
+
+    def run():
+        grid = load_preset(args.preset)
+        if args.threads is not None:
+            grid.axes["threads"] = parse_list(args.threads, int, "--threads")
+        return _run_sweep(grid, args)
+
+    return _guard(prog, run)
 
 
 def parse_main(argv=None, prog="parse_h2o_v2_log.py") -> int:
     p = _Parser(prog=prog, description="llm_bench logs (h2okit's or MNN's tables) -> CSV")
     p.add_argument("--log-dir", default=None)
-    p.add_argument("--log-files", nargs="+", default=None)
-    p.add_argument("--out-csv", required=True)
+    p.add_argument("--log-files", nargs="+", default=None, help="log files: a comma list (as the seed's parser "
+                   "takes them) or separate arguments")
+    p.add_argument("--out-csv", default=str(DEFAULT_OUT_DIR / "h2o_metrics.csv"))
     args = p.parse_args(argv)
 
     def run():
-        files = log_files_from(args.log_dir, args.log_files)
+        names = [name for arg in args.log_files or [] for name in arg.split(",") if name.strip()]
+        files = log_files_from(args.log_dir, names)
         records, warnings, params = collect(files)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         if not records:
             raise ParseError(f"no llm_bench table rows in {len(files)} log file(s)")
-        write_csv(records, Path(args.out_csv), params)
+        try:
+            write_csv(records, Path(args.out_csv), params)
+        except IsADirectoryError:
+            raise ParseError(f"--out-csv {args.out_csv} is a folder; give a file path") from None
+        except OSError as exc:
+            raise ParseError(f"--out-csv {args.out_csv}: cannot write ({exc.strerror})") from None
         print(f"wrote {len(records)} row(s) from {len(files)} log file(s) to {args.out_csv}", file=sys.stderr)
         return 0
 
@@ -139,8 +157,9 @@ def analyze_main(argv=None, prog="analyze_h2o_v2.py") -> int:
     p = _Parser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png. Comparisons with the "
                 "full-cache run are paired (per round for speed, per window for quality) with 95 %% t-CIs; "
                 "each gate criterion is PASS, FAIL or INCONCLUSIVE.")
-    p.add_argument("--csv", required=True)
-    p.add_argument("--out", required=True, help="path of summary.md (summary.json and pareto.png go beside it)")
+    p.add_argument("--csv", default=str(DEFAULT_OUT_DIR / "h2o_metrics.csv"))
+    p.add_argument("--out", default=str(DEFAULT_OUT_DIR / "summary.md"),
+                   help="path of summary.md (summary.json and pareto.png go beside it)")
     p.add_argument("--offline-lossless-json", default=None)
     p.add_argument("--lossy-target", type=float, default=3.0)
     p.add_argument("--lossless-target", type=float, default=1.3)

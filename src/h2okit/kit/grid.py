@@ -40,6 +40,7 @@ AXES: dict[str, tuple[str, type]] = {
     "kv_lossless_runtime_mode": ("kv_lossless_runtime_mode", str),
     "kv_cache_dtype": ("kv_cache_dtype", str),
 }
+RUN_AXES = ("threads", "prompts", "gens")  # the kit's own fields; kv_* values are llm_bench's to check
 # Preset-file spellings that differ from the axis names (the seed's presets use both).
 PRESET_ALIASES = {"h2o_target_lossy_ratio": "h2o_target_lossy_ratios", "h2o_policy": "h2o_policies",
                   "kv_lossless_runtime_modes": "kv_lossless_runtime_mode", "kv_cache_dtypes": "kv_cache_dtype"}
@@ -108,13 +109,15 @@ def _effective(kv: dict[str, Any]) -> dict[str, Any]:
     return eff
 
 
-def expand(grid: Grid, base_kv: dict[str, Any]) -> list[Run]:
+def expand(grid: Grid, base_kv: dict[str, Any], default_threads: int = 2) -> list[Run]:
     """All runs of the grid, in product order, duplicates of ineffective axes dropped (noted)."""
     for name, values in grid.axes.items():
         if name not in AXES:
             raise GridError(f"unknown grid axis '{name}'")
         if not values:
             raise GridError(f"grid axis '{name}' is empty")
+        if name in RUN_AXES and any(v < 1 for v in values):
+            raise GridError(f"{name} must be positive integers, got {', '.join(map(str, values))}")
     names = [n for n in AXES if n in grid.axes]
     runs, seen, collapsed, idle_axes = [], set(), 0, {}
     for combo in itertools.product(*(grid.axes[n] for n in names)):
@@ -124,7 +127,7 @@ def expand(grid: Grid, base_kv: dict[str, Any]) -> list[Run]:
         kv["kv_h2o_log_stats"] = grid.log_stats
         kv["kv_lossless_enable"] = grid.lossless_enable
         merged = {**base_kv, **kv}
-        threads = values.get("threads", 2)
+        threads = values.get("threads", default_threads)
         prompt, gen = values.get("prompts", 512), values.get("gens", 128)
         effective = _effective(merged)
         key = json.dumps([threads, prompt, gen, effective], sort_keys=True)

@@ -143,6 +143,8 @@ def resolve_llm_bench(value: str) -> tuple[list[str], bool]:
     if value in ("llm_bench", "h2okit"):
         return list(OWN_LLM_BENCH), True
     path = Path(value)
+    if path.is_dir():
+        raise GridError(f"--llm-bench {value} is a folder; give the llm_bench binary (or `llm_bench` for h2okit's)")
     if not path.exists():
         raise GridError(f"llm_bench not found at {value}; pass `llm_bench` for h2okit's own, or the path to "
                         f"an MNN llm_bench binary")
@@ -181,6 +183,11 @@ def check_configs(llm_bench: list[str], configs: dict[str, dict]) -> None:
             paths[-1].write_text(json.dumps(config))
         proc = subprocess.run(local_argv(llm_bench) + ["--check-config", *map(str, paths)], capture_output=True,
                               text=True)
+    clamps = [line.split("warning: ", 1)[1] for line in proc.stderr.splitlines()
+              if line.startswith("llm_bench: warning: ") and "out of range" in line]
+    if proc.returncode == 0 and clamps:  # a swept value must run as given, or the run id would lie
+        first = clamps[0].replace(tmp + "/", "").replace(".json: ", ": ", 1)
+        raise GridError(f"run {first}; give values in range (llm_bench would clamp them)")
     if proc.returncode != 0:
         prefix = "llm_bench: error: "
         errors = [line[len(prefix):] for line in proc.stderr.splitlines() if line.startswith(prefix)]
@@ -300,7 +307,9 @@ def sweep(grid: Grid, base_config: dict, base_config_path: str, llm_bench: str, 
     argv, ours = resolve_llm_bench(llm_bench)
     if grid.quality and not ours:
         raise GridError("quality columns need h2okit's own llm_bench; drop quality for an external binary")
-    runs = expand(grid, {k: v for k, v in base_config.items() if k.startswith("kv_")})
+    threads = base_config.get("thread_num", 2)
+    runs = expand(grid, {k: v for k, v in base_config.items() if k.startswith("kv_")},
+                  threads if isinstance(threads, int) and threads >= 1 else 2)
     for note in grid.notes:
         log.info("note: %s", note)
     if ours:

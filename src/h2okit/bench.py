@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import __version__, table
 from .clikit import guard, setup_logging
-from .config import ConfigError, emit_warnings, load_config
+from .config import DECODE_PATHS, ConfigError, emit_warnings, load_config
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
 
@@ -62,8 +62,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runtime import DECODE_PATHS
-
     p = _Parser(prog="llm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"llm_bench (h2okit {__version__})")
     p.add_argument("-m", "--config", default=None, help="config.json (model keys and kv_* keys); required")
@@ -203,19 +201,22 @@ def check_configs(paths: list[str]) -> None:
     """--check-config: each file validated as `-m` would be (the model is resolved, not loaded)."""
     from .model import resolve_model_path
 
-    bad = 0
+    bad = []
     for path in paths:
         try:
             config = load_config(path)
             resolve_model_path(config)
         except ConfigError as exc:
-            print(f"llm_bench: error: {path}: {exc}", file=sys.stderr)
-            bad += 1
+            bad.append(f"{path}: {exc}")
+            if len(paths) > 1:
+                print(f"llm_bench: invalid: {bad[-1]}", file=sys.stderr)
             continue
         for line in config.warnings:
             print(f"llm_bench: warning: {path}: {line}", file=sys.stderr)
+    if len(bad) == 1 and len(paths) == 1:
+        raise BenchError(bad[0])
     if bad:
-        raise BenchError(f"{bad} of {len(paths)} config(s) invalid")
+        raise BenchError(f"{len(bad)} of {len(paths)} configs invalid; the first: {bad[0]}")
     print(f"llm_bench: {len(paths)} config(s) valid", file=sys.stderr)
 
 
@@ -233,32 +234,38 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _check_writable(path: Path) -> None:
-    """-fp is checked before anything runs, so a long benchmark is never lost at the end."""
+    """-fp is opened for appending before anything runs (MNN creates it too), so a long benchmark is
+    never lost at the end for want of a writable log."""
     if path.is_dir():
         raise BenchError(f"-fp {path} is a folder; give a file to append the table to")
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    target = path if path.exists() else existing
-    if not os.access(target, os.W_OK):
-        raise BenchError(f"-fp {path}: not writable ({target} denies writing)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise BenchError(f"-fp {path}: cannot append to it ({exc.strerror or exc})") from None
 
 
-def _quality_evaluator(args, engine, texts):
+def _quality_settings(args):
+    """The quality flags, checked before anything loads."""
     if not args.quality:
         return None
-    from .quality import QualityEvaluator, QualitySettings
+    from .corpus import BOOKS, WINDOW_FRACTIONS
+    from .quality import QualitySettings
 
     try:
         depths = tuple(float(d) for d in args.passkey_depths.split(",") if d.strip())
     except ValueError:
-        raise BenchError(f"--passkey-depths takes a comma list of fractions, got '{args.passkey_depths}'") \
-            from None
-    if any(not 0 <= d <= 1 for d in depths) or args.quality_windows < 1 or args.quality_tokens < 2:
-        raise BenchError("quality settings out of range (depths in [0,1], windows >= 1, tokens >= 2)")
-    return QualityEvaluator(engine, texts, QualitySettings(
-        windows=args.quality_windows, tokens=args.quality_tokens, passkey_depths=depths))
+        raise BenchError(f"--passkey-depths takes a comma list of fractions in [0, 1], got "
+                         f"'{args.passkey_depths}'") from None
+    if any(not 0 <= d <= 1 for d in depths):
+        raise BenchError(f"--passkey-depths takes fractions in [0, 1], got '{args.passkey_depths}'")
+    most = len(BOOKS) * len(WINDOW_FRACTIONS) if args.corpus is None else None
+    if args.quality_windows < 1 or (most is not None and args.quality_windows > most):
+        raise BenchError(f"--quality-windows must be in 1..{most or 'texts x fractions'}, got {args.quality_windows}")
+    if args.quality_tokens < 2:
+        raise BenchError(f"--quality-tokens must be >= 2, got {args.quality_tokens}")
+    return QualitySettings(windows=args.quality_windows, tokens=args.quality_tokens, passkey_depths=depths)
 
 
 def _check_context(args, loaded) -> None:
@@ -300,21 +307,23 @@ def _measure(engine, loaded, texts, evaluator, threads: int, p: int, n: int, rep
 
 def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
     """Measure every (threads, p, n); returns the stdout text and the results."""
-    import torch
-
-    from .corpus import load_texts
-    from .fastpath import FastPathUnavailable
-    from .model import load_model, resolve_model_path
-    from .runtime import Engine
-
     if args.check_config:
         check_configs(args.check_config)
         return "", []
     if args.config is None:
         raise BenchError("-m CONFIG.json is required")
     _check_flags(args)
+    settings = _quality_settings(args)
     config = load_config(args.config)
     emit_warnings(config)
+    import torch
+
+    from .corpus import load_texts
+    from .fastpath import FastPathUnavailable
+    from .model import load_model, resolve_model_path
+    from .quality import QualityEvaluator
+    from .runtime import Engine
+
     precision = config.model["precision"]
     model_path = resolve_model_path(config)
     texts = load_texts(args.corpus)
@@ -326,7 +335,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
         raise BenchError(f"--decode-path fast: {exc}") from None
     print(f"[llm_bench] decode path: {engine.decode_path_used} ({engine.decode_path_note})",
           file=sys.stderr, flush=True)
-    evaluator = _quality_evaluator(args, engine, texts)
+    evaluator = QualityEvaluator(engine, texts, settings) if settings is not None else None
     results = []
     for threads in args.threads or [config.threads]:
         torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .clikit import guard, setup_logging
+from .clikit import OneLineParser, guard, setup_logging
 from .config import ConfigError
 from .corpus import CorpusError
 from .offline import OfflineError
@@ -91,7 +91,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="h2okit", description="H2O KV-cache compression kit")
+    parser = OneLineParser(prog="h2okit", description="H2O KV-cache compression kit")
     parser.add_argument("--version", action="version", version=f"h2okit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("grid", "sweep a grid given as comma-list flags (the seed's run_h2o_v2_bench.py)"),

@@ -3,15 +3,31 @@ bad input, 130 for Ctrl-C, never a traceback for an expected error), and comma l
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test may have swapped it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Library modules log through `logging.getLogger(__name__)`; a command shows them on stderr as
     plain lines. Application-level only: library code never touches global logging or warnings."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("h2okit")
     if not root.handlers:
@@ -37,6 +53,14 @@ def guard(prog: str, fn: Callable[[], int], errors: tuple[type[BaseException], .
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`PROG: error: ...`, exit 2) instead of usage + error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def comma_list(text: str, kind: type, flag: str, error: type[Exception]) -> list:

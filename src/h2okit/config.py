@@ -20,6 +20,8 @@ from .policy import BUDGET_BASES, POLICIES
 
 # KV storage dtypes (names as torch spells them); the runtime maps them to torch dtypes.
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# How decode steps run: C kernels where the model allows (auto), always (fast), or the transformers forward.
+DECODE_PATHS = ("auto", "fast", "reference")
 
 
 class ConfigError(ValueError):
@@ -268,18 +270,9 @@ def _check_budget(kv: KVConfig, warnings: list[str]) -> None:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; model file keys stay as written (see resolve_model_path)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    return parse_config(raw, path)
+    from .io import read_json
+
+    return parse_config(read_json(Path(path), "config file", ConfigError), Path(path))
 
 
 def emit_warnings(config: Config, stream=sys.stderr) -> None:

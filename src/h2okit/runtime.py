@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .cache import H2OCache
-from .config import KVConfig
+from .config import DECODE_PATHS, KVConfig
 from .model import LoadedModel
 from .policy import lossy_ratio
 from .table import MIB
@@ -95,7 +95,6 @@ def collect_stats(cache: H2OCache) -> RequestStats:
     return stats
 
 
-DECODE_PATHS = ("auto", "fast", "reference")
 
 
 class Engine:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..clikit import guard, setup_logging
+from ..clikit import OneLineParser, guard, setup_logging
 from .analyze import (MAX_DECODE_DROP, MAX_PPL_INCREASE, MAX_PREFILL_DROP, AnalyzeError, GateSettings,
                       analyze)
 from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, parse_list
@@ -30,12 +30,6 @@ KIT_ERRORS = (GridError, ParseError, AnalyzeError)
 DEFAULT_OUT_DIR = Path("exp/h2o_v2/out")  # the seed's defaults
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-bench", required=True, help="`llm_bench` (h2okit's own) or a path to MNN's llm_bench")
     p.add_argument("--base-config", required=True, help="MNN-style config.json (model keys + kv_* keys)")
@@ -50,7 +44,7 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def grid_parser(prog: str = "run_h2o_v2_bench.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Sweep a grid of H2O/codec settings through llm_bench. "
+    p = OneLineParser(prog=prog, description="Sweep a grid of H2O/codec settings through llm_bench. "
                                        "List flags take comma lists; the grid is their Cartesian product.")
     _common_run_args(p)
     p.add_argument("--repeat", type=int, default=3)
@@ -63,7 +57,7 @@ def grid_parser(prog: str = "run_h2o_v2_bench.py") -> argparse.ArgumentParser:
 
 
 def sweep_parser(prog: str = "sweep_h2o_v2.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Run a preset sweep (a JSON file of grid axes).")
+    p = OneLineParser(prog=prog, description="Run a preset sweep (a JSON file of grid axes).")
     _common_run_args(p)
     p.add_argument("--preset", required=True)
     p.add_argument("--threads", default=None, help="comma list of thread counts, overriding the preset's (the "
@@ -126,7 +120,7 @@ def sweep_main(argv=None, prog="sweep_h2o_v2.py") -> int:
 
 
 def parse_main(argv=None, prog="parse_h2o_v2_log.py") -> int:
-    p = _Parser(prog=prog, description="llm_bench logs (h2okit's or MNN's tables) -> CSV")
+    p = OneLineParser(prog=prog, description="llm_bench logs (h2okit's or MNN's tables) -> CSV")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--log-files", nargs="+", default=None, help="log files: a comma list (as the seed's parser "
                    "takes them) or separate arguments")
@@ -154,7 +148,7 @@ def parse_main(argv=None, prog="parse_h2o_v2_log.py") -> int:
 
 
 def analyze_main(argv=None, prog="analyze_h2o_v2.py") -> int:
-    p = _Parser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png. Comparisons with the "
+    p = OneLineParser(prog=prog, description="CSV -> summary.md, summary.json, pareto.png. Comparisons with the "
                 "full-cache run are paired (per round for speed, per window for quality) with 95 %% t-CIs; "
                 "each gate criterion is PASS, FAIL or INCONCLUSIVE.")
     p.add_argument("--csv", default=str(DEFAULT_OUT_DIR / "h2o_metrics.csv"))

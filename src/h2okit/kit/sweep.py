@@ -191,9 +191,9 @@ def check_configs(llm_bench: list[str], configs: dict[str, dict]) -> None:
     if proc.returncode != 0:
         prefix = "llm_bench: error: "
         errors = [line[len(prefix):] for line in proc.stderr.splitlines() if line.startswith(prefix)]
-        first = errors[0].replace(tmp + "/", "").replace(".json: ", ": ", 1) if errors else \
+        first = errors[0].split("the first: ", 1)[-1] if errors else \
             f"llm_bench --check-config exited with {proc.returncode}"
-        raise GridError(f"run {first}")
+        raise GridError(f"run {first.replace(tmp + '/', '').replace('.json: ', ': ', 1)}")
 
 
 def log_tables(path: Path) -> int:

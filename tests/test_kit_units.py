@@ -219,3 +219,30 @@ def test_analyze_reads_a_csv_of_the_original_parser(tmp_path):
              "h2o_lossless": "1.400 ± 0.000", "log_file": "a.log"}]
     s = analyze(_sweep_csv(tmp_path, rows), tmp_path / "s.md")
     assert s["best_decode"]["value"] == 50.0 and s["best_lossy"]["value"] == 3.0
+
+
+def test_summary_keeps_the_original_kits_fields(tmp_path):
+    """The original analyzer's sections and `- key: value` lines, computed our way (the real Pareto set,
+    the gate's verdicts), so scripts written for it keep reading them."""
+    import re
+
+    rows = [{"model": "m", "run_id": "full", "kv_h2o_policy": "full", "kv_true_ratio_mean": 1.0,
+             "decode_tps_mean": 50.0, "decode_tps_samples": "[50, 51, 49]", "log_file": "a.log"},
+            {"model": "m", "run_id": "h2o", "kv_h2o_policy": "h2o", "kv_true_ratio_mean": 2.0, "h2o_lossy_mean": 3.0,
+             "h2o_lossless_mean": 1.4, "decode_tps_mean": 55.0, "decode_tps_samples": "[55, 56, 54]",
+             "log_file": "b.log"}]
+    offline = tmp_path / "offline.json"
+    offline.write_text(json.dumps({"weighted_lossless_ratio": 1.45, "selected_layers": [0, 1], "selected_entries": 4}))
+    s = analyze(_sweep_csv(tmp_path, rows), tmp_path / "summary.md", GateSettings(decode_baseline="auto"),
+                offline_json=offline)
+    md = (tmp_path / "summary.md").read_text()
+    fields = dict(re.findall(r"^- (\w+): (.+)$", md, flags=re.M))
+    assert fields["quality_status"] == "PASS" and fields["overall_pass"] == "true"
+    assert fields["lossy_best"] == "3.0000" and fields["lossy_pass"] == "true"
+    assert fields["lossless_source"] == "offline" and fields["lossless_value"] == "1.4500"
+    assert fields["offline_selected_entries"] == "4" and fields["offline_selected_layers"] == "[0, 1]"
+    assert "## Best Total Ratio" in md and "## Pareto Top-5 (by total ratio then decode)" in md
+    assert re.search(r"^1\. total=2\.0000, decode=55\.00, lossy=3\.0000, lossless=1\.4000, log=`b\.log`$", md, re.M)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["overall_pass"] is True and saved["lossless_source"] == "offline"
+    assert s["seed"]["pareto_top5"][0]["run"] == "h2o"

@@ -143,6 +143,8 @@ def offline_lossless(dump_dir: Path, scope: str, front_n: int, stage: str = "fin
     return {
         "codec": "gear_delta", "scope": scope, "front_n": front_n, "stage": stage, "dtype": measured_dtype,
         "layers": layers, "weighted_lossless_ratio": raw / packed, "lossless_ratio": float(np.mean(ratios)),
+        # the names the original kit's analyzer reads: layers measured and K/V tensors (entries) in them
+        "selected_layers": list(layers), "selected_entries": 2 * len(layers),
         **totals, "k_ratio": totals["k_raw_bytes"] / totals["k_compressed_bytes"],
         "v_ratio": totals["v_raw_bytes"] / totals["v_compressed_bytes"],
         "encode_mb_s": raw / 1e6 / encode_s if encode_s else None,

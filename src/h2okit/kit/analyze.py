@@ -281,8 +281,9 @@ def analyze(csv_path: Path, out_md: Path, gate: GateSettings | None = None,
             offline_json: Path | None = None) -> dict:
     gate = gate or GateSettings()
     df = load(csv_path)
-    if offline_json is not None:
-        gate.offline_ratio = _offline_ratio(offline_json)
+    offline = _offline_report(offline_json) if offline_json is not None else None
+    if offline is not None:
+        gate.offline_ratio = float(offline["weighted_lossless_ratio"])
     compression, quality = _objectives(df, gate)
     objectives = [compression, Objective("decode_tps_mean", "decode tok/s", +1)] + ([quality] if quality else [])
     _mark_pareto(df, objectives)
@@ -311,14 +312,71 @@ def analyze(csv_path: Path, out_md: Path, gate: GateSettings | None = None,
         "comparisons": _comparisons(df, gate),
         "gate": judge(df, gate),
     }
+    summary["seed"] = seed_fields(df, summary, gate, offline)
+    summary.update({k: v for k, v in summary["seed"].items() if k != "pareto_top5"})  # top level, as the seed
     out_md = Path(out_md)
     _write_outputs(df, summary, compression, quality, out_md)
     return summary
 
 
-def _offline_ratio(offline_json: Path) -> float:
+def seed_fields(df: pd.DataFrame, summary: dict, gate: GateSettings, offline: dict | None) -> dict:
+    """The fields the original kit's summary had (scripts read them), computed our way: the gate's
+    verdicts (CIs, three answers), the real Pareto set (top 5 by compression, then decode speed)."""
+    criteria = summary["gate"]["criteria"]
+    lossy = [c for c in criteria if c["name"] == "lossy ratio"]
+    lossless = [c for c in criteria if c["name"] == "lossless ratio"]
+    lossy_best = float(df["h2o_lossy_mean"].max()) if "h2o_lossy_mean" in df and df["h2o_lossy_mean"].notna().any() \
+        else float("nan")
+    if gate.offline_ratio is not None:
+        source, lossless_value = "offline", gate.offline_ratio
+    else:
+        source = "runtime"
+        lossless_value = float(df["h2o_lossless_mean"].max()) if "h2o_lossless_mean" in df and \
+            df["h2o_lossless_mean"].notna().any() else float("nan")
+    compression = summary["objectives"][0]["column"]
+    front = df[df["pareto"]].sort_values([compression, "decode_tps_mean"], ascending=False).head(5)
+    out = {"quality_status": summary["gate"]["overall"], "lossy_target": gate.lossy_target,
+           "lossy_best": lossy_best, "lossy_pass": any(c["verdict"] == "PASS" for c in lossy),
+           "lossless_target": gate.lossless_target, "lossless_source": source, "lossless_value": lossless_value,
+           "lossless_pass": any(c["verdict"] == "PASS" for c in lossless),
+           "overall_pass": summary["gate"]["overall"] == "PASS",
+           "pareto_top5": [{"run": r["label"], "total": float(r[compression]), "decode": float(r["decode_tps_mean"]),
+                            "lossy": float(r.get("h2o_lossy_mean", np.nan)),
+                            "lossless": float(r.get("h2o_lossless_mean", np.nan)), "log": str(r.get("log_file", ""))}
+                           for _, r in front.iterrows()]}
+    if offline:
+        out["offline_selected_entries"] = int(offline.get("selected_entries", 0))
+        out["offline_selected_layers"] = list(offline.get("selected_layers", offline.get("layers", [])))
+    return out
+
+
+def _seed_md(s: dict) -> list[str]:
+    """The original summary's sections and `- key: value` lines, so its readers keep working."""
+    f = s["seed"]
+    best = s.get("best_true_ratio") or s.get("best_seed_total")
+    lines = ["", "## Best Total Ratio", ""]
+    if best:
+        lines += [f"- total ratio: {best['value']:.4f} ({s['objectives'][0]['label']})", f"- run: {best['run']}"]
+    lines += ["", "## Pareto Top-5 (by total ratio then decode)", "",
+              "The real non-dominated set (not a sort), its five with the most compression:", ""]
+    for i, r in enumerate(f["pareto_top5"], 1):
+        lines.append(f"{i}. total={r['total']:.4f}, decode={r['decode']:.2f}, lossy={r['lossy']:.4f}, "
+                     f"lossless={r['lossless']:.4f}, log=`{r['log']}`")
+    bools = lambda v: "true" if v else "false"  # noqa: E731
+    lines += ["", "## Quality Gate", "", f"- quality_status: {f['quality_status']}",
+              f"- lossy_target: {f['lossy_target']:.4f}", f"- lossy_best: {f['lossy_best']:.4f}",
+              f"- lossy_pass: {bools(f['lossy_pass'])}", f"- lossless_target: {f['lossless_target']:.4f}",
+              f"- lossless_source: {f['lossless_source']}", f"- lossless_value: {f['lossless_value']:.4f}",
+              f"- lossless_pass: {bools(f['lossless_pass'])}", f"- overall_pass: {bools(f['overall_pass'])}"]
+    if "offline_selected_entries" in f:
+        lines += [f"- offline_selected_entries: {f['offline_selected_entries']}",
+                  f"- offline_selected_layers: {f['offline_selected_layers']}"]
+    return lines + [""]
+
+
+def _offline_report(offline_json: Path) -> dict:
     try:
-        text = Path(offline_json).read_text()
+        text = Path(offline_json).read_text(errors="replace")
     except OSError as exc:
         raise AnalyzeError(f"--offline-lossless-json {offline_json}: cannot read ({exc.strerror})") from None
     try:
@@ -327,10 +385,11 @@ def _offline_ratio(offline_json: Path) -> float:
         raise AnalyzeError(f"--offline-lossless-json {offline_json} is not JSON ({exc}); make it with "
                            f"`h2okit offline-lossless --out-json`") from None
     try:
-        return float(data["weighted_lossless_ratio"])
+        float(data["weighted_lossless_ratio"])
     except (KeyError, TypeError, ValueError):
         raise AnalyzeError(f"{offline_json} has no weighted_lossless_ratio (make it with "
                            f"`h2okit offline-lossless --out-json`)") from None
+    return data
 
 
 def _objectives(df: pd.DataFrame, gate: GateSettings) -> tuple[Objective, Objective | None]:
@@ -452,6 +511,7 @@ def _markdown(df: pd.DataFrame, s: dict, compression: Objective, quality: Object
             lines.append(f"| {what} | {s[key]['run']} | {_fmt(s[key]['value'])} | {source} |")
     lines += _pareto_md(df, s, compression)
     lines += _gate_md(s)
+    lines += _seed_md(s)
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from . import __version__, table
 from .clikit import guard, setup_logging
 from .config import DECODE_PATHS, ConfigError, emit_warnings, load_config
+from .resources import find
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
 
@@ -314,7 +315,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
         raise BenchError("-m CONFIG.json is required")
     _check_flags(args)
     settings = _quality_settings(args)
-    config = load_config(args.config)
+    config = load_config(find("configs", args.config))
     emit_warnings(config)
     import torch
 

@@ -12,9 +12,10 @@ from .clikit import OneLineParser, guard, setup_logging
 from .config import ConfigError
 from .corpus import CorpusError
 from .offline import OfflineError
+from .resources import default_config
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m.json"
+DEFAULT_CONFIG = default_config()
 
 
 class CLIError(Exception):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..clikit import OneLineParser, guard, setup_logging
+from ..resources import find, names
 from .analyze import (MAX_DECODE_DROP, MAX_PPL_INCREASE, MAX_PREFILL_DROP, AnalyzeError, GateSettings,
                       analyze)
 from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, parse_list
@@ -32,7 +33,8 @@ DEFAULT_OUT_DIR = Path("exp/h2o_v2/out")  # the seed's defaults
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-bench", required=True, help="`llm_bench` (h2okit's own) or a path to MNN's llm_bench")
-    p.add_argument("--base-config", required=True, help="MNN-style config.json (model keys + kv_* keys)")
+    p.add_argument("--base-config", required=True, help=f"MNN-style config.json (model keys + kv_* keys), or "
+                   f"the name of a shipped one ({', '.join(names('configs'))})")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
                    help="a new folder (or an earlier sweep's with --resume); default, as the seed's: %(default)s")
     p.add_argument("--backend", default="cpu")
@@ -59,7 +61,8 @@ def grid_parser(prog: str = "run_h2o_v2_bench.py") -> argparse.ArgumentParser:
 def sweep_parser(prog: str = "sweep_h2o_v2.py") -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Run a preset sweep (a JSON file of grid axes).")
     _common_run_args(p)
-    p.add_argument("--preset", required=True)
+    p.add_argument("--preset", required=True, help=f"a preset file, or the name of a shipped one "
+                   f"({', '.join(names('presets'))})")
     p.add_argument("--threads", default=None, help="comma list of thread counts, overriding the preset's (the "
                    "seed's sweep defaults to 4; here the preset's, else the base config's thread_num)")
     return p
@@ -78,7 +81,7 @@ def _run_sweep(grid: Grid, args) -> int:
 
     if grid.repeat < 1:
         raise GridError(f"--repeat must be >= 1, got {grid.repeat}")
-    base = normalize_base_config(args.base_config)
+    base = normalize_base_config(find("configs", args.base_config))
     result = sweep(grid, base, args.base_config, args.llm_bench, Path(args.out_dir), backend=args.backend,
                    attention_option=args.attention_option, resume=args.resume, dry_run=args.dry_run,
                    executor=_executor(args))
@@ -111,7 +114,7 @@ def sweep_main(argv=None, prog="sweep_h2o_v2.py") -> int:
     args = sweep_parser(prog).parse_args(argv)
 
     def run():
-        grid = load_preset(args.preset)
+        grid = load_preset(find("presets", args.preset))
         if args.threads is not None:
             grid.axes["threads"] = parse_list(args.threads, int, "--threads")
         return _run_sweep(grid, args)

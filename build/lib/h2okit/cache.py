@@ -1,0 +1,377 @@
+"""The KV cache as per-layer objects behind transformers' `Cache` interface.
+
+Each `H2OLayer` stores its layer's K/V (`[1, kv_heads, tokens, head_dim]`, keys after
+RoPE), counts every token it has ever been given, and, if it is an H2O layer, owns a
+pure `LayerPolicy`. After each decode step the attention function hands the layer the
+step's attention mass; the layer scores, plans and compacts itself. Only that layer is
+touched: plans are per layer (SPEC §9: one plan for all layers was a defect).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import CACHE_DTYPES, KVConfig
+from .lossless import LayerCodec
+from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights
+
+log = logging.getLogger(__name__)
+DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [1, heads, T, dim] -> [1, heads, n, dim]: tokens `index` [1, n] of every head, or [heads, n],
+    each head its own."""
+    if index.shape[0] == 1:
+        return x.index_select(2, index[0])
+    return torch.gather(x, 2, index[None, :, :, None].expand(1, -1, -1, x.shape[-1]))
+
+
+class KVBuffer:
+    """One layer's K and V in preallocated `[1, heads, capacity, dim]` buffers: a decode step writes
+    its token in place instead of concatenating (copying) the whole cache, and compaction moves
+    the kept tokens to the front in place. Capacity grows by doubling, so appends are amortised O(1)."""
+
+    HEADROOM = 256  # free slots added on (re)allocation
+
+    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor, dtype: torch.dtype):
+        self.length = 0
+        self.k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=dtype)
+        self.v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed + self.HEADROOM, 2 * self.capacity)
+        k = self.k.new_empty((*self.k.shape[:2], capacity, self.k.shape[-1]))
+        v = self.v.new_empty((*self.v.shape[:2], capacity, self.v.shape[-1]))
+        k[:, :, :self.length] = self.k[:, :, :self.length]
+        v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k, self.v = k, v
+
+    def next_slot(self) -> tuple[int, int, int]:
+        """(K address, V address, head stride in elements) of the slot the next token goes to, for a
+        kernel that writes it directly; `commit(1)` then counts it."""
+        self._reserve(self.length + 1)
+        offset = self.length * self.k.shape[-1] * self.k.element_size()
+        return self.k.data_ptr() + offset, self.v.data_ptr() + offset, self.k.stride(1)
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        self._reserve(self.length + n)
+        self.k[:, :, self.length:self.length + n] = keys  # casts to the storage dtype
+        self.v[:, :, self.length:self.length + n] = values
+        self.length += n
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep tokens `index` ([1, n] for all heads, or [kv_heads, n] per head; ascending per row),
+        moved to the front in order. The gathers copy before the write: no aliasing."""
+        n = index.shape[1]
+        self.k[:, :, :n] = gather_tokens(self.k[:, :, :self.length], index)
+        self.v[:, :, :n] = gather_tokens(self.v[:, :, :self.length], index)
+        self.length = n
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these tokens (after store mode moved some of them out)."""
+        self.length = 0
+        self.append(keys, values)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
+class H2OLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, policy: LayerPolicy | None, store_dtype: torch.dtype,
+                 on_event=None, codec: LayerCodec | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.codec = codec
+        self.store_dtype = store_dtype
+        self.on_event = on_event
+        self.tokens_seen = 0
+        self._step_kv = None  # store mode: this step's decoded cold + hot K/V, dropped after the step
+
+    @property
+    def stores_cold(self) -> bool:
+        return self.codec is not None and self.codec.mode == "store"
+
+    # --- transformers' CacheLayerMixin interface -------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.compute_dtype = key_states.dtype
+        self.buffer = KVBuffer(key_states, value_states, self.store_dtype)
+        self.keys, self.values = self.buffer.views()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.append(key_states, value_states)
+        if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
+            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        return keys, values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new tokens; returns all of the layer's K/V in storage dtype (both decode paths use this)."""
+        if key_states.shape[0] != 1:
+            raise ValueError("h2okit's cache serves batch size 1 (one request at a time)")
+        self.buffer.append(key_states, value_states)
+        return self._grown(key_states.shape[-2])
+
+    def _grown(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer holds `n` more tokens: refresh the views and the count; all K/V as `full_kv`."""
+        self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
+        self.tokens_seen += n
+        return self.full_kv()
+
+    def decode_slot(self) -> tuple[int, int, int] | None:
+        """Where a kernel may write the next decode token's K/V directly (see KVBuffer.next_slot), or
+        None when it must go through `append` (store mode re-packs cold frames around appends)."""
+        if not self.is_initialized or self.stores_cold:
+            return None
+        return self.buffer.next_slot()
+
+    def commit_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token written into `decode_slot` is in; returns all K/V as `append` does."""
+        self.buffer.commit(1)
+        return self._grown(1)
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""
+        self._step_kv = None
+        cold = self.codec.load_cold() if self.stores_cold else None
+        if cold is None:
+            return self.keys, self.values
+        self._step_kv = (torch.cat([cold[0], self.keys], dim=2), torch.cat([cold[1], self.values], dim=2))
+        return self._step_kv
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2] + (self.codec.cold_tokens if self.stores_cold else 0)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.buffer = None
+        self.is_initialized = False
+        self.tokens_seen = 0
+        self._step_kv = None
+        if self.policy is not None:
+            self.policy.reset()
+        if self.codec is not None:
+            self.codec.reset()
+
+    # --- H2O ---------------------------------------------------------------------------
+    @property
+    def scores_prefill(self) -> bool:
+        return self.needs_mass and self.policy.score_prefill
+
+    @property
+    def needs_mass(self) -> bool:
+        """Does this layer's decode step need the attention mass (an evicting, attention-scored layer)?"""
+        return self.policy is not None and self.policy.uses_attention
+
+    def block_mass(self, head_mass: torch.Tensor) -> np.ndarray:
+        """[kv_heads, T] per-token mass -> [kv_heads, blocks] sums, in torch, so only one value per
+        head and block crosses into numpy."""
+        b = self.policy.params.block_tokens
+        mass = head_mass.detach().float()
+        if b == 1:
+            return mass.to(torch.float64).numpy()
+        padded = torch.nn.functional.pad(mass, (0, -mass.shape[-1] % b))
+        return padded.view(mass.shape[0], -1, b).sum(dim=2).to(torch.float64).numpy()
+
+    def value_norms(self) -> np.ndarray:
+        """[kv_heads, blocks]: the mean L2 norm of each block's value vectors, per KV head."""
+        _, values = self._step_kv if self._step_kv is not None else self.full_kv()
+        norms = values[0].float().norm(dim=-1)  # [kv_heads, T]
+        b = self.policy.params.block_tokens
+        t = norms.shape[-1]
+        sums = torch.nn.functional.pad(norms, (0, -t % b)).view(norms.shape[0], -1, b).sum(-1)
+        counts = torch.full((sums.shape[1],), float(b))
+        if t % b:
+            counts[-1] = t % b
+        return (sums / counts).to(torch.float64).numpy()
+
+    def observe_prefill(self, head_mass: torch.Tensor) -> None:
+        self.policy.observe_blocks(self.block_mass(head_mass), decode_step=False)
+
+    def after_decode_step(self, head_mass: torch.Tensor | None) -> None:
+        """After a decode step's attention: scoring and eviction, then the codec's cadence.
+        `head_mass` is the step's attention mass per KV head and cached token, [kv_heads, T]
+        (None when the layer needs none: see `needs_mass`)."""
+        if self.policy is not None:
+            if head_mass is not None:
+                self.policy.observe_blocks(self.block_mass(head_mass))
+            else:
+                self.policy.tick()
+            kv = self.get_seq_length()
+            norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(kv) else None
+            event = self.policy.maybe_plan(kv, self.tokens_seen, norms)
+            if event is not None:
+                self.compact(event.plan)
+                self.policy.applied(event.plan)
+                if self.on_event is not None:
+                    self.on_event(event)
+        if self.codec is not None and self.codec.due(self.get_seq_length()):
+            if self.stores_cold:
+                self.buffer.replace(*self.codec.store_cold(self.keys, self.values))
+                self.keys, self.values = self.buffer.views()
+            else:
+                self.codec.measure(self.keys, self.values)
+        self._step_kv = None
+
+    def compact(self, plan: KeepPlan) -> None:
+        """Really remove evicted tokens: kept runs move to the front, in order (all KV heads)."""
+        if plan.kv != self.get_seq_length():
+            raise ValueError(f"layer {self.layer_idx}: plan for {plan.kv} tokens, layer holds "
+                             f"{self.get_seq_length()}")
+        index = torch.from_numpy(plan.kept_token_indices()).to(self.keys.device)
+        if self.stores_cold and self.codec.cold:  # everything is raw again; the codec re-packs the cold part
+            keys, values = self._step_kv if self._step_kv is not None else self.full_kv()
+            self.codec.cold = []
+            self.buffer.replace(gather_tokens(keys, index), gather_tokens(values, index))
+        else:
+            self.buffer.keep(index)
+        self.keys, self.values = self.buffer.views()
+        self._step_kv = None
+
+    @property
+    def _cold_bytes(self) -> int:
+        return self.codec.cold_compressed_bytes if self.stores_cold else 0
+
+    @property
+    def physical_bytes(self) -> int:
+        """Bytes of the live raw tokens plus the cold frames."""
+        if self.keys is None:
+            return 0
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + self._cold_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
+        return 0 if self.keys is None else self.buffer.allocated_bytes + self._cold_bytes
+
+    @property
+    def logical_bytes(self) -> int:
+        return 0 if self.keys is None else self.tokens_seen * self.bytes_per_token
+
+    @property
+    def bytes_per_token(self) -> int:
+        """SPEC §6 Bpt = kv_heads * head_dim * dtype_bytes * 2 (K and V)."""
+        return 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
+
+
+@dataclass
+class CacheEvents:
+    evictions: list[EvictionEvent] = field(default_factory=list)
+
+
+class H2OCache(Cache):
+    """A transformers `Cache` made of `H2OLayer`s, configured from a KVConfig."""
+
+    def __init__(self, num_layers: int, kv: KVConfig):
+        self.kv = kv
+        self.h2o_layer_ids = kv.h2o_layers(num_layers) if kv.evicting else range(0)
+        self.events = CacheEvents()
+        weights = dict(zip(self.h2o_layer_ids, layer_budget_weights(len(self.h2o_layer_ids),
+                                                                     kv.h2o_layer_budget_slope)))
+        store_dtype = DTYPES[kv.cache_dtype]
+        self.lossless_layer_ids = kv.lossless_layers(num_layers)
+        layers = []
+        for i in range(num_layers):
+            codec = None
+            if i in self.lossless_layer_ids:
+                codec = LayerCodec(mode=kv.lossless_runtime_mode, update_interval=kv.h2o_update_interval,
+                                   trigger_min_tokens=kv.h2o_trigger_min_tokens,
+                                   raw_window_tokens=kv.h2o_recent_tokens, align_tokens=kv.h2o_block_tokens)
+            policy = None
+            if i in self.h2o_layer_ids:
+                w = weights[i]
+                params = PlanParams(block_tokens=kv.h2o_block_tokens, sink_tokens=kv.h2o_sink_tokens,
+                                    recent_tokens=kv.h2o_recent_tokens, keep_ratio=min(1.0, kv.keep_ratio * w),
+                                    budget_basis=kv.h2o_budget_basis,
+                                    budget_tokens=max(1, round(kv.h2o_budget_tokens * w)),
+                                    per_head=kv.h2o_per_head, value_norm=kv.h2o_value_norm)
+                policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
+                                     update_interval=kv.h2o_update_interval,
+                                     trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
+                                     seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill)
+            layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record, codec=codec))
+        super().__init__(layers=layers)
+
+    def _record(self, event: EvictionEvent) -> None:
+        self.events.evictions.append(event)
+        if self.kv.h2o_log_stats:  # the seed's `[H2O] ...` line per eviction
+            p = event.plan
+            log.info("[H2O] layer=%d kv=%d keep=%d evict=%d runs=%d target=%d floor=%d quantized=%d plan_us=%.1f",
+                     event.layer, p.kv, p.kept_tokens, p.evicted_tokens, p.run_count, p.target_tokens,
+                     p.floor_tokens, p.quantized_tokens, event.plan_us)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.events = CacheEvents()
+
+    # transformers' Cache offers these for beam search, speculative decoding and offloading; each would
+    # leave the preallocated buffers, the per-layer token counts and the policies out of step.
+    def _unsupported(self, name: str):
+        raise NotImplementedError(f"H2OCache.{name} is not supported: h2okit's cache serves one greedy request "
+                                  "per cache (per-layer buffers, token counts and eviction state)")
+
+    def reorder_cache(self, *args, **kwargs):
+        self._unsupported("reorder_cache")
+
+    def crop(self, *args, **kwargs):
+        self._unsupported("crop")
+
+    def offload(self, *args, **kwargs):
+        self._unsupported("offload")
+
+    def prefetch(self, *args, **kwargs):
+        self._unsupported("prefetch")
+
+    def batch_repeat_interleave(self, *args, **kwargs):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, *args, **kwargs):
+        self._unsupported("batch_select_indices")
+
+    @property
+    def physical_bytes(self) -> int:
+        return sum(layer.physical_bytes for layer in self.layers)
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(layer.logical_bytes for layer in self.layers)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes for layer in self.layers)
+
+    def seq_lengths(self) -> np.ndarray:
+        return np.array([layer.get_seq_length() for layer in self.layers])

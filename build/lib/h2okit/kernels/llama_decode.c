@@ -1,0 +1,418 @@
+/* One decode step of a Llama-style layer, for h2okit's fast decode path (fastpath.py).
+ *
+ * Decoding one token is a chain of matrix-vector products: every weight is read once per
+ * token, so speed is memory bandwidth. These kernels read row-major [out, in] weights
+ * (nn.Linear's own layout) with each output row a contiguous dot product, split across
+ * OpenMP threads (torch's libgomp, so the two share one thread pool). Activations stay
+ * float32; weights are float32 or bfloat16 (widened on load); K/V may be float32, bfloat16
+ * or float16. No allocation here: every buffer comes from the caller.
+ *
+ * Built at first use by kernels.py with `cc -O3 -march=native -fopenmp`; no -ffast-math
+ * (it would set flush-to-zero for the whole process). Reductions use `omp simd`, which
+ * allows the reassociation that vectorising a dot product needs.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* Type punning through a union: gcc vectorises it (a memcpy here blocked vectorisation). */
+typedef union {
+    uint32_t u;
+    int32_t i;
+    float f;
+} word32;
+
+static inline float bf16_to_f32(uint16_t h) {
+    word32 w = {.u = (uint32_t)h << 16};
+    return w.f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+/* exp(x) for the softmax and SiLU, vectorisable (libm's expf is not without -ffast-math).
+ * Cody-Waite range reduction and a degree-6 polynomial: relative error below 2e-7. */
+static inline float exp_approx(float x) {
+    x = x > -87.0f ? x : -87.0f; /* written as max/min so that it vectorises */
+    x = x < 88.0f ? x : 88.0f;
+    float n = floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    word32 scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* exp_approx on 16 lanes (gcc leaves the scalar one unvectorised in the softmax loop). */
+static inline __m512 exp_approx16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
+/* p[t] = exp(p[t] - m) for t < n; returns the sum. */
+static float exp_shifted(float *p, int n, float m) {
+    float s = 0.0f;
+    int t = 0;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps(), shift = _mm512_set1_ps(m);
+    for (; t + 16 <= n; t += 16) {
+        __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(p + t), shift));
+        _mm512_storeu_ps(p + t, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; t < n; t++) {
+        p[t] = exp_approx(p[t] - m);
+        s += p[t];
+    }
+    return s;
+}
+
+/* Dot products for the GEMVs: plain loops with `omp simd`, which gcc vectorises for -march=native
+ * as well as hand-written AVX-512 did for rows of 576+ (measured). */
+static inline float dot_f32(const float *w, const float *x, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < n; c++) acc += w[c] * x[c];
+    return acc;
+}
+
+static inline float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * x[c];
+    return acc;
+}
+
+/* The short dots of attention (one K row against one query head). `omp simd` sums the 16 lanes
+ * one by one (16 dependent adds), which made these latency-bound; AVX-512 sums them as a tree. */
+static inline float dot_short(const float *a, const float *b, int n) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+        for (int c = 16; c < n; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    return dot_f32(a, b, n);
+}
+
+/* y[r] (+)= W[r, :] . x for r < rows. */
+static void gemv(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate) {
+    if (wtype == BF16) {
+        const uint16_t *w = (const uint16_t *)W;
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float v = dot_bf16(w + (long)r * cols, x, cols);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    } else {
+        const float *w = (const float *)W;
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float v = dot_f32(w + (long)r * cols, x, cols);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    }
+}
+
+/* h = x / rms(x) * weight (Llama RMSNorm, computed in float32). */
+static void rms_norm(const float *x, const float *weight, float eps, float *h, int n) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) h[i] = weight[i] * (x[i] * inv);
+}
+
+/* Rotary embedding in place on `heads` consecutive heads (rotate-half layout, as HF Llama). */
+static void rope(float *v, int heads, int head_dim, const float *cos, const float *sin) {
+    int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        float *q = v + h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float a = q[i], b = q[i + half];
+            q[i] = a * cos[i] - b * sin[i];
+            q[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+/* norm -> y = W h, optional RoPE on the first rope_heads heads of y (the q and k of a fused qkv). */
+void h2k_norm_gemv(int wtype, const float *x, const float *norm_w, float eps, const void *W, int rows,
+                   int cols, float *h, float *y, int rope_heads, int head_dim, const float *cos,
+                   const float *sin) {
+    rms_norm(x, norm_w, eps, h, cols);
+    gemv(wtype, W, h, y, rows, cols, 0);
+    if (rope_heads > 0) rope(y, rope_heads, head_dim, cos, sin);
+}
+
+/* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
+void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
+    if (kvtype == F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else if (kvtype == BF16) {
+        uint16_t *out = (uint16_t *)dst;
+        for (int i = 0; i < n; i++) {
+            word32 w = {.f = src[i]};
+            out[i] = (w.u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0 : (uint16_t)((w.u + 0x7FFFu + ((w.u >> 16) & 1u)) >> 16);
+        }
+    } else {
+        _Float16 *out = (_Float16 *)dst;
+        for (int i = 0; i < n; i++) out[i] = (_Float16)src[i];
+    }
+}
+
+/* The attention input of a decode step: qkv = W_qkv rmsnorm(x), RoPE on the q and k heads, and
+ * this token's k and v stored into the layer's cache slot (head h at k_slot + h * slot_stride
+ * elements), so no separate copy is needed. NULL slots: the caller stores k and v itself. */
+void h2k_attention_input(int wtype, const float *x, const float *norm_w, float eps, const void *Wqkv, int hidden,
+                         int q_heads, int kv_heads, int head_dim, float *h, float *qkv, const float *cos,
+                         const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
+    int kv_dim = kv_heads * head_dim, q_dim = q_heads * head_dim;
+    h2k_norm_gemv(wtype, x, norm_w, eps, Wqkv, q_dim + 2 * kv_dim, hidden, h, qkv, q_heads + kv_heads, head_dim, cos,
+                  sin);
+    size_t bytes = kvtype == F32 ? 4 : 2;
+    for (int g = 0; k_slot != NULL && g < kv_heads; g++) {
+        long offset = (long)g * slot_stride * (long)bytes;
+        h2k_store_row(qkv + q_dim + g * head_dim, (char *)k_slot + offset, head_dim, kvtype);
+        h2k_store_row(qkv + q_dim + kv_dim + g * head_dim, (char *)v_slot + offset, head_dim, kvtype);
+    }
+}
+
+/* The rest of the layer after attention: x += Wo a; h = norm(x); gu = Wgu h;
+ * act = silu(gate) * up; x += Wd act.  gu holds [gate; up] (2 * inter). */
+void h2k_mlp_block(int wtype, float *x, int hidden, const float *attn, int attn_dim, const void *Wo,
+                   const float *post_norm_w, float eps, const void *Wgu, int inter, const void *Wd, float *h,
+                   float *gu) {
+    gemv(wtype, Wo, attn, x, hidden, attn_dim, 1);
+    rms_norm(x, post_norm_w, eps, h, hidden);
+    gemv(wtype, Wgu, h, gu, 2 * inter, hidden, 0);
+    float *up = gu + inter;
+#pragma omp simd
+    for (int i = 0; i < inter; i++) {
+        float g = gu[i];
+        gu[i] = g / (1.0f + exp_approx(-g)) * up[i];
+    }
+    gemv(wtype, Wd, gu, x, hidden, inter, 1);
+}
+
+/* Row `base` (head_dim values) of K or V as float32: float32 rows are used in place, narrower
+ * ones are widened into `tmp` (one loop per type, so each vectorises). */
+static inline const float *kv_row(const void *kv, int kvtype, long base, int head_dim, float *tmp) {
+    if (kvtype == F32) return (const float *)kv + base;
+    const uint16_t *src = (const uint16_t *)kv + base;
+    if (kvtype == BF16) {
+#pragma omp simd
+        for (int d = 0; d < head_dim; d++) tmp[d] = bf16_to_f32(src[d]);
+    } else {
+        for (int d = 0; d < head_dim; d++) tmp[d] = f16_to_f32(src[d]);
+    }
+    return tmp;
+}
+
+#ifdef __AVX512F__
+/* Head_dim 64 and groups of up to 4 query heads per KV head: K/V rows are widened straight into
+ * registers (no float copy for bf16/fp16 rows) and each row is loaded once for the whole group. */
+static inline void load_row64(const void *kv, int kvtype, long base, __m512 r[4]) {
+    if (kvtype == F32) {
+        const float *p = (const float *)kv + base;
+        for (int d = 0; d < 4; d++) r[d] = _mm512_loadu_ps(p + 16 * d);
+    } else if (kvtype == BF16) {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 4; d++)
+            r[d] = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16 * d))), 16));
+    } else {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 4; d++) r[d] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16 * d)));
+    }
+}
+
+/* probs[h, t] = scale * q_h . K[g(h), t] for t in [t0, t1). */
+static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
+                            int kv_heads, int group, int t0, int t1, float *probs) {
+    for (int g = 0; g < kv_heads; g++) {
+        __m512 qv[4][4];
+        for (int j = 0; j < group; j++)
+            for (int d = 0; d < 4; d++) qv[j][d] = _mm512_loadu_ps(q + (g * group + j) * 64 + 16 * d);
+        float *p = probs + (long)g * group * T;
+        for (int t = t0; t < t1; t++) {
+            __m512 k[4];
+            load_row64(K, kvtype, g * head_stride + (long)t * 64, k);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    __m512 acc = _mm512_mul_ps(qv[j][0], k[0]);
+                    acc = _mm512_fmadd_ps(qv[j][1], k[1], acc);
+                    acc = _mm512_fmadd_ps(qv[j][2], k[2], acc);
+                    acc = _mm512_fmadd_ps(qv[j][3], k[3], acc);
+                    p[(long)j * T + t] = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+        }
+    }
+}
+
+/* The attention output of tokens [t0, t1): the group's 4 x 4 accumulators stay in registers
+ * (a read-modify-write of the accumulators in memory was the attention's main cost). */
+static void attend_values64(const float *probs, int T, const void *V, int kvtype, long head_stride, int kv_heads,
+                            int group, int t0, int t1, float *acc) {
+    for (int g = 0; g < kv_heads; g++) {
+        __m512 a[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
+        const float *p = probs + (long)g * group * T;
+        for (int t = t0; t < t1; t++) {
+            __m512 v[4];
+            load_row64(V, kvtype, g * head_stride + (long)t * 64, v);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    __m512 w = _mm512_set1_ps(p[(long)j * T + t]);
+                    a[j][0] = _mm512_fmadd_ps(w, v[0], a[j][0]);
+                    a[j][1] = _mm512_fmadd_ps(w, v[1], a[j][1]);
+                    a[j][2] = _mm512_fmadd_ps(w, v[2], a[j][2]);
+                    a[j][3] = _mm512_fmadd_ps(w, v[3], a[j][3]);
+                }
+            }
+        }
+        for (int j = 0; j < group; j++)
+            for (int d = 0; d < 4; d++) _mm512_storeu_ps(acc + (g * group + j) * 64 + 16 * d, a[j][d]);
+    }
+}
+#endif
+
+/* One query per head over T cached tokens, grouped-query layout.
+ *   q           [q_heads, head_dim] (already roped; scaled here)
+ *   K, V        [kv_heads, T] rows of head_dim, head h at K + h * head_stride elements
+ *   probs       scratch [q_heads, T]
+ *   out         [q_heads, head_dim]
+ *   head_mass   [kv_heads, T] or NULL: per KV head g and token t, the sum over g's query heads of
+ *               p[h, t] / q_heads (summed over g: H2O's score signal; per g: per-head selection's)
+ *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
+ * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
+ * parallel region: its phases are separated by the barriers of the `omp for`s. */
+void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const void *K, const void *V,
+                long head_stride, int kvtype, int T, float scale, float *probs, float *out, float *head_mass,
+                float *partial, int slots) {
+    int group = q_heads / kv_heads;
+    int width = q_heads * head_dim;
+    float heads = (float)q_heads;
+    int used = 1;
+#pragma omp parallel num_threads(slots)
+    {
+        float row[256];
+#pragma omp single
+        used = omp_get_num_threads();
+        int fast64 = 0;
+#ifdef __AVX512F__
+        fast64 = head_dim == 64 && group <= 4;
+        int chunk = (T + used - 1) / used, t0 = omp_get_thread_num() * chunk;
+        int t1 = t0 + chunk < T ? t0 + chunk : T;
+        t0 = t0 < T ? t0 : T;
+        if (fast64) attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
+#pragma omp barrier
+#endif
+#pragma omp for schedule(static)
+        for (int t = 0; t < (fast64 ? 0 : T); t++) {
+            for (int g = 0; g < kv_heads; g++) {
+                const float *k = kv_row(K, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
+                for (int j = 0; j < group; j++) {
+                    int h = g * group + j;
+                    probs[(long)h * T + t] = dot_short(k, q + h * head_dim, head_dim) * scale;
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < q_heads; h++) { /* softmax per head */
+            float *restrict p = probs + (long)h * T;
+            float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+            for (int t = 0; t < T; t++) m = p[t] > m ? p[t] : m;
+            float inv = 1.0f / exp_shifted(p, T, m);
+#pragma omp simd
+            for (int t = 0; t < T; t++) p[t] *= inv;
+        }
+        if (head_mass != NULL) { /* the group's probabilities added in head order, then / q_heads: torch's order */
+#pragma omp for schedule(static) nowait
+            for (int g = 0; g < kv_heads; g++) {
+                float *restrict m = head_mass + (long)g * T;
+                const float *p0 = probs + (long)g * group * T;
+#pragma omp simd
+                for (int t = 0; t < T; t++) m[t] = p0[t];
+                for (int j = 1; j < group; j++) {
+                    const float *p = p0 + (long)j * T;
+#pragma omp simd
+                    for (int t = 0; t < T; t++) m[t] += p[t];
+                }
+#pragma omp simd
+                for (int t = 0; t < T; t++) m[t] /= heads;
+            }
+        }
+        /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */
+        float *acc = partial + (long)omp_get_thread_num() * width;
+#ifdef __AVX512F__
+        if (fast64) {
+            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
+        } else
+#endif
+        {
+            memset(acc, 0, sizeof(float) * width);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                for (int g = 0; g < kv_heads; g++) {
+                    const float *v = kv_row(V, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
+                    for (int j = 0; j < group; j++) {
+                        int h = g * group + j;
+                        float p = probs[(long)h * T + t];
+                        float *a = acc + h * head_dim;
+#pragma omp simd
+                        for (int d = 0; d < head_dim; d++) a[d] += p * v[d];
+                    }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < width; i++) { /* partials added in thread order: deterministic */
+        float s = 0.0f;
+        for (int tid = 0; tid < used; tid++) s += partial[(long)tid * width + i];
+        out[i] = s;
+    }
+}
+
+/* Machine read bandwidth probe for benchmarks/roofline.py: sums n floats across threads. */
+float h2k_read_sum(const float *a, long n) {
+    float total = 0.0f;
+#pragma omp parallel for simd reduction(+ : total) schedule(static)
+    for (long i = 0; i < n; i++) total += a[i];
+    return total;
+}

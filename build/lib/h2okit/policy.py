@@ -1,0 +1,431 @@
+"""The pure eviction policy: numbers in, keep-plan out (SPEC §2-§3, §10). No torch here.
+
+Three separate pieces, so that each can be read and tested alone:
+- a **budget** (`PlanParams.budget_tokens_for`): how many tokens a layer keeps, by basis
+  `current` (the seed: ratio × the layer's current length), `seen` (ratio × tokens the layer
+  has seen) or `tokens` (a fixed count); the sink and recent floors are part of it;
+- a **scorer** (`SCORERS`, one small class per policy, as kvpress has one press per method):
+  it folds each decode step's attention mass into per-block scores, and only scores;
+- **selection** (`build_plan`): floors first, then the best-scoring blocks up to the budget,
+  either one choice for the whole layer or one per KV head (`per_head`: every head keeps the
+  same number of tokens, its own ones, so K/V stay rectangular).
+
+One `LayerPolicy` per evicting layer holds its scorer state and trigger clock; the torch
+runtime feeds attention mass in and applies plans; tests drive this module directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+BUDGET_BASES = ("current", "seen", "tokens")
+
+
+def _take_blocks(state: np.ndarray, kept_blocks: np.ndarray) -> np.ndarray:
+    """Each row's kept blocks (a shared plan's one row serves every row of a per-head state)."""
+    return np.take_along_axis(state, np.broadcast_to(kept_blocks, (state.shape[0], kept_blocks.shape[1])), axis=1)
+
+
+# --- scorers -----------------------------------------------------------------------------------
+class Scorer:
+    """Per-block scores of one layer, `[heads, blocks]` (heads = 1 when selection is shared).
+
+    `observe` gets one decode step's attention mass per block (new blocks appear at the end);
+    `seed` the prompt's (opt-in); `scores` is read at plan time; `keep` re-maps the state
+    after compaction (each row keeps its own blocks). Higher scores are kept first.
+    """
+
+    name: ClassVar[str] = ""
+    uses_attention: ClassVar[bool] = True  # False: the runtime need not compute attention mass
+    doc: ClassVar[str] = ""
+
+    def __init__(self, alpha: float = 0.9, seed: int = 0, layer: int = 0):
+        self.alpha, self.seed, self.layer = alpha, seed, layer
+        self.state = np.zeros((1, 0))
+        self.evictions = 0
+
+    def _grow(self, state: np.ndarray, heads: int, nb: int) -> np.ndarray:
+        """State with `heads` rows and `nb` blocks; new blocks start at 0."""
+        if state.shape[0] != heads and state.shape[1] == 0:
+            state = np.zeros((heads, 0))
+        if nb > state.shape[1]:
+            state = np.concatenate([state, np.zeros((heads, nb - state.shape[1]))], axis=1)
+        return state
+
+    def observe(self, mass: np.ndarray) -> None:
+        self.state = self._grow(self.state, *mass.shape)
+
+    def seed_prompt(self, mass: np.ndarray) -> None:
+        self.state = np.array(mass, dtype=np.float64)
+
+    def scores(self, nb: int) -> np.ndarray:
+        return self._grow(self.state, self.state.shape[0], nb)
+
+    def keep(self, kept_blocks: np.ndarray) -> None:
+        """kept_blocks: [heads or 1, k] ascending block indices of the old layout."""
+        if self.state.shape[1]:  # (scorers that need no attention never hold state)
+            self.state = _take_blocks(self.state, kept_blocks)
+        self.evictions += 1
+
+
+class EMAScorer(Scorer):
+    name = "h2o"
+    doc = "the seed's H2O: exponential moving average of attention mass (kv_h2o_ema_alpha)"
+
+    def observe(self, mass):
+        super().observe(mass)
+        self.state = self.alpha * self.state + (1.0 - self.alpha) * mass
+
+
+class LastStepScorer(Scorer):
+    name = "tova"
+    doc = "TOVA: the latest decode step's attention only"
+
+    def observe(self, mass):
+        self.state = np.array(mass, dtype=np.float64)
+
+
+class MeanScorer(Scorer):
+    """H2O's accumulated attention is biased towards old tokens (they were visible to more queries);
+    dividing by how many steps each block has been visible removes that age bias."""
+
+    name = "mean"
+    doc = "accumulated attention / steps each block was visible (H2O without its age bias)"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.age = np.zeros((1, 0))
+
+    def observe(self, mass):
+        super().observe(mass)
+        self.age = self._grow(self.age, *mass.shape)
+        self.state += mass
+        self.age += 1.0
+
+    def seed_prompt(self, mass):
+        super().seed_prompt(mass)
+        self.age = np.ones_like(self.state)
+
+    def scores(self, nb):
+        state = super().scores(nb)
+        age = self._grow(self.age, state.shape[0], nb)
+        return np.divide(state, age, out=np.zeros_like(state), where=age > 0)
+
+    def keep(self, kept_blocks):
+        self.age = _take_blocks(self.age, kept_blocks)
+        super().keep(kept_blocks)
+
+
+class WindowScorer(Scorer):
+    """SnapKV's observation window, in decode: the attention of the queries since the last eviction
+    (kv_h2o_update_interval of them), summed; the window restarts after each eviction."""
+
+    name = "window"
+    doc = "attention summed over the decode steps since the last eviction (SnapKV-like window)"
+
+    def observe(self, mass):
+        super().observe(mass)
+        self.state += mass
+
+    def keep(self, kept_blocks):
+        super().keep(kept_blocks)
+        self.state[:] = 0.0
+
+
+class RecencyScorer(Scorer):
+    name = "streaming"
+    uses_attention = False
+    doc = "StreamingLLM: sink + the most recent tokens (the budget extends the recent window)"
+
+    def scores(self, nb):
+        return np.arange(nb, dtype=np.float64)[None, :]
+
+
+class RandomScorer(Scorer):
+    name = "random"
+    uses_attention = False
+    doc = "random blocks under the same floors and budget (seeded by kv_h2o_seed, layer, eviction)"
+
+    def scores(self, nb):
+        return np.random.default_rng([self.seed, self.layer, self.evictions]).random((1, nb))
+
+
+SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (
+    EMAScorer, LastStepScorer, MeanScorer, WindowScorer, RecencyScorer, RandomScorer)}
+# "full" is a policy too: the same runtime, no eviction (the baseline of every comparison).
+POLICIES: tuple[str, ...] = (*SCORERS, "full")
+
+
+# --- the plan ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanParams:
+    block_tokens: int
+    sink_tokens: int
+    recent_tokens: int
+    keep_ratio: float  # static: target_keep_ratio; adaptive: 1/target_lossy_ratio
+    budget_basis: str = "current"
+    budget_tokens: int = 0  # basis "tokens": the fixed number of kept tokens
+    per_head: bool = False
+    value_norm: bool = False  # weigh each block's score by its values' mean L2 norm (per head or pooled)
+
+    def __post_init__(self):
+        if self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        if self.budget_basis not in BUDGET_BASES:
+            raise ValueError(f"unknown budget basis {self.budget_basis!r}; allowed: {', '.join(BUDGET_BASES)}")
+
+    def budget_tokens_for(self, kv: int, seen: int) -> int:
+        """The kept-token budget of a layer holding `kv` tokens after seeing `seen`, in [1, kv]."""
+        if self.budget_basis == "tokens":
+            budget = self.budget_tokens
+        else:
+            budget = math.ceil(self.keep_ratio * (kv if self.budget_basis == "current" else seen))
+        return min(max(budget, 1), kv)
+
+    def floor_tokens_max(self) -> int:
+        """Most tokens the floors can hold (sink and recent each rounded out to whole blocks, plus
+        one more block where the recent window straddles a boundary)."""
+        b = self.block_tokens
+        return (-(-self.sink_tokens // b) + -(-self.recent_tokens // b) + 1) * b
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Which tokens of a layer survive one eviction. Block indices refer to the layer as it was.
+    `kept_blocks` has one row for a shared choice, one per KV head for a per-head one."""
+
+    kv: int
+    block_tokens: int
+    kept_blocks: np.ndarray  # [rows, k] ascending block indices per row
+    floor_tokens: int
+    target_tokens: int
+    quantized_tokens: int
+    kept_tokens: int  # per row (every row keeps the same count)
+    runs: tuple[tuple[tuple[int, int], ...], ...]  # per row: ascending (begin, length) token runs
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self.kv - self.kept_tokens
+
+    @property
+    def run_count(self) -> int:
+        """Runs over all rows: what h2o_lossy's 8-byte-per-run metadata counts."""
+        return sum(len(r) for r in self.runs)
+
+    @property
+    def per_head(self) -> bool:
+        return self.kept_blocks.shape[0] > 1
+
+    def kept_token_indices(self) -> np.ndarray:
+        """[rows, kept_tokens] ascending token indices per row."""
+        return np.stack([np.concatenate([np.arange(b, b + n, dtype=np.int64) for b, n in row])
+                         for row in self.runs])
+
+
+def num_blocks(kv: int, block_tokens: int) -> int:
+    return -(-kv // block_tokens)
+
+
+def block_sizes(kv: int, block_tokens: int) -> np.ndarray:
+    nb = num_blocks(kv, block_tokens)
+    sizes = np.full(nb, block_tokens, dtype=np.int64)
+    if nb and kv % block_tokens:
+        sizes[-1] = kv % block_tokens
+    return sizes
+
+
+def floor_mask(kv: int, params: PlanParams) -> np.ndarray:
+    """Blocks protected by the sink and recent floors, each rounded out to whole blocks."""
+    b = params.block_tokens
+    nb = num_blocks(kv, b)
+    protected = np.zeros(nb, dtype=bool)
+    protected[: min(nb, -(-params.sink_tokens // b))] = True
+    # With recent=0 this still protects a partial last block (the write head), as SPEC §3 says.
+    protected[max(0, kv - params.recent_tokens) // b :] = True
+    return protected
+
+
+def _trim_floors(kv: int, params: PlanParams, sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Floors that exceed a `seen`/`tokens` budget are cut to fit it (the budget is what it says):
+    the newest block first (the write head), then the sink blocks in order, then the newest recent ones."""
+    b, nb = params.block_tokens, len(sizes)
+    sink = range(min(nb - 1, -(-params.sink_tokens // b)))
+    recent = range(nb - 2, max(0, kv - params.recent_tokens) // b - 1, -1)
+    trimmed = np.zeros(nb, dtype=bool)
+    trimmed[nb - 1] = True
+    total = int(sizes[nb - 1])
+    for i in [*sink, *(i for i in recent if i not in sink)]:
+        if total + sizes[i] <= budget:
+            trimmed[i] = True
+            total += int(sizes[i])
+    return trimmed
+
+
+def build_plan(kv: int, scores: np.ndarray, params: PlanParams, seen: int | None = None) -> KeepPlan | None:
+    """SPEC §3 steps 1-6 for one layer (with §10's budget bases). `scores` is [rows, blocks] (or
+    [blocks]): one row = one choice for all KV heads. None when nothing would be evicted."""
+    if kv <= 0:
+        return None
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    b = params.block_tokens
+    sizes = block_sizes(kv, b)
+    if scores.shape[1] != len(sizes):
+        raise ValueError(f"{scores.shape[1]} block scores for {len(sizes)} blocks (kv={kv}, block={b})")
+    protected = floor_mask(kv, params)
+    floor_tokens = int(sizes[protected].sum())
+    budget = params.budget_tokens_for(kv, kv if seen is None else seen)
+    if params.budget_basis == "current":  # SPEC §3 as the seed had it: floors win, blocks round up
+        target = max(budget, floor_tokens)
+        if floor_tokens >= target:
+            return None  # floor dominates: no eviction, stats untouched
+        quantized = min(kv, floor_tokens + -(-(target - floor_tokens) // b) * b)
+    else:  # floors come out of the budget, and whole blocks never take it past the budget
+        target = budget
+        protected[-1] = True  # the write head, even with no recent floor
+        floor_tokens = int(sizes[protected].sum())
+        if floor_tokens > target:
+            protected = _trim_floors(kv, params, sizes, target)
+            floor_tokens = int(sizes[protected].sum())
+        quantized = floor_tokens + max(0, target - floor_tokens) // b * b
+    candidates = np.flatnonzero(~protected)  # always whole blocks: the partial last block is protected
+    extra = min(len(candidates), (quantized - floor_tokens) // b + (1 if (quantized - floor_tokens) % b else 0))
+    kept_tokens = floor_tokens + int(sizes[candidates[:extra]].sum()) if extra else floor_tokens
+    if kept_tokens >= kv:
+        return None  # the quantised budget covers everything
+    rows = []
+    for row in scores:
+        best = candidates[np.argsort(-row[candidates], kind="stable")[:extra]]  # ties: lower index first
+        keep = protected.copy()
+        keep[best] = True
+        rows.append(np.flatnonzero(keep))
+    kept_blocks = np.stack(rows)
+    return KeepPlan(kv=kv, block_tokens=b, kept_blocks=kept_blocks, floor_tokens=floor_tokens,
+                    target_tokens=target, quantized_tokens=quantized, kept_tokens=kept_tokens,
+                    runs=tuple(_runs(row, sizes, b) for row in kept_blocks))
+
+
+def _runs(kept_blocks: np.ndarray, sizes: np.ndarray, b: int) -> tuple[tuple[int, int], ...]:
+    runs: list[list[int]] = []
+    for block in kept_blocks.tolist():
+        begin, length = block * b, int(sizes[block])
+        if runs and runs[-1][0] + runs[-1][1] == begin:
+            runs[-1][1] += length
+        else:
+            runs.append([begin, length])
+    return tuple((begin, length) for begin, length in runs)
+
+
+def layer_budget_weights(layers: int, slope: float) -> np.ndarray:
+    """Per-layer multipliers of the budget, mean 1 (the same total): 1 + slope at the first evicting
+    layer falling linearly to 1 - slope at the last (slope > 0: more for lower layers, as PyramidKV)."""
+    if layers <= 1:
+        return np.ones(max(layers, 0))
+    return 1.0 + slope * (1.0 - 2.0 * np.arange(layers) / (layers - 1))
+
+
+def lossy_ratio(kv: int, kept: int, runs: int, bytes_per_token: int) -> float:
+    """SPEC §6 h2o_lossy: logical bytes over kept bytes plus 8 bytes of run metadata per run."""
+    return kv * bytes_per_token / (kept * bytes_per_token + 8 * runs)
+
+
+@dataclass
+class EvictionEvent:
+    """What one eviction did; the runtime turns the last one into the h2o_* stats."""
+
+    layer: int
+    plan: KeepPlan
+    plan_us: float
+
+
+@dataclass
+class LayerPolicy:
+    """One evicting layer's state: its scorer and the per-layer trigger clock (SPEC §2-§3)."""
+
+    layer: int
+    params: PlanParams
+    ema_alpha: float
+    update_interval: int
+    trigger_min_tokens: int
+    policy: str = "h2o"
+    seed: int = 0
+    score_prefill: bool = False
+    scorer: Scorer = field(init=False)
+    steps_since_eviction: int = 0
+
+    def __post_init__(self):
+        if self.policy not in SCORERS:
+            raise ValueError(f"unknown policy {self.policy!r}; allowed: {', '.join(SCORERS)}")
+        self.reset()
+
+    def reset(self) -> None:
+        self.scorer = SCORERS[self.policy](alpha=self.ema_alpha, seed=self.seed, layer=self.layer)
+        self.steps_since_eviction = 0
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.scorer.uses_attention
+
+    @property
+    def evictions(self) -> int:
+        return self.scorer.evictions
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Current block scores, [rows, blocks]."""
+        return self.scorer.state
+
+    def _rows(self, head_block_mass: np.ndarray) -> np.ndarray:
+        """[kv_heads, blocks] mass -> the scorer's rows: per head, or summed (SPEC §2's signal)."""
+        mass = np.atleast_2d(np.asarray(head_block_mass, dtype=np.float64))
+        return mass if self.params.per_head else mass.sum(axis=0, keepdims=True)
+
+    def observe_blocks(self, head_block_mass: np.ndarray, decode_step: bool = True) -> None:
+        """One step's attention mass per KV head and block (each head's share of the query-head
+        average: rows sum to SPEC §2's signal). A prefill observation (decode_step=False, opt-in)
+        sets the initial scores; it does not tick the clock."""
+        rows = self._rows(head_block_mass)
+        if rows.shape[1] < self.scorer.state.shape[1]:
+            raise ValueError(f"layer {self.layer}: {rows.shape[1]} blocks observed but "
+                             f"{self.scorer.state.shape[1]} scored")
+        if not decode_step:
+            self.scorer.seed_prompt(rows)
+            return
+        self.scorer.observe(rows)
+        self.steps_since_eviction += 1
+
+    def tick(self) -> None:
+        """A decode step of a scorer that needs no attention (streaming, random)."""
+        self.steps_since_eviction += 1
+
+    def observe(self, token_mass: np.ndarray) -> None:
+        """Per-token mass [tokens] or [kv_heads, tokens], summed per block here (tests, tools)."""
+        mass = np.atleast_2d(np.asarray(token_mass, dtype=np.float64))
+        starts = np.arange(0, mass.shape[1], self.params.block_tokens)
+        self.observe_blocks(np.add.reduceat(mass, starts, axis=1))
+
+    def due(self, kv: int) -> bool:
+        return kv >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
+
+    def maybe_plan(self, kv: int, seen: int | None = None, value_norms: np.ndarray | None = None
+                   ) -> EvictionEvent | None:
+        """After a decode step: the plan to apply now, or None. Call `applied` once it is applied.
+        `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores."""
+        if not self.due(kv):
+            return None
+        started = time.perf_counter()
+        scores = self.scorer.scores(num_blocks(kv, self.params.block_tokens))
+        if self.params.value_norm and value_norms is not None:
+            scores = scores * self._rows(value_norms)
+        plan = build_plan(kv, scores, self.params, seen)
+        plan_us = (time.perf_counter() - started) * 1e6
+        return None if plan is None else EvictionEvent(self.layer, plan, plan_us)
+
+    def applied(self, plan: KeepPlan) -> None:
+        """The layer was compacted: scores move with their blocks, the clock restarts."""
+        self.scorer.keep(plan.kept_blocks)
+        self.steps_since_eviction = 0

@@ -1,0 +1,170 @@
+"""One request at a time on a transformers model with h2okit's cache: prefill, then greedy decode.
+
+The decode loop is ours (not `generate`) so that positions stay true absolute positions
+after evictions, exactly `n` tokens are decoded (EOS ignored), and per-request stats are
+collected from the cache. Stats follow SPEC §6; the true whole-cache ratio is ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .cache import H2OCache
+from .config import DECODE_PATHS, KVConfig
+from .model import LoadedModel
+from .policy import lossy_ratio
+from .table import MIB
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class RequestStats:
+    """The llm_bench columns of one request (SPEC §6), plus whole-cache figures."""
+
+    h2o_keep: float = 1.0
+    h2o_lossy: float = 1.0
+    h2o_lossless: float = 1.0
+    h2o_target_keep_effective: float = 1.0
+    h2o_floor_keep: float = 1.0
+    h2o_quantized_keep: float = 1.0
+    h2o_evict_us: float = 0.0
+    h2o_codec_us: float = 0.0
+    kv_true_ratio: float = 1.0  # logical KV bytes of all layers and tokens / bytes physically held
+    kv_lossless_mb: float = 0.0  # codec output of the in-scope layers (estimated in estimate mode)
+    h2o_codec_decode_us: float = 0.0
+    kv_phys_mb: float = 0.0  # bytes of live tokens (raw) plus cold frames
+    kv_logical_mb: float = 0.0
+    kv_alloc_mb: float = 0.0  # what the buffers reserve (live tokens + free slots) plus cold frames
+    h2o_evictions: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    stats: RequestStats
+    kv_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_len / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def collect_stats(cache: H2OCache) -> RequestStats:
+    stats = RequestStats()
+    events = cache.events.evictions
+    if events:
+        last = events[-1]  # "last event wins", sticky until the next one
+        plan = last.plan
+        bpt = cache.layers[last.layer].bytes_per_token
+        stats.h2o_keep = plan.kept_tokens / plan.kv
+        stats.h2o_lossy = lossy_ratio(plan.kv, plan.kept_tokens, plan.run_count, bpt)
+        stats.h2o_target_keep_effective = plan.target_tokens / plan.kv
+        stats.h2o_floor_keep = plan.floor_tokens / plan.kv
+        stats.h2o_quantized_keep = plan.quantized_tokens / plan.kv
+        stats.h2o_evict_us = last.plan_us
+        stats.h2o_evictions = len(events)
+    codecs = [layer.codec for layer in cache.layers if layer.codec is not None and layer.codec.runs]
+    if codecs:
+        raw = sum(c.raw_bytes for c in codecs)
+        packed = sum(c.compressed_bytes for c in codecs)
+        stats.h2o_lossless = max(1.0, raw / packed) if packed else 1.0
+        stats.h2o_codec_us = sum(c.encode_us for c in codecs) / len(codecs)
+        stats.h2o_codec_decode_us = sum(c.decode_us for c in codecs) / len(codecs)
+        stats.kv_lossless_mb = packed / MIB
+    physical, logical = cache.physical_bytes, cache.logical_bytes
+    stats.kv_phys_mb = physical / MIB
+    stats.kv_logical_mb = logical / MIB
+    stats.kv_alloc_mb = cache.allocated_bytes / MIB
+    stats.kv_true_ratio = logical / physical if physical else 1.0
+    return stats
+
+
+
+
+class Engine:
+    """A loaded model plus a KV config; `generate` runs one request from an empty cache.
+
+    Decode steps take the fast path (fastpath.py, C kernels) when `decode_path` is "auto" and
+    the model supports it, or always with "fast" (an error if it cannot); "reference" is the
+    plain transformers forward. `decode_path_used` and `decode_path_note` say what runs.
+    """
+
+    def __init__(self, loaded: LoadedModel, kv: KVConfig, decode_path: str = "auto"):
+        from .fastpath import FastDecoder, FastPathUnavailable
+
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode path '{decode_path}' unknown; allowed: {', '.join(DECODE_PATHS)}")
+        self.loaded = loaded
+        self.kv = kv
+        for line in kv.layer_warnings(loaded.num_layers):
+            log.warning("warning: %s", line)
+        self.model = loaded.model
+        self.fast: FastDecoder | None = None
+        self.decode_path_note = "transformers forward, as requested"
+        if decode_path != "reference":
+            try:
+                self.fast = FastDecoder.for_model(self.model)
+                self.decode_path_note = "C kernels for decode steps; prefill by the transformers forward"
+            except FastPathUnavailable as exc:
+                if decode_path == "fast":
+                    raise
+                self.decode_path_note = f"transformers forward; fast path unavailable: {exc}"
+
+    @property
+    def decode_path_used(self) -> str:
+        return "fast" if self.fast is not None else "reference"
+
+    def new_cache(self) -> H2OCache:
+        return H2OCache(self.loaded.num_layers, self.kv)
+
+    @torch.inference_mode()
+    def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` at absolute positions start_pos.. ; returns logits (last row, or all rows).
+        One token goes through the fast path when the engine has one."""
+        if len(ids) == 1 and self.fast is not None:
+            return self.fast.step(cache, ids[0], start_pos).unsqueeze(0)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        positions = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long).unsqueeze(0)
+        out = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=0 if all_logits else 1, h2o_cache=cache)
+        return out.logits[0]
+
+    def generate(self, prompt: list[int], n: int, after_prefill=None, at_end=None) -> RequestResult:
+        """Greedy: prefill `prompt`, then exactly `n` decode steps (EOS ignored).
+        `after_prefill(cache)` / `at_end(cache)` may look at the cache (untimed)."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        cache = self.new_cache()
+        started = time.perf_counter()
+        logits = self.forward(cache, prompt, 0)
+        next_token = int(logits[-1].argmax())
+        prefill_s = time.perf_counter() - started
+        if after_prefill is not None:
+            after_prefill(cache)
+        tokens: list[int] = []
+        started = time.perf_counter()
+        for step in range(n):
+            tokens.append(next_token)
+            logits = self.forward(cache, [next_token], len(prompt) + step)
+            next_token = int(logits[-1].argmax())
+        decode_s = time.perf_counter() - started
+        if at_end is not None:
+            at_end(cache)
+        return RequestResult(prompt_len=len(prompt), tokens=tokens, prefill_s=prefill_s, decode_s=decode_s,
+                             stats=collect_stats(cache), kv_lengths=cache.seq_lengths().tolist())

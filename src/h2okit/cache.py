@@ -97,6 +97,9 @@ class KVBuffer:
 
 
 class H2OLayer(CacheLayerMixin):
+    """One layer's raw K/V in a preallocated buffer, its eviction policy (if it evicts) and its codec
+    measurement (if in scope: `estimate`/`full`). `ColdStoreLayer` adds the `store` mode."""
+
     is_sliding = False
 
     def __init__(self, layer_idx: int, policy: LayerPolicy | None, store_dtype: torch.dtype,
@@ -108,11 +111,6 @@ class H2OLayer(CacheLayerMixin):
         self.store_dtype = store_dtype
         self.on_event = on_event
         self.tokens_seen = 0
-        self._step_kv = None  # store mode: this step's decoded cold + hot K/V, dropped after the step
-
-    @property
-    def stores_cold(self) -> bool:
-        return self.codec is not None and self.codec.mode == "store"
 
     # --- transformers' CacheLayerMixin interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -145,8 +143,8 @@ class H2OLayer(CacheLayerMixin):
 
     def decode_slot(self) -> tuple[int, int, int] | None:
         """Where a kernel may write the next decode token's K/V directly (see KVBuffer.next_slot), or
-        None when it must go through `append` (store mode re-packs cold frames around appends)."""
-        if not self.is_initialized or self.stores_cold:
+        None when it must go through `append`."""
+        if not self.is_initialized:
             return None
         return self.buffer.next_slot()
 
@@ -156,21 +154,18 @@ class H2OLayer(CacheLayerMixin):
         return self._grown(1)
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All of the layer's K/V in storage dtype (store mode: cold frames decoded + hot part)."""
-        self._step_kv = None
-        cold = self.codec.load_cold() if self.stores_cold else None
-        if cold is None:
-            return self.keys, self.values
-        self._step_kv = (torch.cat([cold[0], self.keys], dim=2), torch.cat([cold[1], self.values], dim=2))
-        return self._step_kv
+        """All of the layer's K/V in storage dtype."""
+        return self.keys, self.values
+
+    def _this_steps_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V this decode step attended to (a store layer keeps its decoded copy for the step)."""
+        return self.full_kv()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.shape[-2] + (self.codec.cold_tokens if self.stores_cold else 0)
+        return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return -1
@@ -179,7 +174,6 @@ class H2OLayer(CacheLayerMixin):
         self.keys = self.values = self.buffer = None
         self.is_initialized = False
         self.tokens_seen = 0
-        self._step_kv = None
         if self.policy is not None:
             self.policy.reset()
         if self.codec is not None:
@@ -207,7 +201,7 @@ class H2OLayer(CacheLayerMixin):
 
     def value_norms(self) -> np.ndarray:
         """[kv_heads, blocks]: the mean L2 norm of each block's value vectors, per KV head."""
-        _, values = self._step_kv if self._step_kv is not None else self.full_kv()
+        _, values = self._this_steps_kv()
         norms = values[0].float().norm(dim=-1)  # [kv_heads, T]
         b = self.policy.params.block_tokens
         t = norms.shape[-1]
@@ -238,31 +232,27 @@ class H2OLayer(CacheLayerMixin):
                 if self.on_event is not None:
                     self.on_event(event)
         if self.codec is not None and self.codec.due(self.get_seq_length()):
-            if self.stores_cold:
-                self.buffer.replace(*self.codec.store_cold(self.keys, self.values))
-                self.keys, self.values = self.buffer.views()
-            else:
-                self.codec.measure(self.keys, self.values)
-        self._step_kv = None
+            self.run_codec()
 
-    def compact(self, plan: KeepPlan) -> None:
-        """Really remove evicted tokens: kept runs move to the front, in order (all KV heads)."""
+    def run_codec(self) -> None:
+        """The codec's cadence came due: measure the layer's K/V (estimate / full modes)."""
+        self.codec.measure(self.keys, self.values)
+
+    def _check_plan(self, plan: KeepPlan) -> None:
         if plan.kv != self.get_seq_length():
             raise ValueError(f"layer {self.layer_idx}: plan for {plan.kv} tokens, layer holds "
                              f"{self.get_seq_length()}")
-        index = torch.from_numpy(plan.kept_token_indices()).to(self.keys.device)
-        if self.stores_cold and self.codec.cold:  # everything is raw again; the codec re-packs the cold part
-            keys, values = self._step_kv if self._step_kv is not None else self.full_kv()
-            self.codec.cold = []
-            self.buffer.replace(gather_tokens(keys, index), gather_tokens(values, index))
-        else:
-            self.buffer.keep(index)
+
+    def compact(self, plan: KeepPlan) -> None:
+        """Really remove evicted tokens: kept runs move to the front, in order (per plan row: all KV
+        heads, or each head its own)."""
+        self._check_plan(plan)
+        self.buffer.keep(torch.from_numpy(plan.kept_token_indices()).to(self.keys.device))
         self.keys, self.values = self.buffer.views()
-        self._step_kv = None
 
     @property
     def _cold_bytes(self) -> int:
-        return self.codec.cold_compressed_bytes if self.stores_cold else 0
+        return 0
 
     @property
     def physical_bytes(self) -> int:
@@ -284,6 +274,64 @@ class H2OLayer(CacheLayerMixin):
     def bytes_per_token(self) -> int:
         """SPEC §6 Bpt = kv_heads * head_dim * dtype_bytes * 2 (K and V)."""
         return 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
+
+
+class ColdStoreLayer(H2OLayer):
+    """`store` mode, the way transformers' QuantizedLayer keeps a hot window beside a cold store:
+    tokens that leave the recent window (block-aligned) are held as gear_delta frames and decoded
+    when attention needs them; the hot tail stays raw in the buffer. The saving is real: the
+    physical size counts the frames, not the raw cold tokens."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._step_kv = None  # this step's decoded cold + hot K/V, dropped after the step
+
+    def decode_slot(self) -> None:
+        return None  # appends go through `append`, which re-joins the cold part
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cold frames decoded, then the hot part."""
+        self._step_kv = None
+        cold = self.codec.load_cold()
+        if cold is None:
+            return self.keys, self.values
+        self._step_kv = (torch.cat([cold[0], self.keys], dim=2), torch.cat([cold[1], self.values], dim=2))
+        return self._step_kv
+
+    def _this_steps_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._step_kv if self._step_kv is not None else self.full_kv()
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2] + self.codec.cold_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self._step_kv = None
+
+    def after_decode_step(self, head_mass: torch.Tensor | None) -> None:
+        super().after_decode_step(head_mass)
+        self._step_kv = None
+
+    def run_codec(self) -> None:
+        """Move the tokens that left the raw window into a new cold frame."""
+        self.buffer.replace(*self.codec.store_cold(self.keys, self.values))
+        self.keys, self.values = self.buffer.views()
+
+    def compact(self, plan: KeepPlan) -> None:
+        """Everything becomes raw again (the kept tokens), and the codec re-packs the cold part later."""
+        if not self.codec.cold:
+            return super().compact(plan)
+        self._check_plan(plan)
+        index = torch.from_numpy(plan.kept_token_indices()).to(self.keys.device)
+        keys, values = self._this_steps_kv()
+        self.codec.cold = []
+        self.buffer.replace(gather_tokens(keys, index), gather_tokens(values, index))
+        self.keys, self.values = self.buffer.views()
+        self._step_kv = None
+
+    @property
+    def _cold_bytes(self) -> int:
+        return self.codec.cold_compressed_bytes
 
 
 @dataclass
@@ -321,7 +369,8 @@ class H2OCache(Cache):
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
                                      seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill)
-            layers.append(H2OLayer(i, policy, store_dtype, on_event=self._record, codec=codec))
+            layer_class = ColdStoreLayer if codec is not None and codec.mode == "store" else H2OLayer
+            layers.append(layer_class(i, policy, store_dtype, on_event=self._record, codec=codec))
         super().__init__(layers=layers)
 
     def _record(self, event: EvictionEvent) -> None:

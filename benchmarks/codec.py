@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from h2okit.clikit import setup_logging
 from h2okit import codec
 from h2okit.paths import cache_root
 
@@ -38,8 +39,7 @@ def ensure_dump(dump_dir: Path | None) -> Path:
         from h2okit.offline import dump_kv
 
         print(f"dumping real K/V to {target} (once)", file=sys.stderr)
-        dump_kv(str(ROOT / "configs" / "smollm2-135m.json"), target, 512, 128, None,
-                log=lambda line: print(line, file=sys.stderr))
+        dump_kv(str(ROOT / "configs" / "smollm2-135m.json"), target, 512, 128, None)
     return target
 
 
@@ -132,6 +132,7 @@ def measure(c: Codec, tensors: list[np.ndarray], passes: int) -> dict:
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dump-dir", type=Path, default=None)
     ap.add_argument("--passes", type=int, default=5)

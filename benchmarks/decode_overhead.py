@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from h2okit.clikit import setup_logging
 from h2okit.config import load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
@@ -55,6 +56,7 @@ def plain_generate_decode_tps(model, prompt: list[int], gen: int) -> float:
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--gen", type=int, default=128)

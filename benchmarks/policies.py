@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from h2okit.clikit import setup_logging
 from h2okit.config import parse_config
 from h2okit.corpus import load_texts
 from h2okit.model import load_model, resolve_model_path
@@ -118,6 +119,7 @@ def calibrated_keep(overrides: dict, prompt: int, tokens: int, target: float) ->
 
 
 def main() -> int:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=256, help="M: teacher-forced tokens per window")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from h2okit.clikit import setup_logging
 from h2okit.config import load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
@@ -41,6 +42,7 @@ VARIANTS = {
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=128)

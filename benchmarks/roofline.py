@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from decode_overhead import plain_generate_decode_tps  # this folder: the same baseline measurement
 
+from h2okit.clikit import setup_logging
 from h2okit import kernels
 from h2okit.config import load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
@@ -85,6 +86,7 @@ def engine_decode(engine: Engine, prompt: list[int], gen: int) -> tuple[float, f
 
 
 def main() -> None:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="512,2048")
     ap.add_argument("--gen", type=int, default=128)

@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
 PYTHON3 ?= python3
 
-.PHONY: setup test bench run run-speed aa clean
+.PHONY: setup lint test bench run run-speed aa clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/h2okit prepare
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks exp
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: setup

@@ -1,6 +1,7 @@
 """What a non-editable install gets: the configs and presets as package data, the kernel source,
 py.typed, the license; and the package's own entry points."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,10 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_carries_configs_presets_kernels_and_typing(tmp_path):
+    source = tmp_path / "src-copy"  # a copy: an in-tree build would leave build/ in the checkout
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    (wheel,) = tmp_path.glob("h2okit-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("h2okit-*.whl")
     files = set(zipfile.ZipFile(wheel).namelist())
     for name in ("h2okit/presets/target_ratio.json", "h2okit/presets/target_speed.json", "h2okit/presets/aa.json",
                  "h2okit/configs/smollm2-135m.json", "h2okit/configs/smollm2-135m-seed.json",

@@ -20,6 +20,22 @@ from .policy import BUDGET_BASES, POLICIES
 
 # KV storage dtypes (names as torch spells them); the runtime maps them to torch dtypes.
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+# Which layers the lossless codec covers (SPEC §5); `offline-lossless` also takes "all".
+LOSSLESS_SCOPES = ("none", "front_n", "h2o_kept", "front_n_and_h2o_kept")
+
+
+def scope_layers(scope: str, front_n: int, h2o_layers, num_layers: int) -> frozenset[int]:
+    """front_n: layers [0, N); h2o_kept: the evicting layers; both; or all."""
+    chosen: set[int] = set()
+    if scope in ("front_n", "front_n_and_h2o_kept"):
+        chosen |= set(range(min(front_n, num_layers)))
+    if scope in ("h2o_kept", "front_n_and_h2o_kept"):
+        chosen |= set(h2o_layers)
+    if scope == "all":
+        chosen = set(range(num_layers))
+    return frozenset(chosen)
+
+
 # How decode steps run: C kernels where the model allows (auto), always (fast), or the transformers forward.
 DECODE_PATHS = ("auto", "fast", "reference")
 
@@ -125,7 +141,7 @@ class KVConfig:
     h2o_seed: int = _kv(0, doc="seed of the `random` policy")
     h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
     lossless_enable: bool = _kv(False, doc="lossless codec on")
-    lossless_scope: str = _kv("front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept"))
+    lossless_scope: str = _kv("front_n", choices=LOSSLESS_SCOPES)
     lossless_front_n: int = _kv(2, _clamp(0), doc="front_n scope: layers [0, N)")
     lossless_codec: str = _kv("none", choices=("none", "gear_delta"))
     lossless_runtime_mode: str = _kv("full", choices=("estimate", "full", "store"))
@@ -174,12 +190,7 @@ class KVConfig:
         """Layers whose K/V the codec covers (front_n: [0, N); h2o_kept: the H2O layers)."""
         if not self.codec_on:
             return frozenset()
-        chosen: set[int] = set()
-        if self.lossless_scope in ("front_n", "front_n_and_h2o_kept"):
-            chosen |= set(range(min(self.lossless_front_n, num_layers)))
-        if self.lossless_scope in ("h2o_kept", "front_n_and_h2o_kept"):
-            chosen |= set(self.h2o_layers(num_layers))
-        return frozenset(chosen)
+        return scope_layers(self.lossless_scope, self.lossless_front_n, self.h2o_layers(num_layers), num_layers)
 
     def to_keys(self) -> dict[str, Any]:
         return {"kv_" + f.name: getattr(self, f.name) for f in fields(self)}

@@ -32,6 +32,7 @@ import torch
 
 from . import kernels
 from .cache import H2OCache
+from .model import head_dim_of
 
 _WEIGHT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
 _KV_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}
@@ -50,7 +51,7 @@ def unsupported_reason(model) -> str | None:
         return "the model has linear biases"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation '{cfg.hidden_act}' (only silu)"
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     if head_dim > 256:
         return f"head_dim {head_dim} > 256"
     dtype = model.lm_head.weight.dtype
@@ -103,7 +104,7 @@ class FastDecoder:
         self.hidden = cfg.hidden_size
         self.q_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
+        self.head_dim = head_dim_of(cfg)
         self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.scaling = float(inner.layers[0].self_attn.scaling)

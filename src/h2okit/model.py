@@ -149,6 +149,11 @@ def _size_of(path: Path) -> int:
         f.stat().st_size for f in path.glob("*.bin"))
 
 
+def head_dim_of(cfg) -> int:
+    """A text config's head dimension (explicit, else hidden size / query heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -173,7 +178,7 @@ def load_model(path: Path, dtype: str = "float32") -> LoadedModel:
     model.eval()
     cfg = model.config.get_text_config()
     q_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    head_dim = head_dim_of(cfg)
     return LoadedModel(model=model, tokenizer=tokenizer, name=path.stem if path.is_file() else path.name,
                        source=path, size_bytes=_size_of(path), num_layers=cfg.num_hidden_layers,
                        kv_heads=getattr(cfg, "num_key_value_heads", q_heads), head_dim=head_dim,

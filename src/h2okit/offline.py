@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import codec
+from .config import LOSSLESS_SCOPES, scope_layers
 
 STAGES = ("prefill", "final")
 
@@ -76,18 +77,13 @@ def _load_manifest(dump_dir: Path) -> dict:
         raise OfflineError(f"{path} is not valid JSON: {exc.msg}") from None
 
 
-def scope_layers(manifest: dict, scope: str, front_n: int) -> list[int]:
-    n = manifest["num_layers"]
-    chosen: set[int] = set()
-    if scope in ("front_n", "front_n_and_h2o_kept"):
-        chosen |= set(range(min(front_n, n)))
-    if scope in ("h2o_kept", "front_n_and_h2o_kept"):
-        chosen |= set(manifest.get("h2o_layers", []))
-    if scope == "all":
-        chosen = set(range(n))
-    if scope not in ("front_n", "h2o_kept", "front_n_and_h2o_kept", "all"):
-        raise OfflineError(f"unknown scope '{scope}'; allowed: front_n, h2o_kept, front_n_and_h2o_kept, all")
-    return sorted(chosen)
+OFFLINE_SCOPES = (*LOSSLESS_SCOPES[1:], "all")
+
+
+def dump_scope_layers(manifest: dict, scope: str, front_n: int) -> list[int]:
+    if scope not in OFFLINE_SCOPES:
+        raise OfflineError(f"unknown scope '{scope}'; allowed: {', '.join(OFFLINE_SCOPES)}")
+    return sorted(scope_layers(scope, front_n, manifest.get("h2o_layers", []), manifest["num_layers"]))
 
 
 def as_dtype(words: np.ndarray, stored: str, target: str) -> tuple[np.ndarray, str]:
@@ -108,7 +104,7 @@ def offline_lossless(dump_dir: Path, scope: str, front_n: int, stage: str = "fin
     manifest = _load_manifest(dump_dir)
     if stage not in STAGES:
         raise OfflineError(f"unknown stage '{stage}'; allowed: {', '.join(STAGES)}")
-    layers = scope_layers(manifest, scope, front_n)
+    layers = dump_scope_layers(manifest, scope, front_n)
     if not layers:
         raise OfflineError(f"scope '{scope}' selects no layer of this dump")
     totals = {"k_raw_bytes": 0, "k_compressed_bytes": 0, "v_raw_bytes": 0, "v_compressed_bytes": 0}

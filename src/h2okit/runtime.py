@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,34 +17,10 @@ from .cache import H2OCache
 from .config import DECODE_PATHS, KVConfig
 from .model import LoadedModel
 from .policy import lossy_ratio
-from .table import MIB
+from .table import MIB, RequestStats
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class RequestStats:
-    """The llm_bench columns of one request (SPEC §6), plus whole-cache figures."""
-
-    h2o_keep: float = 1.0
-    h2o_lossy: float = 1.0
-    h2o_lossless: float = 1.0
-    h2o_target_keep_effective: float = 1.0
-    h2o_floor_keep: float = 1.0
-    h2o_quantized_keep: float = 1.0
-    h2o_evict_us: float = 0.0
-    h2o_codec_us: float = 0.0
-    kv_true_ratio: float = 1.0  # logical KV bytes of all layers and tokens / bytes physically held
-    kv_lossless_mb: float = 0.0  # codec output of the in-scope layers (estimated in estimate mode)
-    h2o_codec_decode_us: float = 0.0
-    kv_phys_mb: float = 0.0  # bytes of live tokens (raw) plus cold frames
-    kv_logical_mb: float = 0.0
-    kv_alloc_mb: float = 0.0  # what the buffers reserve (live tokens + free slots) plus cold frames
-    h2o_evictions: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

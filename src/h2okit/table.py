@@ -3,31 +3,56 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 MIB = 1024 * 1024  # every *_mb figure is in MiB
 GIB = 1024 * MIB
 
-STANDARD_COLUMNS = (
-    "model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)",
-    "h2o_keep", "h2o_lossy", "h2o_lossless", "h2o_target_keep_effective", "h2o_floor_keep",
-    "h2o_quantized_keep", "h2o_evict_us", "h2o_codec_us",
-)
-# Cell format of each numeric stat column; extra columns follow the standard ones.
-STAT_FORMATS = {
-    "h2o_keep": "%.4f", "h2o_lossy": "%.3f", "h2o_lossless": "%.3f",
-    "h2o_target_keep_effective": "%.4f", "h2o_floor_keep": "%.4f", "h2o_quantized_keep": "%.4f",
-    "h2o_evict_us": "%.2f", "h2o_codec_us": "%.2f",
-}
-EXTRA_FORMATS = {
-    "kv_true_ratio": "%.3f", "kv_phys_mb": "%.2f", "kv_logical_mb": "%.2f", "kv_alloc_mb": "%.2f",
-    "kv_lossless_mb": "%.3f",
-    "h2o_codec_decode_us": "%.2f", "h2o_evictions": "%.1f",
-    # quality (llm_bench --quality)
+# MNN's columns before the h2o_* stats (RequestStats names those, with their formats).
+LEAD_COLUMNS = ("model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)")
+
+
+def _stat(fmt: str, standard: bool = False, default: float = 0.0):
+    """A RequestStats field: its cell format, and whether it is one of SPEC §7's standard columns."""
+    return field(default=default, metadata={"fmt": fmt, "standard": standard})
+
+
+@dataclass
+class RequestStats:
+    """The llm_bench columns of one request (SPEC §6), plus whole-cache figures; each field carries its
+    cell format. The standard ones come in SPEC §7's order, then the extras."""
+
+    h2o_keep: float = _stat("%.4f", True, 1.0)
+    h2o_lossy: float = _stat("%.3f", True, 1.0)
+    h2o_lossless: float = _stat("%.3f", True, 1.0)
+    h2o_target_keep_effective: float = _stat("%.4f", True, 1.0)
+    h2o_floor_keep: float = _stat("%.4f", True, 1.0)
+    h2o_quantized_keep: float = _stat("%.4f", True, 1.0)
+    h2o_evict_us: float = _stat("%.2f", True)
+    h2o_codec_us: float = _stat("%.2f", True)
+    kv_true_ratio: float = _stat("%.3f", default=1.0)  # logical KV bytes of all layers and tokens / bytes held
+    kv_phys_mb: float = _stat("%.2f")  # bytes of live tokens (raw) plus cold frames
+    kv_logical_mb: float = _stat("%.2f")
+    kv_alloc_mb: float = _stat("%.2f")  # what the buffers reserve (live tokens + free slots) plus cold frames
+    kv_lossless_mb: float = _stat("%.3f")  # codec output of the in-scope layers (estimated in estimate mode)
+    h2o_codec_decode_us: float = _stat("%.2f")
+    h2o_evictions: float = _stat("%.1f")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+STAT_FORMATS = {f.name: f.metadata["fmt"] for f in fields(RequestStats) if f.metadata["standard"]}
+STANDARD_COLUMNS = (*LEAD_COLUMNS, *STAT_FORMATS)  # SPEC §7's table, in order
+# Extra columns follow the standard ones: the other request stats, then quality (llm_bench --quality).
+QUALITY_FORMATS = {
     "ppl": "%.3f", "ppl_full": "%.3f", "ppl_delta_pct": "%.2f", "attended_fraction": "%.4f",
     "quality_windows": "%.0f", "token_agreement": "%.4f",
     "first_divergence": "%.1f", "passkey_acc": "%.3f", "passkey_full_acc": "%.3f", "quality_s": "%.1f",
 }
+EXTRA_FORMATS = {**{f.name: f.metadata["fmt"] for f in fields(RequestStats) if not f.metadata["standard"]},
+                 **QUALITY_FORMATS}
 
 
 def size_cell(size_bytes: float) -> str:

@@ -103,10 +103,10 @@ def test_budget_bases():
     current = PlanParams(1, 0, 0, 0.25)
     seen = PlanParams(1, 0, 0, 0.25, budget_basis="seen")
     fixed = PlanParams(1, 0, 0, 0.25, budget_basis="tokens", budget_tokens=30)
-    assert current.budget_tokens_for(kv=100, seen=400) == 25  # the seed: ratio x current length
-    assert seen.budget_tokens_for(kv=200, seen=400) == 100  # ratio x tokens seen
-    assert fixed.budget_tokens_for(kv=200, seen=400) == 30
-    assert seen.budget_tokens_for(kv=50, seen=400) == 50  # never more than the layer holds
+    assert current.budget_tokens_for(length=100, seen=400) == 25  # the seed: ratio x current length
+    assert seen.budget_tokens_for(length=200, seen=400) == 100  # ratio x tokens seen
+    assert fixed.budget_tokens_for(length=200, seen=400) == 30
+    assert seen.budget_tokens_for(length=50, seen=400) == 50  # never more than the layer holds
 
 
 def test_seen_basis_does_not_compound():

@@ -55,7 +55,7 @@ def teacher_forced(engine: Engine, ids: list[int], prompt: int):
     logits = [engine.forward(cache, ids[:prompt], 0)[-1]]
     for i, token in enumerate(ids[prompt:-1]):
         logits.append(engine.forward(cache, [token], prompt + i)[-1])
-    plans = [(e.layer, e.plan.kv, e.plan.runs) for e in cache.events.evictions]
+    plans = [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
     return torch.stack(logits).float(), plans, cache.seq_lengths().tolist()
 
 

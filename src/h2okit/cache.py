@@ -223,9 +223,9 @@ class H2OLayer(CacheLayerMixin):
                 self.policy.observe_blocks(self.block_mass(head_mass))
             else:
                 self.policy.tick()
-            kv = self.get_seq_length()
-            norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(kv) else None
-            event = self.policy.maybe_plan(kv, self.tokens_seen, norms)
+            length = self.get_seq_length()
+            norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(length) else None
+            event = self.policy.maybe_plan(length, self.tokens_seen, norms)
             if event is not None:
                 self.compact(event.plan)
                 self.policy.applied(event.plan)
@@ -239,8 +239,8 @@ class H2OLayer(CacheLayerMixin):
         self.codec.measure(self.keys, self.values)
 
     def _check_plan(self, plan: KeepPlan) -> None:
-        if plan.kv != self.get_seq_length():
-            raise ValueError(f"layer {self.layer_idx}: plan for {plan.kv} tokens, layer holds "
+        if plan.length != self.get_seq_length():
+            raise ValueError(f"layer {self.layer_idx}: plan for {plan.length} tokens, layer holds "
                              f"{self.get_seq_length()}")
 
     def compact(self, plan: KeepPlan) -> None:
@@ -378,7 +378,7 @@ class H2OCache(Cache):
         if self.kv.h2o_log_stats:  # the seed's `[H2O] ...` line per eviction
             p = event.plan
             log.info("[H2O] layer=%d kv=%d keep=%d evict=%d runs=%d target=%d floor=%d quantized=%d plan_us=%.1f",
-                     event.layer, p.kv, p.kept_tokens, p.evicted_tokens, p.run_count, p.target_tokens,
+                     event.layer, p.length, p.kept_tokens, p.evicted_tokens, p.run_count, p.target_tokens,
                      p.floor_tokens, p.quantized_tokens, event.plan_us)
 
     def reset(self) -> None:

@@ -63,11 +63,11 @@ class LayerCodec:
     compressed_bytes: float = 0.0
     encode_us: float = 0.0
     decode_us: float = 0.0
-    runs: int = 0
+    measurements: int = 0  # codec runs so far (estimate, full or store)
     cold: list[ColdFrame] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.steps_since_run = self.runs = self.raw_bytes = 0
+        self.steps_since_run = self.measurements = self.raw_bytes = 0
         self.compressed_bytes = self.encode_us = self.decode_us = 0.0
         self.cold = []
 
@@ -81,7 +81,7 @@ class LayerCodec:
 
     def due(self, kv: int) -> bool:
         self.steps_since_run += 1
-        if self.runs == 0:
+        if self.measurements == 0:
             return True  # while it has never produced a ratio
         return kv >= self.trigger_min_tokens and self.steps_since_run >= self.update_interval
 
@@ -112,7 +112,7 @@ class LayerCodec:
             self.decode_us = (time.perf_counter() - started) * 1e6
         self.raw_bytes, self.compressed_bytes = raw, packed
         self.steps_since_run = 0
-        self.runs += 1
+        self.measurements += 1
 
     def store_cold(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """store mode: move hot tokens that left the raw window into a new cold frame.
@@ -132,7 +132,7 @@ class LayerCodec:
         self.raw_bytes = sum(f.raw_bytes for f in self.cold)
         self.compressed_bytes = self.cold_compressed_bytes
         self.steps_since_run = 0
-        self.runs += 1
+        self.measurements += 1
         return keys, values
 
     def load_cold(self) -> tuple[torch.Tensor, torch.Tensor] | None:

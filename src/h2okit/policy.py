@@ -179,13 +179,13 @@ class PlanParams:
         if self.budget_basis not in BUDGET_BASES:
             raise ValueError(f"unknown budget basis {self.budget_basis!r}; allowed: {', '.join(BUDGET_BASES)}")
 
-    def budget_tokens_for(self, kv: int, seen: int) -> int:
-        """The kept-token budget of a layer holding `kv` tokens after seeing `seen`, in [1, kv]."""
+    def budget_tokens_for(self, length: int, seen: int) -> int:
+        """The kept-token budget of a layer holding `length` tokens after seeing `seen`, in [1, length]."""
         if self.budget_basis == "tokens":
             budget = self.budget_tokens
         else:
-            budget = math.ceil(self.keep_ratio * (kv if self.budget_basis == "current" else seen))
-        return min(max(budget, 1), kv)
+            budget = math.ceil(self.keep_ratio * (length if self.budget_basis == "current" else seen))
+        return min(max(budget, 1), length)
 
     def floor_tokens_max(self) -> int:
         """Most tokens the floors can hold (sink and recent each rounded out to whole blocks, plus
@@ -199,7 +199,7 @@ class KeepPlan:
     """Which tokens of a layer survive one eviction. Block indices refer to the layer as it was.
     `kept_blocks` has one row for a shared choice, one per KV head for a per-head one."""
 
-    kv: int
+    length: int
     block_tokens: int
     kept_blocks: np.ndarray  # [rows, k] ascending block indices per row
     floor_tokens: int
@@ -210,7 +210,7 @@ class KeepPlan:
 
     @property
     def evicted_tokens(self) -> int:
-        return self.kv - self.kept_tokens
+        return self.length - self.kept_tokens
 
     @property
     def run_count(self) -> int:
@@ -227,35 +227,35 @@ class KeepPlan:
                          for row in self.runs])
 
 
-def num_blocks(kv: int, block_tokens: int) -> int:
-    return -(-kv // block_tokens)
+def num_blocks(length: int, block_tokens: int) -> int:
+    return -(-length // block_tokens)
 
 
-def block_sizes(kv: int, block_tokens: int) -> np.ndarray:
-    nb = num_blocks(kv, block_tokens)
+def block_sizes(length: int, block_tokens: int) -> np.ndarray:
+    nb = num_blocks(length, block_tokens)
     sizes = np.full(nb, block_tokens, dtype=np.int64)
-    if nb and kv % block_tokens:
-        sizes[-1] = kv % block_tokens
+    if nb and length % block_tokens:
+        sizes[-1] = length % block_tokens
     return sizes
 
 
-def floor_mask(kv: int, params: PlanParams) -> np.ndarray:
+def floor_mask(length: int, params: PlanParams) -> np.ndarray:
     """Blocks protected by the sink and recent floors, each rounded out to whole blocks."""
     b = params.block_tokens
-    nb = num_blocks(kv, b)
+    nb = num_blocks(length, b)
     protected = np.zeros(nb, dtype=bool)
     protected[: min(nb, -(-params.sink_tokens // b))] = True
     # With recent=0 this still protects a partial last block (the write head), as SPEC §3 says.
-    protected[max(0, kv - params.recent_tokens) // b :] = True
+    protected[max(0, length - params.recent_tokens) // b :] = True
     return protected
 
 
-def _trim_floors(kv: int, params: PlanParams, sizes: np.ndarray, budget: int) -> np.ndarray:
+def _trim_floors(length: int, params: PlanParams, sizes: np.ndarray, budget: int) -> np.ndarray:
     """Floors that exceed a `seen`/`tokens` budget are cut to fit it (the budget is what it says):
     the newest block first (the write head), then the sink blocks in order, then the newest recent ones."""
     b, nb = params.block_tokens, len(sizes)
     sink = range(min(nb - 1, -(-params.sink_tokens // b)))
-    recent = range(nb - 2, max(0, kv - params.recent_tokens) // b - 1, -1)
+    recent = range(nb - 2, max(0, length - params.recent_tokens) // b - 1, -1)
     trimmed = np.zeros(nb, dtype=bool)
     trimmed[nb - 1] = True
     total = int(sizes[nb - 1])
@@ -266,36 +266,36 @@ def _trim_floors(kv: int, params: PlanParams, sizes: np.ndarray, budget: int) ->
     return trimmed
 
 
-def build_plan(kv: int, scores: np.ndarray, params: PlanParams, seen: int | None = None) -> KeepPlan | None:
+def build_plan(length: int, scores: np.ndarray, params: PlanParams, seen: int | None = None) -> KeepPlan | None:
     """SPEC §3 steps 1-6 for one layer (with §10's budget bases). `scores` is [rows, blocks] (or
     [blocks]): one row = one choice for all KV heads. None when nothing would be evicted."""
-    if kv <= 0:
+    if length <= 0:
         return None
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     b = params.block_tokens
-    sizes = block_sizes(kv, b)
+    sizes = block_sizes(length, b)
     if scores.shape[1] != len(sizes):
-        raise ValueError(f"{scores.shape[1]} block scores for {len(sizes)} blocks (kv={kv}, block={b})")
-    protected = floor_mask(kv, params)
+        raise ValueError(f"{scores.shape[1]} block scores for {len(sizes)} blocks (length={length}, block={b})")
+    protected = floor_mask(length, params)
     floor_tokens = int(sizes[protected].sum())
-    budget = params.budget_tokens_for(kv, kv if seen is None else seen)
+    budget = params.budget_tokens_for(length, length if seen is None else seen)
     if params.budget_basis == "current":  # SPEC §3 as the seed had it: floors win, blocks round up
         target = max(budget, floor_tokens)
         if floor_tokens >= target:
             return None  # floor dominates: no eviction, stats untouched
-        quantized = min(kv, floor_tokens + -(-(target - floor_tokens) // b) * b)
+        quantized = min(length, floor_tokens + -(-(target - floor_tokens) // b) * b)
     else:  # floors come out of the budget, and whole blocks never take it past the budget
         target = budget
         protected[-1] = True  # the write head, even with no recent floor
         floor_tokens = int(sizes[protected].sum())
         if floor_tokens > target:
-            protected = _trim_floors(kv, params, sizes, target)
+            protected = _trim_floors(length, params, sizes, target)
             floor_tokens = int(sizes[protected].sum())
         quantized = floor_tokens + max(0, target - floor_tokens) // b * b
     candidates = np.flatnonzero(~protected)  # always whole blocks: the partial last block is protected
     extra = min(len(candidates), (quantized - floor_tokens) // b + (1 if (quantized - floor_tokens) % b else 0))
     kept_tokens = floor_tokens + int(sizes[candidates[:extra]].sum()) if extra else floor_tokens
-    if kept_tokens >= kv:
+    if kept_tokens >= length:
         return None  # the quantised budget covers everything
     rows = []
     for row in scores:
@@ -304,7 +304,7 @@ def build_plan(kv: int, scores: np.ndarray, params: PlanParams, seen: int | None
         keep[best] = True
         rows.append(np.flatnonzero(keep))
     kept_blocks = np.stack(rows)
-    return KeepPlan(kv=kv, block_tokens=b, kept_blocks=kept_blocks, floor_tokens=floor_tokens,
+    return KeepPlan(length=length, block_tokens=b, kept_blocks=kept_blocks, floor_tokens=floor_tokens,
                     target_tokens=target, quantized_tokens=quantized, kept_tokens=kept_tokens,
                     runs=tuple(_runs(row, sizes, b) for row in kept_blocks))
 
@@ -328,9 +328,9 @@ def layer_budget_weights(layers: int, slope: float) -> np.ndarray:
     return 1.0 + slope * (1.0 - 2.0 * np.arange(layers) / (layers - 1))
 
 
-def lossy_ratio(kv: int, kept: int, runs: int, bytes_per_token: int) -> float:
+def lossy_ratio(length: int, kept: int, runs: int, bytes_per_token: int) -> float:
     """SPEC §6 h2o_lossy: logical bytes over kept bytes plus 8 bytes of run metadata per run."""
-    return kv * bytes_per_token / (kept * bytes_per_token + 8 * runs)
+    return length * bytes_per_token / (kept * bytes_per_token + 8 * runs)
 
 
 @dataclass
@@ -408,20 +408,20 @@ class LayerPolicy:
         starts = np.arange(0, mass.shape[1], self.params.block_tokens)
         self.observe_blocks(np.add.reduceat(mass, starts, axis=1))
 
-    def due(self, kv: int) -> bool:
-        return kv >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
+    def due(self, length: int) -> bool:
+        return length >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
 
-    def maybe_plan(self, kv: int, seen: int | None = None, value_norms: np.ndarray | None = None
+    def maybe_plan(self, length: int, seen: int | None = None, value_norms: np.ndarray | None = None
                    ) -> EvictionEvent | None:
         """After a decode step: the plan to apply now, or None. Call `applied` once it is applied.
         `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores."""
-        if not self.due(kv):
+        if not self.due(length):
             return None
         started = time.perf_counter()
-        scores = self.scorer.scores(num_blocks(kv, self.params.block_tokens))
+        scores = self.scorer.scores(num_blocks(length, self.params.block_tokens))
         if self.params.value_norm and value_norms is not None:
             scores = scores * self._rows(value_norms)
-        plan = build_plan(kv, scores, self.params, seen)
+        plan = build_plan(length, scores, self.params, seen)
         plan_us = (time.perf_counter() - started) * 1e6
         return None if plan is None else EvictionEvent(self.layer, plan, plan_us)
 

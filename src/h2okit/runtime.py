@@ -48,14 +48,14 @@ def collect_stats(cache: H2OCache) -> RequestStats:
         last = events[-1]  # "last event wins", sticky until the next one
         plan = last.plan
         bpt = cache.layers[last.layer].bytes_per_token
-        stats.h2o_keep = plan.kept_tokens / plan.kv
-        stats.h2o_lossy = lossy_ratio(plan.kv, plan.kept_tokens, plan.run_count, bpt)
-        stats.h2o_target_keep_effective = plan.target_tokens / plan.kv
-        stats.h2o_floor_keep = plan.floor_tokens / plan.kv
-        stats.h2o_quantized_keep = plan.quantized_tokens / plan.kv
+        stats.h2o_keep = plan.kept_tokens / plan.length
+        stats.h2o_lossy = lossy_ratio(plan.length, plan.kept_tokens, plan.run_count, bpt)
+        stats.h2o_target_keep_effective = plan.target_tokens / plan.length
+        stats.h2o_floor_keep = plan.floor_tokens / plan.length
+        stats.h2o_quantized_keep = plan.quantized_tokens / plan.length
         stats.h2o_evict_us = last.plan_us
         stats.h2o_evictions = len(events)
-    codecs = [layer.codec for layer in cache.layers if layer.codec is not None and layer.codec.runs]
+    codecs = [layer.codec for layer in cache.layers if layer.codec is not None and layer.codec.measurements]
     if codecs:
         raw = sum(c.raw_bytes for c in codecs)
         packed = sum(c.compressed_bytes for c in codecs)

@@ -67,21 +67,23 @@ def test_reads_character_vectors_from_a_lazy_load_db(tmp_path):
         "emma": _strsxp(["EMMA", "", "Emma Woodhouse, handsome,", None, "clever"]),
         "persuasion": _strsxp(["Sir Walter"]),
     }))
-    assert db["emma"].value == ["EMMA", "", "Emma Woodhouse, handsome,", None, "clever"]
-    assert db["persuasion"].value == ["Sir Walter"]
+    assert db["emma"] == ["EMMA", "", "Emma Woodhouse, handsome,", None, "clever"]
+    assert db["persuasion"] == ["Sir Walter"]
 
 
-def test_version_2_and_named_vectors():
-    obj = unserialize(_serialize(_strsxp(["a", "b"], names=["x", "y"]), version=2))
-    assert obj.value == ["a", "b"] and obj.attributes["names"].value == ["x", "y"]
+def test_version_2_vectors():
+    assert list(unserialize(_serialize(_strsxp(["a", "b"]), version=2))) == ["a", "b"]
 
 
-def test_truncated_and_foreign_data_are_rejected():
+def test_truncated_and_foreign_data_are_rejected(tmp_path):
     good = _serialize(_strsxp(["hello"]))
-    with pytest.raises(RDataError, match="truncated"):
-        unserialize(good[:-3])
-    with pytest.raises(RDataError, match="XDR"):
+    with pytest.raises(RDataError, match="not an R serialization"):
         unserialize(b"A\n" + good[2:])
+    # a truncated entry: the framing's length and zlib checks catch it (the parser itself would not)
+    db = _write_db(tmp_path, {"emma": _strsxp(["hello"])})
+    db.write_bytes(db.read_bytes()[:-5])
+    with pytest.raises(RDataError, match="lazy-load entry"):
+        read_lazyload_db(db)
 
 
 def test_reflow_joins_hard_wrapped_lines_into_paragraphs():

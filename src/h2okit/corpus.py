@@ -93,7 +93,7 @@ def extract_austen(deb: Path, out_dir: Path) -> list[Path]:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name, stem in BOOKS.items():
-        (staging / f"{stem}.txt").write_text(_reflow(objects[name].value), encoding="utf-8")
+        (staging / f"{stem}.txt").write_text(_reflow(objects[name]), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return [out_dir / f"{stem}.txt" for stem in BOOKS.values()]

@@ -372,3 +372,11 @@ def test_clamped_or_ignored_settings_warn(case_id, overrides, expected):
 ])
 def test_settings_beyond_the_model_warn(overrides, expected):
     assert any(expected in w for w in parse_config({**SEED, **overrides}).kv.layer_warnings(30))
+
+
+def test_llm_bench_never_installs_a_missing_corpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path / "empty-cache"))
+    code = run(BENCH, bench_args(Files(tmp_path).config()))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "run `h2okit prepare` once" in err
+    assert not (tmp_path / "empty-cache" / "corpus").exists()

@@ -99,20 +99,25 @@ def extract_austen(deb: Path, out_dir: Path) -> list[Path]:
     return [out_dir / f"{stem}.txt" for stem in BOOKS.values()]
 
 
-def ensure_austen() -> Path:
-    """The folder of decoded novels, making it on first use."""
+def ensure_austen(fetch: bool = True) -> Path:
+    """The folder of decoded novels; made on first use when `fetch` (`h2okit prepare` fetches; a
+    benchmark never installs anything and asks for `h2okit prepare` instead)."""
     folder = austen_dir()
     if all((folder / f"{stem}.txt").is_file() for stem in BOOKS.values()):
         return folder
+    if not fetch:
+        raise CorpusError(f"the Austen corpus is not prepared in {folder}; run `h2okit prepare` once "
+                          f"(or pass --corpus with your own text)")
     with tempfile.TemporaryDirectory() as tmp:
         extract_austen(_download_deb(Path(tmp)), folder)
     return folder
 
 
-def load_texts(source: str | Path | None = None) -> dict[str, str]:
-    """Named texts: the Austen novels (default), one text file, or a folder of `.txt` files."""
+def load_texts(source: str | Path | None = None, fetch: bool = False) -> dict[str, str]:
+    """Named texts: the Austen novels (default; prepared by `h2okit prepare`, or fetched here when
+    `fetch`), one text file, or a folder of `.txt` files."""
     if source is None:
-        folder = ensure_austen()
+        folder = ensure_austen(fetch)
         return {stem: (folder / f"{stem}.txt").read_text(encoding="utf-8") for stem in BOOKS.values()}
     path = Path(source)
     if path.is_file():

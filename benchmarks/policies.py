@@ -37,6 +37,7 @@ from h2okit.stats import mean_ci, paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL, TRIGGER = 16, 64
+LAYERS = 30  # SmolLM2-135M
 SMALL_FLOORS = {"kv_h2o_block_tokens": 1, "kv_h2o_sink_tokens": 4, "kv_h2o_recent_tokens": 16}
 # variant -> config overrides on top of: all layers evict, static target, basis seen.
 VARIANTS = {
@@ -61,6 +62,8 @@ VARIANTS = {
     "mean_vnorm": {"kv_h2o_policy": "mean", "kv_h2o_value_norm": True, **SMALL_FLOORS},
     "tova_vnorm": {"kv_h2o_policy": "tova", "kv_h2o_value_norm": True, **SMALL_FLOORS},
     "h2o_vnorm_head": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_per_head": True, **SMALL_FLOORS},
+    "h2o_vnorm_l2": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_layer_start": 2,
+                     **SMALL_FLOORS},  # layers 0-1 keep everything; the others a smaller budget, same total
     "h2o_pyramid": {"kv_h2o_policy": "h2o", "kv_h2o_layer_budget_slope": 0.5, **SMALL_FLOORS},
     "h2o_inv_pyramid": {"kv_h2o_policy": "h2o", "kv_h2o_layer_budget_slope": -0.5, **SMALL_FLOORS},
     "h2o_head": {"kv_h2o_policy": "h2o", "kv_h2o_per_head": True, **SMALL_FLOORS},
@@ -106,7 +109,10 @@ def simulated_attended(kv_cfg, prompt: int, tokens: int) -> float:
 
 
 def calibrated_keep(overrides: dict, prompt: int, tokens: int, target: float) -> tuple[float, float]:
-    """The keep ratio whose simulated steady attended fraction is closest to `target` (bisection)."""
+    """The keep ratio whose simulated steady attended fraction is closest to `target` (bisection). Layers
+    outside the evicting range attend to everything (fraction 1), so the evicting ones get less."""
+    full = overrides.get("kv_h2o_layer_start", 0)
+    target = (LAYERS * target - full) / (LAYERS - full)
     lo, hi = 0.01, 0.99
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -115,7 +121,8 @@ def calibrated_keep(overrides: dict, prompt: int, tokens: int, target: float) ->
         else:
             hi = mid
     keep = (lo + hi) / 2
-    return keep, simulated_attended(parse_config(base_config(overrides, keep)).kv, prompt, tokens)
+    evicting = simulated_attended(parse_config(base_config(overrides, keep)).kv, prompt, tokens)
+    return keep, (full + (LAYERS - full) * evicting) / LAYERS
 
 
 def main() -> int:

@@ -100,3 +100,41 @@ def test_no_eviction_fast_equals_reference_exactly_in_greedy_tokens():
     fast = Engine(loaded, kv, decode_path="fast").generate(prompt, 20).tokens
     ref = Engine(loaded, kv, decode_path="reference").generate(prompt, 20).tokens
     assert fast == ref
+
+
+@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+def test_chunked_prefill_bounds_the_peak_kv(policy):
+    """kv_h2o_prefill_chunk_tokens: the prompt goes in chunks and every evicting layer shrinks to its
+    budget between them, so the peak K/V is about budget + one chunk, not the whole prompt."""
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    prompt = np.random.default_rng(4).integers(0, 320, 300).tolist()
+    chunked = kv_config(policy, kv_h2o_prefill_chunk_tokens=32, kv_h2o_target_keep_ratio=0.25)
+    whole = kv_config(policy, kv_h2o_target_keep_ratio=0.25)
+    for kv in (chunked, whole):
+        assert kv.h2o_prefill_chunk_tokens in (0, 32)
+    bpt = 2 * 3 * 64 * 4  # K and V, 3 KV heads x 64 dims x float32
+    runs = {}
+    for name, kv in (("chunked", chunked), ("whole", whole)):
+        engine = Engine(loaded, kv, decode_path="reference")
+        result = engine.generate(prompt, 8)
+        runs[name] = result
+    logical = 3 * 308 * bpt
+    assert runs["whole"].stats.kv_peak_mb * 2**20 >= 3 * 300 * bpt  # the whole prompt sat in the cache
+    budget = 0.25 * 300
+    assert runs["chunked"].stats.kv_peak_mb * 2**20 <= 3 * (budget + 32 + 4) * bpt  # budget + a chunk (+ a block)
+    assert runs["chunked"].stats.kv_peak_mb < 0.45 * runs["chunked"].stats.kv_logical_mb
+    assert runs["chunked"].stats.kv_logical_mb * 2**20 == logical
+    assert runs["chunked"].stats.h2o_evictions > runs["whole"].stats.h2o_evictions  # it evicted inside the prompt
+
+
+def test_chunked_prefill_without_eviction_is_the_same_computation():
+    """Chunks alone (nothing over the trigger) change nothing but the summation order."""
+    loaded = tiny_llama(*LAYOUTS["mha-d32"], torch.float32)
+    ids = np.random.default_rng(5).integers(0, 320, 100).tolist()
+    big_trigger = {"kv_h2o_trigger_min_tokens": 100000}
+    chunked = Engine(loaded, kv_config("h2o", kv_h2o_prefill_chunk_tokens=16, **big_trigger), "reference")
+    whole = Engine(loaded, kv_config("h2o", **big_trigger), "reference")
+    a = chunked.forward(chunked.new_cache(), ids, 0, all_logits=True)
+    b = whole.forward(whole.new_cache(), ids, 0, all_logits=True)
+    assert a.shape == b.shape == (100, 320)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -76,6 +76,16 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
             out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
         layer.after_decode_step(mass)
         return out.transpose(1, 2), None
+    if layer is not None and layer.policy is not None and h2o_cache.prefill_chunk_tokens:
+        # chunked prefill in an evicting layer: attention over what the layer kept plus the chunk (the
+        # chunk's rows are the last slots), then the layer scores the chunk and evicts to its budget
+        if layer.needs_mass:
+            out, mass = causal_attention_with_mass(query, key, value, scaling)
+        else:
+            out, mass = F.scaled_dot_product_attention(query, key, value, attn_mask=_causal_mask(
+                q_len, kv_len, query.device), scale=scaling, enable_gqa=True), None
+        layer.after_prefill_chunk(mass)
+        return out.transpose(1, 2), None
     if layer is not None and layer.scores_prefill and q_len == kv_len:  # opt-in: score the prompt too
         out, mass = causal_attention_with_mass(query, key, value, scaling)
         layer.observe_prefill(mass)

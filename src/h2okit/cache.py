@@ -110,6 +110,7 @@ class H2OLayer(CacheLayerMixin):
         self.codec = codec
         self.store_dtype = store_dtype
         self.on_event = on_event
+        self.on_size = None  # the cache's callback: (layer index, physical bytes) after every size change
         self.tokens_seen = 0
 
     # --- transformers' CacheLayerMixin interface -------------------------------------
@@ -139,7 +140,12 @@ class H2OLayer(CacheLayerMixin):
         """The buffer holds `n` more tokens: refresh the views and the count; all K/V as `full_kv`."""
         self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
         self.tokens_seen += n
+        self._report_size()
         return self.full_kv()
+
+    def _report_size(self) -> None:
+        if self.on_size is not None:
+            self.on_size(self.layer_idx, self.physical_bytes)
 
     def decode_slot(self) -> tuple[int, int, int] | None:
         """Where a kernel may write the next decode token's K/V directly (see KVBuffer.next_slot), or
@@ -238,6 +244,23 @@ class H2OLayer(CacheLayerMixin):
         """The codec's cadence came due: measure the layer's K/V (estimate / full modes)."""
         self.codec.measure(self.keys, self.values)
 
+    def after_prefill_chunk(self, head_mass: torch.Tensor | None) -> None:
+        """Chunked prefill: the chunk's attention (its rows' mean mass per KV head and token) is one
+        observation, and the layer evicts down to its budget now if it holds trigger_min_tokens,
+        whatever the decode-step clock says, so that the prompt never sits whole in the cache."""
+        if head_mass is not None:
+            self.policy.observe_blocks(self.block_mass(head_mass))
+        else:
+            self.policy.tick()
+        length = self.get_seq_length()
+        norms = self.value_norms() if self.policy.params.value_norm else None
+        event = self.policy.maybe_plan(length, self.tokens_seen, norms, force=True)
+        if event is not None:
+            self.compact(event.plan)
+            self.policy.applied(event.plan)
+            if self.on_event is not None:
+                self.on_event(event)
+
     def _check_plan(self, plan: KeepPlan) -> None:
         if plan.length != self.get_seq_length():
             raise ValueError(f"layer {self.layer_idx}: plan for {plan.length} tokens, layer holds "
@@ -249,6 +272,7 @@ class H2OLayer(CacheLayerMixin):
         self._check_plan(plan)
         self.buffer.keep(torch.from_numpy(plan.kept_token_indices()).to(self.keys.device))
         self.keys, self.values = self.buffer.views()
+        self._report_size()
 
     @property
     def _cold_bytes(self) -> int:
@@ -316,6 +340,7 @@ class ColdStoreLayer(H2OLayer):
         """Move the tokens that left the raw window into a new cold frame."""
         self.buffer.replace(*self.codec.store_cold(self.keys, self.values))
         self.keys, self.values = self.buffer.views()
+        self._report_size()
 
     def compact(self, plan: KeepPlan) -> None:
         """Everything becomes raw again (the kept tokens), and the codec re-packs the cold part later."""
@@ -328,6 +353,7 @@ class ColdStoreLayer(H2OLayer):
         self.buffer.replace(gather_tokens(keys, index), gather_tokens(values, index))
         self.keys, self.values = self.buffer.views()
         self._step_kv = None
+        self._report_size()
 
     @property
     def _cold_bytes(self) -> int:
@@ -371,7 +397,21 @@ class H2OCache(Cache):
                                      seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill)
             layer_class = ColdStoreLayer if codec is not None and codec.mode == "store" else H2OLayer
             layers.append(layer_class(i, policy, store_dtype, on_event=self._record, codec=codec))
+            layers[-1].on_size = self._resized
         super().__init__(layers=layers)
+        self._layer_bytes = [0] * num_layers
+        self._bytes = 0
+        self.peak_bytes = 0  # the most K/V (raw tokens + cold frames) the cache held at any moment
+
+    def _resized(self, layer: int, physical: int) -> None:
+        self._bytes += physical - self._layer_bytes[layer]
+        self._layer_bytes[layer] = physical
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    @property
+    def prefill_chunk_tokens(self) -> int:
+        """Chunked prefill (kv_h2o_prefill_chunk_tokens): 0 when nothing evicts or it is off."""
+        return self.kv.h2o_prefill_chunk_tokens if self.h2o_layer_ids else 0
 
     def _record(self, event: EvictionEvent) -> None:
         self.events.evictions.append(event)
@@ -385,6 +425,8 @@ class H2OCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.events = CacheEvents()
+        self._layer_bytes = [0] * len(self.layers)
+        self._bytes = self.peak_bytes = 0
 
     # transformers' Cache offers these for beam search, speculative decoding and offloading; each would
     # leave the preallocated buffers, the per-layer token counts and the policies out of step.

@@ -139,6 +139,8 @@ class KVConfig:
                                         doc="budget x (1 + slope) at the first evicting layer .. (1 - slope) at the "
                                             "last; same total")
     h2o_seed: int = _kv(0, doc="seed of the `random` policy")
+    h2o_prefill_chunk_tokens: int = _kv(0, _clamp(0), doc="feed the prompt in chunks of this many tokens, evicting "
+                                                          "between them (0: the whole prompt at once)")
     h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
     lossless_enable: bool = _kv(False, doc="lossless codec on")
     lossless_scope: str = _kv("front_n", choices=LOSSLESS_SCOPES)

@@ -411,11 +411,12 @@ class LayerPolicy:
     def due(self, length: int) -> bool:
         return length >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
 
-    def maybe_plan(self, length: int, seen: int | None = None, value_norms: np.ndarray | None = None
-                   ) -> EvictionEvent | None:
+    def maybe_plan(self, length: int, seen: int | None = None, value_norms: np.ndarray | None = None,
+                   force: bool = False) -> EvictionEvent | None:
         """After a decode step: the plan to apply now, or None. Call `applied` once it is applied.
-        `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores."""
-        if not self.due(length):
+        `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores. `force` (chunked
+        prefill) plans whenever the layer holds trigger_min_tokens, whatever the step clock says."""
+        if not (self.due(length) or (force and length >= self.trigger_min_tokens)):
             return None
         started = time.perf_counter()
         scores = self.scorer.scores(num_blocks(length, self.params.block_tokens))

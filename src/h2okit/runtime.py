@@ -67,6 +67,7 @@ def collect_stats(cache: H2OCache) -> RequestStats:
     stats.kv_phys_mb = physical / MIB
     stats.kv_logical_mb = logical / MIB
     stats.kv_alloc_mb = cache.allocated_bytes / MIB
+    stats.kv_peak_mb = cache.peak_bytes / MIB
     stats.kv_true_ratio = logical / physical if physical else 1.0
     return stats
 
@@ -115,6 +116,11 @@ class Engine:
         One token goes through the fast path when the engine has one."""
         if len(ids) == 1 and self.fast is not None:
             return self.fast.step(cache, ids[0], start_pos).unsqueeze(0)
+        chunk = cache.prefill_chunk_tokens
+        if chunk and len(ids) > chunk:  # chunked prefill: the evicting layers shrink between chunks
+            parts = [self.forward(cache, ids[i:i + chunk], start_pos + i, all_logits)
+                     for i in range(0, len(ids), chunk)]
+            return torch.cat(parts) if all_logits else parts[-1]
         input_ids = torch.tensor([ids], dtype=torch.long)
         positions = torch.arange(start_pos, start_pos + len(ids), dtype=torch.long).unsqueeze(0)
         out = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,

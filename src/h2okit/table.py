@@ -35,6 +35,7 @@ class RequestStats:
     kv_phys_mb: float = _stat("%.2f")  # bytes of live tokens (raw) plus cold frames
     kv_logical_mb: float = _stat("%.2f")
     kv_alloc_mb: float = _stat("%.2f")  # what the buffers reserve (live tokens + free slots) plus cold frames
+    kv_peak_mb: float = _stat("%.2f")  # the most K/V (raw + cold frames) held at any moment of the request
     kv_lossless_mb: float = _stat("%.3f")  # codec output of the in-scope layers (estimated in estimate mode)
     h2o_codec_decode_us: float = _stat("%.2f")
     h2o_evictions: float = _stat("%.1f")

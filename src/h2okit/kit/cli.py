@@ -65,6 +65,7 @@ def sweep_parser(prog: str = "sweep_h2o_v2.py") -> argparse.ArgumentParser:
                    f"({', '.join(names('presets'))})")
     p.add_argument("--threads", default=None, help="comma list of thread counts, overriding the preset's (the "
                    "seed's sweep defaults to 4; here the preset's, else the base config's thread_num)")
+    p.add_argument("--repeat", type=int, default=None, help="rounds, overriding the preset's repeat")
     return p
 
 
@@ -117,6 +118,8 @@ def sweep_main(argv=None, prog="sweep_h2o_v2.py") -> int:
         grid = load_preset(find("presets", args.preset))
         if args.threads is not None:
             grid.axes["threads"] = parse_list(args.threads, int, "--threads")
+        if args.repeat is not None:
+            grid.repeat = args.repeat
         return _run_sweep(grid, args)
 
     return _guard(prog, run)

@@ -58,7 +58,7 @@ def read_bandwidth(reps: int = 3) -> tuple[float, float]:
     kernel, torch_sum = [], []
     for _ in range(reps):
         start = time.perf_counter()
-        lib.h2k_read_sum(data.data_ptr(), data.numel())
+        lib.h2k_read_sum(kernels.ptr(data), data.numel())
         kernel.append(data.numel() * 4 / (time.perf_counter() - start) / GB)
         start = time.perf_counter()
         data.sum()

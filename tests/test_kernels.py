@@ -9,7 +9,13 @@ from h2okit.attention import attention_with_mass
 from h2okit.policy import LayerPolicy, PlanParams
 
 lib = kernels.load()
-P = lambda t: t.data_ptr()  # noqa: E731
+P = kernels.ptr
+
+
+def dims(hidden=0, q_heads=1, kv_heads=1, head_dim=1, inter=0, wtype=kernels.F32, eps=1e-5, scale=1.0):
+    return kernels.ffi.new("h2k_dims *", {"wtype": wtype, "hidden": hidden, "q_heads": q_heads,
+                                          "kv_heads": kv_heads, "head_dim": head_dim, "inter": inter, "eps": eps,
+                                          "scale": scale})
 
 
 def rms_norm(x, w, eps):
@@ -29,8 +35,8 @@ def test_norm_gemv_with_rope_matches_torch(dtype, code):
     weight = torch.randn(rows, cols).to(dtype)
     cos, sin = torch.rand(head_dim), torch.rand(head_dim)
     h, y = torch.empty(cols), torch.empty(rows)
-    lib.h2k_norm_gemv(code, P(x), P(norm_w), 1e-5, P(weight), rows, cols, P(h), P(y), rope_heads, head_dim,
-                      P(cos), P(sin))
+    lib.h2k_norm_gemv(dims(hidden=cols, head_dim=head_dim, wtype=code), P(x), P(norm_w), P(weight), rows, P(h),
+                      P(y), rope_heads, P(cos), P(sin))
     expected = weight.float() @ rms_norm(x, norm_w, 1e-5)
     roped = rope_heads * head_dim
     expected[:roped] = rotate(expected[:roped].view(rope_heads, head_dim), cos, sin).reshape(-1)
@@ -49,8 +55,8 @@ def test_mlp_block_matches_torch(dtype, code):
     gate_up = w_gu.float() @ rms_norm(residual, post, 1e-6)
     expected = residual + w_down.float() @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:])
     h, gu = torch.empty(hidden), torch.empty(2 * inter)
-    lib.h2k_mlp_block(code, P(x), hidden, P(a), attn_dim, P(w_o), P(post), 1e-6, P(w_gu), inter, P(w_down),
-                      P(h), P(gu))
+    lib.h2k_mlp_block(dims(hidden=hidden, q_heads=attn_dim // 16, head_dim=16, inter=inter, wtype=code, eps=1e-6),
+                      P(x), P(a), P(w_o), P(post), P(w_gu), P(w_down), P(h), P(gu))
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -62,8 +68,8 @@ def attend(q, keys, values, scaling, threads=2):
     mass = torch.empty(kv_heads, tokens)
     partial = torch.empty(threads * q_heads * head_dim)
     code = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}[keys.dtype]
-    lib.h2k_attend(P(q.contiguous()), q_heads, kv_heads, head_dim, P(keys), P(values), keys.stride(1), code,
-                   tokens, scaling, P(probs), P(out), P(mass), P(partial), threads)
+    lib.h2k_attend(dims(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, scale=scaling), P(q.contiguous()),
+                   P(keys), P(values), keys.stride(1), code, tokens, P(probs), P(out), P(mass), P(partial), threads)
     return out.view(1, q_heads, 1, head_dim), mass
 
 

@@ -33,7 +33,8 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"model:   {convert_gguf(gguf)}")
     print(f"corpus:  {ensure_austen()}")
     try:
-        print(f"kernels: {kernels.load()._name}")
+        kernels.load()
+        print(f"kernels: {kernels.loaded_path}")
     except kernels.KernelBuildError as exc:  # not fatal: decoding falls back to the transformers path
         print(f"kernels: not built ({exc}); decode will use the transformers forward")
     return 0

@@ -60,8 +60,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+_ptr = kernels.ptr
 
 
 @dataclass
@@ -113,6 +112,10 @@ class FastDecoder:
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight.detach().float().contiguous()
         self.head = model.lm_head.weight.detach().contiguous()
+        # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h)
+        self.dims = kernels.ffi.new("h2k_dims *", {
+            "wtype": self.wtype, "hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling})
         self.layers = []
         with torch.no_grad():
             for block in inner.layers:
@@ -137,6 +140,10 @@ class FastDecoder:
         # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what layer.append takes)
         self.k_new = self.qkv[q_dim:q_dim + kv_dim].view(1, self.kv_heads, 1, self.head_dim)
         self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
+        # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
+        self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
+        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (self.final_norm, self.head,
+                                                                                       self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
         self._cos = self._sin = torch.empty(0, self.head_dim)
 
@@ -146,7 +153,7 @@ class FastDecoder:
         tensors = [self.head] + [t for L in self.layers for t in (L.qkv, L.o, L.gate_up, L.down)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _rope_at(self, position: int) -> tuple[int, int]:
+    def _rope_at(self, position: int) -> tuple[object, object]:
         """Pointers to the float32 cos/sin rows of `position`, from the model's own rotary module."""
         if position >= self._cos.shape[0]:
             n = max(2 * self._cos.shape[0], position + 1, 1024)
@@ -155,7 +162,7 @@ class FastDecoder:
             self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         return _ptr(self._cos[position]), _ptr(self._sin[position])
 
-    def _scratch(self, tokens: int) -> tuple[int, torch.Tensor]:
+    def _scratch(self, tokens: int) -> tuple[object, torch.Tensor]:
         """The attention's probability rows (pointer) and a [kv_heads, tokens] per-head mass tensor,
         grown as the cache grows."""
         if self._probs.numel() < self.q_heads * tokens:
@@ -167,31 +174,29 @@ class FastDecoder:
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
         """Feed one token at absolute `position`; returns its logits [vocab] (float32, a new tensor)."""
-        lib = self.lib
+        lib, dims, null = self.lib, self.dims, kernels.NULL
         cos, sin = self._rope_at(position)
         self.x.copy_(self.embed[token])
-        x, h, qkv, attn, gate_up = (_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
+        x, h, qkv, attn, gate_up = self._buffers
         slots = torch.get_num_threads()
         if self._partial.numel() < slots * self.q_dim:
             self._partial = torch.empty(slots * self.q_dim)
         partial = _ptr(self._partial)
         for layer, (in_norm, w_qkv, w_o, post_norm, w_gu, w_down) in zip(cache.layers, self._ptrs):
             slot = layer.decode_slot()  # None in store mode: the layer's own append stores k and v
-            k_slot, v_slot, stride = slot if slot is not None else (None, None, 0)
-            lib.h2k_attention_input(self.wtype, x, in_norm, self.eps, w_qkv, self.hidden, self.q_heads,
-                                    self.kv_heads, self.head_dim, h, qkv, cos, sin, k_slot, v_slot, stride,
+            k_slot, v_slot, stride = (kernels.address(slot[0]), kernels.address(slot[1]), slot[2]) \
+                if slot is not None else (null, null, 0)
+            lib.h2k_attention_input(dims, x, in_norm, w_qkv, h, qkv, cos, sin, k_slot, v_slot, stride,
                                     _KV_CODES[layer.store_dtype])
             # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
             keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
             tokens = keys.shape[2]
             probs, head_mass = self._scratch(tokens)
             needs_mass = layer.needs_mass
-            lib.h2k_attend(qkv, self.q_heads, self.kv_heads, self.head_dim, _ptr(keys), _ptr(values),
-                           keys.stride(1), _KV_CODES[keys.dtype], tokens, self.scaling, probs, attn,
-                           _ptr(head_mass) if needs_mass else None, partial, slots)
+            lib.h2k_attend(dims, qkv, _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype], tokens,
+                           probs, attn, _ptr(head_mass) if needs_mass else null, partial, slots)
             layer.after_decode_step(head_mass if needs_mass else None)
-            lib.h2k_mlp_block(self.wtype, x, self.hidden, attn, self.q_dim, w_o, post_norm, self.eps, w_gu,
-                              self.inter, w_down, h, gate_up)
-        lib.h2k_norm_gemv(self.wtype, x, _ptr(self.final_norm), self.eps, _ptr(self.head), self.logits.shape[0],
-                          self.hidden, h, _ptr(self.logits), 0, self.head_dim, None, None)
+            lib.h2k_mlp_block(dims, x, attn, w_o, post_norm, w_gu, w_down, h, gate_up)
+        lib.h2k_norm_gemv(dims, x, self._final_norm_ptr, self._head_ptr, self.logits.shape[0], h,
+                          self._logits_ptr, 0, null, null)
         return self.logits.clone()

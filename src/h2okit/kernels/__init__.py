@@ -1,46 +1,54 @@
 """Build (once per machine) and load the C kernels of the fast decode path.
 
 `llama_decode.c` is compiled with the system C compiler (`$CC`, else `cc`) for this CPU
-(`-march=native`) into the user cache folder, keyed by a hash of the source, the flags and
-the compiler's version, so an edit or a new compiler rebuilds it. It links OpenMP from the
-same libgomp torch has loaded, so the kernels share torch's threads (`torch.set_num_threads`).
+(`-march=native`) into the user cache folder, keyed by a hash of the source, its header, the
+flags and the compiler's version, so an edit or a new compiler rebuilds it. It links OpenMP from
+the same libgomp torch has loaded, so the kernels share torch's threads (`torch.set_num_threads`).
+
+The interface is declared once, in `h2okit_kernels.h`: the C source includes it and cffi (ABI
+mode) reads it, so every call is type-checked against the same prototypes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import cffi
 from filelock import FileLock
 
 from ..paths import cache_root
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
+HEADER = Path(__file__).with_name("h2okit_kernels.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
-# dtype codes shared with the C source
-F32, BF16, F16 = 0, 1, 2
+ffi = cffi.FFI()
+ffi.cdef(HEADER.read_text())
+# dtype codes, from the header
+_DTYPES = ffi.typeof("enum h2k_dtype").relements
+F32, BF16, F16 = _DTYPES["H2K_F32"], _DTYPES["H2K_BF16"], _DTYPES["H2K_F16"]
+NULL = ffi.NULL
 
-_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-SIGNATURES = {
-    "h2k_norm_gemv": (None, [_I, _P, _P, _F, _P, _I, _I, _P, _P, _I, _I, _P, _P]),
-    "h2k_mlp_block": (None, [_I, _P, _I, _P, _I, _P, _P, _F, _P, _I, _P, _P, _P]),
-    "h2k_attend": (None, [_P, _I, _I, _I, _P, _P, _L, _I, _I, _F, _P, _P, _P, _P, _I]),
-    "h2k_attention_input": (None, [_I, _P, _P, _F, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _L, _I]),
-    "h2k_store_row": (None, [_P, _P, _I, _I]),
-    "h2k_read_sum": (_F, [_P, _L]),
-}
+
+def ptr(tensor) -> object:
+    """A tensor's data as a `void *` for the kernels (cffi passes it to any pointer parameter)."""
+    return ffi.cast("void *", tensor.data_ptr())
+
+
+def address(value: int) -> object:
+    return ffi.cast("void *", value)
 
 
 class KernelBuildError(Exception):
     """No compiler, or the compile failed; the message is one line."""
 
 
-_loaded: ctypes.CDLL | None = None
+_loaded = None  # the cffi library object, once loaded
+loaded_path: Path | None = None
 
 
 def _compiler() -> str:
@@ -55,7 +63,8 @@ def library_path(cc: str) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise KernelBuildError(f"cannot run C compiler '{cc}': {exc}") from None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS).encode()
+                            + version.encode()).hexdigest()
     return cache_root() / "kernels" / f"llama_decode-{digest[:16]}.so"
 
 
@@ -77,7 +86,7 @@ def build(cc: str, target: Path) -> None:
     staging.replace(target)  # atomic: concurrent builders never see a half-written library
 
 
-def load() -> ctypes.CDLL:
+def load():
     """The compiled kernels (built on first use; ~1 s)."""
     global _loaded
     if _loaded is None:
@@ -90,9 +99,7 @@ def load() -> ctypes.CDLL:
             with FileLock(str(path) + ".lock"):  # several llm_bench processes may start at once
                 if not path.is_file():
                     build(cc, path)
-        lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        _loaded = lib
+        _loaded = ffi.dlopen(str(path))
+        global loaded_path
+        loaded_path = path
     return _loaded

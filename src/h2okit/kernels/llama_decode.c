@@ -16,7 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+#include "h2okit_kernels.h"
+
+enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16 };
 
 /* Type punning through a union: gcc vectorises it (a memcpy here blocked vectorisation). */
 typedef union {
@@ -167,12 +169,11 @@ static void rope(float *v, int heads, int head_dim, const float *cos, const floa
 }
 
 /* norm -> y = W h, optional RoPE on the first rope_heads heads of y (the q and k of a fused qkv). */
-void h2k_norm_gemv(int wtype, const float *x, const float *norm_w, float eps, const void *W, int rows,
-                   int cols, float *h, float *y, int rope_heads, int head_dim, const float *cos,
-                   const float *sin) {
-    rms_norm(x, norm_w, eps, h, cols);
-    gemv(wtype, W, h, y, rows, cols, 0);
-    if (rope_heads > 0) rope(y, rope_heads, head_dim, cos, sin);
+void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
+                   float *y, int rope_heads, const float *cos, const float *sin) {
+    rms_norm(x, norm_w, d->eps, h, d->hidden);
+    gemv(d->wtype, W, h, y, rows, d->hidden, 0);
+    if (rope_heads > 0) rope(y, rope_heads, d->head_dim, cos, sin);
 }
 
 /* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
@@ -194,12 +195,12 @@ void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
 /* The attention input of a decode step: qkv = W_qkv rmsnorm(x), RoPE on the q and k heads, and
  * this token's k and v stored into the layer's cache slot (head h at k_slot + h * slot_stride
  * elements), so no separate copy is needed. NULL slots: the caller stores k and v itself. */
-void h2k_attention_input(int wtype, const float *x, const float *norm_w, float eps, const void *Wqkv, int hidden,
-                         int q_heads, int kv_heads, int head_dim, float *h, float *qkv, const float *cos,
-                         const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
-    int kv_dim = kv_heads * head_dim, q_dim = q_heads * head_dim;
-    h2k_norm_gemv(wtype, x, norm_w, eps, Wqkv, q_dim + 2 * kv_dim, hidden, h, qkv, q_heads + kv_heads, head_dim, cos,
-                  sin);
+void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w, const void *Wqkv, float *h,
+                         float *qkv, const float *cos, const float *sin, void *k_slot, void *v_slot,
+                         long slot_stride, int kvtype) {
+    int kv_heads = d->kv_heads, head_dim = d->head_dim;
+    int kv_dim = kv_heads * head_dim, q_dim = d->q_heads * head_dim;
+    h2k_norm_gemv(d, x, norm_w, Wqkv, q_dim + 2 * kv_dim, h, qkv, d->q_heads + kv_heads, cos, sin);
     size_t bytes = kvtype == F32 ? 4 : 2;
     for (int g = 0; k_slot != NULL && g < kv_heads; g++) {
         long offset = (long)g * slot_stride * (long)bytes;
@@ -210,10 +211,11 @@ void h2k_attention_input(int wtype, const float *x, const float *norm_w, float e
 
 /* The rest of the layer after attention: x += Wo a; h = norm(x); gu = Wgu h;
  * act = silu(gate) * up; x += Wd act.  gu holds [gate; up] (2 * inter). */
-void h2k_mlp_block(int wtype, float *x, int hidden, const float *attn, int attn_dim, const void *Wo,
-                   const float *post_norm_w, float eps, const void *Wgu, int inter, const void *Wd, float *h,
-                   float *gu) {
-    gemv(wtype, Wo, attn, x, hidden, attn_dim, 1);
+void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *post_norm_w,
+                   const void *Wgu, const void *Wd, float *h, float *gu) {
+    int wtype = d->wtype, hidden = d->hidden, inter = d->inter;
+    float eps = d->eps;
+    gemv(wtype, Wo, attn, x, hidden, d->q_heads * d->head_dim, 1);
     rms_norm(x, post_norm_w, eps, h, hidden);
     gemv(wtype, Wgu, h, gu, 2 * inter, hidden, 0);
     float *up = gu + inter;
@@ -321,9 +323,10 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
  *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
  * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
  * parallel region: its phases are separated by the barriers of the `omp for`s. */
-void h2k_attend(const float *q, int q_heads, int kv_heads, int head_dim, const void *K, const void *V,
-                long head_stride, int kvtype, int T, float scale, float *probs, float *out, float *head_mass,
-                float *partial, int slots) {
+void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
+                int T, float *probs, float *out, float *head_mass, float *partial, int slots) {
+    int q_heads = d->q_heads, kv_heads = d->kv_heads, head_dim = d->head_dim;
+    float scale = d->scale;
     int group = q_heads / kv_heads;
     int width = q_heads * head_dim;
     float heads = (float)q_heads;

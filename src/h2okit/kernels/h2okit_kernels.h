@@ -1,0 +1,40 @@
+/* The fast decode path's kernel interface, declared once: llama_decode.c includes this file and
+ * kernels/__init__.py hands it to cffi (ABI mode), so Python and C cannot disagree about an
+ * argument. Keep it to plain declarations (no macros): cffi parses it as it is. */
+
+enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2 };
+
+/* A model's layer dimensions, passed by pointer instead of a dozen positional ints. */
+typedef struct {
+    int wtype;    /* weight dtype: H2K_F32 or H2K_BF16 */
+    int hidden;   /* model width (the input of every GEMV but down) */
+    int q_heads;
+    int kv_heads;
+    int head_dim;
+    int inter;    /* MLP width */
+    float eps;    /* RMSNorm epsilon */
+    float scale;  /* attention logit scale */
+} h2k_dims;
+
+/* h = rmsnorm(x); y = W h ([rows, hidden] row-major); RoPE on the first rope_heads heads of y. */
+void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
+                   float *y, int rope_heads, const float *cos, const float *sin);
+
+/* float32 -> storage dtype (kvtype), rounding as torch does. */
+void h2k_store_row(const float *src, void *dst, int n, int kvtype);
+
+/* qkv = W_qkv rmsnorm(x), RoPE on q and k, and this token's k and v stored into the cache slot. */
+void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w, const void *Wqkv, float *h,
+                         float *qkv, const float *cos, const float *sin, void *k_slot, void *v_slot,
+                         long slot_stride, int kvtype);
+
+/* x += Wo attn; h = rmsnorm(x); gu = Wgu h; x += Wd (silu(gate) * up). */
+void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *post_norm_w,
+                   const void *Wgu, const void *Wd, float *h, float *gu);
+
+/* One query per head over T cached tokens; head_mass [kv_heads, T] or NULL (see llama_decode.c). */
+void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
+                int T, float *probs, float *out, float *head_mass, float *partial, int slots);
+
+/* Read bandwidth probe for benchmarks/roofline.py. */
+float h2k_read_sum(const float *a, long n);

@@ -46,6 +46,9 @@ def test_the_csv_keeps_every_rounds_sample(tmp_path):
     out = tmp_path / "s"
     (tmp_path / "k").write_text("-1")  # the shared warm-up is invocation -1: each round's two runs share a phase
     assert aa_sweep(out, {"FAKE_PHASES": str(tmp_path / "k"), "FAKE_RUNS_PER_PHASE": "2"}).returncode == 0
+    for log in (out / "logs").glob("*.log"):  # one table per run, a row per round (old parsers read it too)
+        text = log.read_text()
+        assert text.count("| model |") == 1 and text.count("prompt=256<br>decode=64") == 4
     assert h2okit("parse", "--log-dir", str(out / "logs"), "--out-csv", str(out / "m.csv")).returncode == 0
     with (out / "m.csv").open() as f:
         rows = list(csv.DictReader(f))

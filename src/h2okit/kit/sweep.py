@@ -406,6 +406,18 @@ def _run_rounds(todo: dict[int, list[RunSpec]], records: dict[str, dict], out_di
             result.interrupted = True
 
 
+def _continuing_table(log_path: Path, table: str) -> str:
+    """A later round's table without its header when it matches the log's: the rounds of a run stay one
+    table (one row per round), which readers that take a repeated header for a data row (the original
+    kit's parser) read correctly too."""
+    lines = table.splitlines(keepends=True)
+    if log_path.stat().st_size == 0 or len(lines) < 3:
+        return table
+    with log_path.open() as f:
+        first = f.readline()
+    return "".join(lines[2:]) if lines[0] == first else table
+
+
 def _record_round(rec: dict, outcome: RunOutcome, out_dir: Path, result: SweepResult) -> None:
     """Append one round's table to the run's log (only a complete one) and update its record."""
     rows, warnings = parse_log_text(outcome.log_text, rec["log"])
@@ -413,8 +425,9 @@ def _record_round(rec: dict, outcome: RunOutcome, out_dir: Path, result: SweepRe
     with (out_dir / rec["console"]).open("a") as f:
         f.write(f"=== round {outcome.round} ===\n{outcome.console_text}")
     if complete:
-        with (out_dir / rec["log"]).open("a") as f:
-            f.write(outcome.log_text)
+        log_path = out_dir / rec["log"]
+        with log_path.open("a") as f:
+            f.write(_continuing_table(log_path, outcome.log_text))
         if outcome.results_jsonl:
             with (out_dir / rec["results"]).open("a") as f:
                 f.write(outcome.results_jsonl)

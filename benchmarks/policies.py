@@ -75,7 +75,7 @@ VARIANTS = {
     "window": {"kv_h2o_policy": "window", **SMALL_FLOORS},
     "window_head": {"kv_h2o_policy": "window", "kv_h2o_per_head": True, **SMALL_FLOORS},
 }
-DEFAULT_VARIANTS = "streaming,random,h2o_seed_floors,h2o,h2o_head,tova,tova_head,mean_head,window_head"
+DEFAULT_VARIANTS = "streaming,random,h2o_seed_floors,h2o,tova,h2o_vnorm"
 
 
 def base_config(overrides: dict, keep: float) -> dict:

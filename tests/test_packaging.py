@@ -30,7 +30,7 @@ def test_wheel_carries_configs_presets_kernels_and_typing(tmp_path):
 
 
 def test_shipped_files_resolve_by_name_and_the_seed_paths_still_work():
-    assert names("presets") == ["aa", "target_ratio", "target_speed"]
+    assert names("presets") == ["aa", "target_quality", "target_ratio", "target_speed"]
     assert find("presets", "target_ratio") == packaged("presets", "target_ratio.json")
     seed_path = ROOT / "exp" / "h2o_v2" / "configs" / "target_ratio.json"
     assert seed_path.resolve() == packaged("presets", "target_ratio").resolve()

@@ -15,18 +15,7 @@ from .grid import AXES, Grid, GridError, load_preset, normalize_base_config, par
 from .parse import ParseError, collect, log_files_from, write_csv
 
 # flag -> grid axis (the seed's names first; ours after)
-AXIS_FLAGS = {
-    "--threads": "threads", "--prompts": "prompts", "--gens": "gens",
-    "--h2o-keep-ratios": "h2o_keep_ratios", "--h2o-block-tokens": "h2o_block_tokens",
-    "--h2o-sink-tokens": "h2o_sink_tokens", "--h2o-recent-tokens": "h2o_recent_tokens",
-    "--h2o-ema-alphas": "h2o_ema_alphas", "--h2o-update-intervals": "h2o_update_intervals",
-    "--h2o-trigger-min-tokens": "h2o_trigger_min_tokens", "--h2o-layer-start": "h2o_layer_start",
-    "--h2o-layer-end": "h2o_layer_end", "--h2o-target-mode": "h2o_target_mode",
-    "--h2o-target-lossy-ratios": "h2o_target_lossy_ratios", "--kv-lossless-scope": "kv_lossless_scope",
-    "--kv-lossless-front-n": "kv_lossless_front_n", "--kv-lossless-codec": "kv_lossless_codec",
-    "--h2o-policies": "h2o_policies", "--kv-lossless-runtime-mode": "kv_lossless_runtime_mode",
-    "--kv-cache-dtype": "kv_cache_dtype",
-}
+AXIS_FLAGS = {"--" + axis.replace("_", "-"): axis for axis in AXES}  # the seed's flag names and ours
 KIT_ERRORS = (GridError, ParseError, AnalyzeError)
 DEFAULT_OUT_DIR = Path("exp/h2o_v2/out")  # the seed's defaults
 

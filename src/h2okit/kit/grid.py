@@ -34,6 +34,13 @@ AXES: dict[str, tuple[str, type]] = {
     "h2o_trigger_min_tokens": ("kv_h2o_trigger_min_tokens", int),
     "h2o_layer_start": ("kv_h2o_layer_start", int),
     "h2o_layer_end": ("kv_h2o_layer_end", int),
+    "h2o_budget_basis": ("kv_h2o_budget_basis", str),
+    "h2o_budget_tokens": ("kv_h2o_budget_tokens", int),
+    "h2o_per_head": ("kv_h2o_per_head", bool),
+    "h2o_value_norm": ("kv_h2o_value_norm", bool),
+    "h2o_score_prefill": ("kv_h2o_score_prefill", bool),
+    "h2o_layer_budget_slopes": ("kv_h2o_layer_budget_slope", float),
+    "h2o_prefill_chunk_tokens": ("kv_h2o_prefill_chunk_tokens", int),
     "kv_lossless_scope": ("kv_lossless_scope", str),
     "kv_lossless_front_n": ("kv_lossless_front_n", int),
     "kv_lossless_codec": ("kv_lossless_codec", str),
@@ -53,8 +60,16 @@ class GridError(ValueError):
     """A grid or preset that cannot be run; one line."""
 
 
+def boolean(text: str) -> bool:
+    """A grid's bool value: true/false (also 1/0, yes/no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 def parse_list(text: str, kind: type, flag: str) -> list:
-    return comma_list(text, kind, flag, GridError)
+    return comma_list(text, boolean if kind is bool else kind, flag, GridError)
 
 
 @dataclass
@@ -99,10 +114,14 @@ def _effective(kv: dict[str, Any]) -> dict[str, Any]:
     if eff.get("kv_h2o_policy") == "full":
         for key in H2O_KNOBS:
             eff[key] = None
+    elif eff.get("kv_h2o_budget_basis") == "tokens":  # a fixed count: neither ratio matters
+        eff["kv_h2o_target_keep_ratio"] = eff["kv_h2o_target_lossy_ratio"] = None
     elif eff.get("kv_h2o_target_mode") == "adaptive":
         eff["kv_h2o_target_keep_ratio"] = None
     elif eff.get("kv_h2o_target_mode") == "static":
         eff["kv_h2o_target_lossy_ratio"] = None
+    if eff.get("kv_h2o_budget_basis", "current") != "tokens":
+        eff["kv_h2o_budget_tokens"] = None
     if not eff.get("kv_lossless_enable") or eff.get("kv_lossless_codec") == "none":
         for key in LOSSLESS_KNOBS:
             eff[key] = None
@@ -157,6 +176,10 @@ def _idle_reason(key: str, kv: dict[str, Any]) -> str:
         return "the codec off"
     if kv.get("kv_h2o_policy") == "full":
         return "the full policy"
+    if key == "kv_h2o_budget_tokens":
+        return f"budget basis {kv.get('kv_h2o_budget_basis', 'current')}"
+    if kv.get("kv_h2o_budget_basis") == "tokens":
+        return "budget basis tokens"
     return f"{kv.get('kv_h2o_target_mode')} mode"
 
 
@@ -193,6 +216,7 @@ def load_preset(path: str | Path) -> Grid:
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
     ok = (isinstance(value, str) if kind is str
+          else isinstance(value, bool) if kind is bool
           else isinstance(value, int) and not isinstance(value, bool) if kind is int
           else isinstance(value, (int, float)) and not isinstance(value, bool))
     if not ok:

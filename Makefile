@@ -32,15 +32,18 @@ RUN_DIR := runs/target_ratio-$(shell date +%Y%m%d-%H%M%S)
 SPEED_DIR := runs/target_speed-$(shell date +%Y%m%d-%H%M%S)
 KIT = $(PY) exp/h2o_v2
 
+# Rounds: enough that the paired speed CIs decide (README "Evidence"); the preset keeps the seed's 3.
+RUN_ROUNDS := 5
+
 run: setup
 	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
-	    --preset exp/h2o_v2/configs/target_ratio.json --out-dir $(RUN_DIR)
+	    --preset exp/h2o_v2/configs/target_ratio.json --out-dir $(RUN_DIR) --repeat $(RUN_ROUNDS) --threads 2
 	$(KIT)/parse_h2o_v2_log.py --log-dir $(RUN_DIR)/logs --out-csv $(RUN_DIR)/h2o_metrics.csv
 	$(KIT)/analyze_h2o_v2.py --csv $(RUN_DIR)/h2o_metrics.csv --out $(RUN_DIR)/summary.md --decode-baseline auto
 
 run-speed: setup
 	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
-	    --preset exp/h2o_v2/configs/target_speed.json --out-dir $(SPEED_DIR)
+	    --preset exp/h2o_v2/configs/target_speed.json --out-dir $(SPEED_DIR) --repeat $(RUN_ROUNDS) --threads 2
 	$(KIT)/parse_h2o_v2_log.py --log-dir $(SPEED_DIR)/logs --out-csv $(SPEED_DIR)/h2o_metrics.csv
 	$(KIT)/analyze_h2o_v2.py --csv $(SPEED_DIR)/h2o_metrics.csv --out $(SPEED_DIR)/summary.md --decode-baseline auto
 
@@ -48,7 +51,7 @@ run-speed: setup
 AA_DIR := runs/aa-$(shell date +%Y%m%d-%H%M%S)
 aa: setup
 	$(KIT)/sweep_h2o_v2.py --llm-bench llm_bench --base-config configs/smollm2-135m.json \
-	    --preset exp/h2o_v2/configs/aa.json --out-dir $(AA_DIR)
+	    --preset exp/h2o_v2/configs/aa.json --out-dir $(AA_DIR) --repeat $(RUN_ROUNDS) --threads 2
 	$(KIT)/parse_h2o_v2_log.py --log-dir $(AA_DIR)/logs --out-csv $(AA_DIR)/h2o_metrics.csv
 	$(KIT)/analyze_h2o_v2.py --csv $(AA_DIR)/h2o_metrics.csv --out $(AA_DIR)/summary.md --decode-baseline auto
 

@@ -86,3 +86,50 @@ def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tmp_path):
     rows, expected = parse_csv(out), parse_csv(straight)
     assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 4
     assert sorted(rows, key=lambda r: r["run_id"]) == sorted(expected, key=lambda r: r["run_id"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead, only not yet reaped
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def _fake_children(pid_file: Path) -> list[int]:
+    return [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+
+
+def test_kill_9_of_a_sweep_leaves_no_llm_bench_running_and_resume_completes_it(tmp_path):
+    out, pids = tmp_path / "s", tmp_path / "pids"
+    proc = grid(out, env={"FAKE_SLEEP": "30", "FAKE_PIDS": str(pids)}, wait=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _fake_children(pids):
+        time.sleep(0.05)
+    children = _fake_children(pids)
+    assert children, "the fake llm_bench never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in children)  # the parent-death signal took the child with it
+    resumed = grid(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["ok"] * 4
+    assert all(r["rounds"][0]["status"] == "ok" for r in runs)
+
+
+def test_a_second_sweep_on_the_same_out_dir_is_refused(tmp_path):
+    out = tmp_path / "s"
+    first = grid(out, env={"FAKE_SLEEP": "2"}, wait=False)
+    deadline = time.time() + 30
+    while time.time() < deadline and not (out / "manifest.json").exists():
+        time.sleep(0.05)
+    second = grid(out, "--resume")
+    assert second.returncode == 2 and "in use by another sweep" in second.stderr
+    assert sum("error" in line for line in second.stderr.splitlines()) == 1
+    assert first.wait(timeout=120) == 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for an external (MNN) llm_bench in tests: same flags, deterministic table.
 Block size 13 makes it fail; FAKE_SLEEP=s makes each run take s seconds.
+FAKE_PIDS=file appends each invocation's pid to that file.
 FAKE_ORDER=file appends each invocation's run (policy:keep) to that file.
 FAKE_PHASES=file makes decode speeds noisy the way this machine is: invocation k (counted in the
 file) runs in machine phase k // FAKE_RUNS_PER_PHASE (a shared factor of 0.4-1.6, so the runs of a
@@ -19,6 +20,9 @@ cfg = json.load(open(a.m))
 if cfg.get("kv_h2o_block_tokens") == 13:
     print("fake llm_bench: cannot run block 13", file=sys.stderr)
     sys.exit(3)
+if os.environ.get("FAKE_PIDS"):
+    with open(os.environ["FAKE_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 ratio = cfg.get("kv_h2o_target_lossy_ratio", 3.0) if cfg.get("kv_h2o_target_mode") == "adaptive" \
     else 1 / cfg.get("kv_h2o_target_keep_ratio", 0.5)

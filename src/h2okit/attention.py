@@ -87,7 +87,12 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
         layer.after_prefill_chunk(mass)
         return out.transpose(1, 2), None
     if layer is not None and layer.scores_prefill and q_len == kv_len:  # opt-in: score the prompt too
-        out, mass = causal_attention_with_mass(query, key, value, scaling)
+        rows = h2o_cache.kv.h2o_score_prefill_rows
+        if 0 < rows < q_len:  # SnapKV's observation window: only the last rows' attention scores
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+            _, mass = causal_attention_with_mass(query[:, :, -rows:], key, value, scaling)
+        else:
+            out, mass = causal_attention_with_mass(query, key, value, scaling)
         layer.observe_prefill(mass)
         return out.transpose(1, 2), None
     if attention_mask is not None and attention_mask.dim() == 4:

@@ -142,6 +142,8 @@ class KVConfig:
     h2o_prefill_chunk_tokens: int = _kv(0, _clamp(0), doc="feed the prompt in chunks of this many tokens, evicting "
                                                           "between them (0: the whole prompt at once)")
     h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
+    h2o_score_prefill_rows: int = _kv(0, _clamp(0), doc="with score_prefill: only the prompt's last N query rows "
+                                                         "(SnapKV's observation window); 0: all rows")
     lossless_enable: bool = _kv(False, doc="lossless codec on")
     lossless_scope: str = _kv("front_n", choices=LOSSLESS_SCOPES)
     lossless_front_n: int = _kv(2, _clamp(0), doc="front_n scope: layers [0, N)")

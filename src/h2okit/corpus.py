@@ -164,7 +164,7 @@ WINDOW_TEXT_ORDER = ("emma", "pride_and_prejudice", "persuasion", "sense_and_sen
                      "northanger_abbey")
 WINDOW_FRACTIONS = (0.3, 0.7, 0.5, 0.1, 0.9, 0.2, 0.4, 0.6, 0.8)
 # The quality evaluation's defaults: see the README ("How many windows") for the measurement behind them.
-DEFAULT_WINDOWS = 24
+DEFAULT_WINDOWS = 40
 DEFAULT_TOKENS = 256  # M: teacher-forced tokens per window
 
 

@@ -284,14 +284,14 @@ def build_plan(length: int, scores: np.ndarray, params: PlanParams, seen: int | 
         if floor_tokens >= target:
             return None  # floor dominates: no eviction, stats untouched
         quantized = min(length, floor_tokens + -(-(target - floor_tokens) // b) * b)
-    else:  # floors come out of the budget, and whole blocks never take it past the budget
+    else:  # floors come out of the budget; the rest is the nearest whole number of blocks
         target = budget
         protected[-1] = True  # the write head, even with no recent floor
         floor_tokens = int(sizes[protected].sum())
         if floor_tokens > target:
             protected = _trim_floors(length, params, sizes, target)
             floor_tokens = int(sizes[protected].sum())
-        quantized = floor_tokens + max(0, target - floor_tokens) // b * b
+        quantized = floor_tokens + (max(0, target - floor_tokens) + b // 2) // b * b  # nearest (half down)
     candidates = np.flatnonzero(~protected)  # always whole blocks: the partial last block is protected
     extra = min(len(candidates), (quantized - floor_tokens) // b + (1 if (quantized - floor_tokens) % b else 0))
     kept_tokens = floor_tokens + int(sizes[candidates[:extra]].sum()) if extra else floor_tokens

@@ -83,6 +83,14 @@ def _merge_tests(rows: list[dict[str, str]]) -> list[dict]:
     return merged
 
 
+def _is_header(lines: list[str], i: int) -> bool:
+    """Line i opens a table: the next line is a separator row."""
+    if i + 1 >= len(lines):
+        return False
+    below = _cells(lines[i + 1])
+    return bool(below) and bool(below[0]) and all(SEPARATOR.match(c) for c in below if c)
+
+
 def parse_log_text(text: str, source: str = "") -> tuple[list[dict], list[str]]:
     """All table rows of one log as records (strings plus parsed numbers), and warnings."""
     lines = text.splitlines()
@@ -101,6 +109,8 @@ def parse_log_text(text: str, source: str = "") -> tuple[list[dict], list[str]]:
                 if cells == header or all(SEPARATOR.match(c) for c in cells if c):
                     i += 1
                     continue  # a repeated header
+                if cells != header and _is_header(lines, i):
+                    break  # another table with other columns starts right here (e.g. a round without quality)
                 if len(cells) != len(header) or not lines[i].rstrip().endswith("|"):
                     warnings.append(f"{source}:{i + 1}: truncated table row ({len(cells)} of {len(header)} "
                                     f"cells); skipped")

@@ -71,7 +71,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tmp_path):
     straight = tmp_path / "straight"
     assert grid(straight).returncode == 0
     out = tmp_path / "interrupted"
-    proc = grid(out, env={"FAKE_SLEEP": "1.5"}, wait=False)
+    proc = grid(out, env={"FAKE_SLEEP": "3"}, wait=False)
     manifest = out / "manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until at least one run is complete, then press Ctrl-C

@@ -168,8 +168,11 @@ class QualityEvaluator:
             prompt, continuation = ids[:p], ids[p:]
             ref = np.asarray(self.cache.get(["nll", ids], functools.partial(
                 _nll_list, self.reference, prompt, continuation)))
-            # Without eviction the engine computes the reference's numbers (the codec is lossless).
-            run = stream_nll(self.engine, prompt, continuation) if self.engine.kv.evicting else \
+            # Without eviction the engine computes the reference's numbers (the codec is lossless), and
+            # a trigger beyond the window's length means no layer can evict (the A/A check's h2o run).
+            kv = self.engine.kv
+            evicts = kv.evicting and kv.h2o_trigger_min_tokens <= len(ids)
+            run = stream_nll(self.engine, prompt, continuation) if evicts else \
                 StreamResult(ref, np.ones(len(ref)), len(ref))
             ppl, ppl_full = perplexity(run.steady(run.nll)), perplexity(run.steady(ref))
             out["ppl"].append(ppl)

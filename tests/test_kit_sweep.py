@@ -18,9 +18,10 @@ def grid(out, *extra, env=None, wait=True):
     cmd = [sys.executable, "-m", "h2okit.cli", "grid", "--llm-bench", str(FAKE), "--base-config", str(BASE),
            "--out-dir", str(out), "--prompts", "256,512", "--gens", "8", "--repeat", "1",
            "--h2o-target-mode", "static", "--h2o-keep-ratios", "0.3,0.5", *extra]
-    if not wait:
+    if not wait:  # SIGINT back to default: an earlier test (Ray) may leave it ignored, and children inherit that
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 

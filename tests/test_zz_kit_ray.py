@@ -1,3 +1,4 @@
+# Runs last (file name): starting Ray leaves SIGINT ignored in the pytest process, which a Ctrl-C test elsewhere needs.
 """The Ray executor: same out-dir, manifest and CSV as the local executor; failures recorded."""
 
 import csv

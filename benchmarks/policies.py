@@ -58,6 +58,8 @@ VARIANTS = {
     "h2o_vnorm_snap32": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_score_prefill": True,
                          "kv_h2o_score_prefill_rows": 32, **SMALL_FLOORS},
     "h2o_vnorm_r64": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_recent_tokens": 64},
+    "h2o_vnorm_r128": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_recent_tokens": 128},
+    "h2o_vnorm_r256": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_recent_tokens": 256},
     "h2o_vnorm_a80": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_ema_alpha": 0.8, **SMALL_FLOORS},
     "h2o_vnorm_prefill": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_score_prefill": True,
                           **SMALL_FLOORS},

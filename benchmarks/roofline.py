@@ -6,10 +6,10 @@
    between ~36 and ~65 GB/s within minutes): a streaming sum over 1 GiB with the kernels' threads
    and with torch's `sum`, medians of 3; the highest figure is that run's roofline bandwidth (the
    strictest choice), and each run's fraction of its roofline is computed before taking medians.
-2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for float32 and
-   bfloat16 weights (K/V stored in the same dtype):
-     generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline
-     ref+h2o    h2okit's transformers path (reference), seed H2O config
+2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for the GGUF's
+   Q4_1 blocks (K/V float32), float32 and bfloat16 weights (K/V stored in the same dtype):
+     generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline (float rows)
+     ref+h2o    h2okit's transformers path (reference), seed H2O config (float rows)
      fast       h2okit's fast path, H2O off
      fast+h2o   h2okit's fast path, seed H2O config
    Every configuration runs once per round, rounds interleaved (the first is a warm-up); medians.
@@ -43,6 +43,11 @@ from h2okit.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
+# weights row -> (transformers model dtype, llm_weight_dtype, K/V dtype). q4_1 is the GGUF's own blocks
+# (Q4_1 layers, Q8_0 lm_head) beside the float32 model it dequantises to; "vs generate" for it is
+# against float32 generate.
+WEIGHTS = {"q4_1": ("float32", "q4_1", "float32"), "fp32": ("float32", "fp32", "float32"),
+           "bf16": ("bfloat16", "bf16", "bfloat16")}
 
 
 _PROBE: torch.Tensor | None = None
@@ -92,6 +97,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--weights", default="q4_1,fp32,bf16", help=f"comma list from: {', '.join(WEIGHTS)}")
     ap.add_argument("--h2o-config", default=str(ROOT / "configs" / "smollm2-135m-seed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,22 +105,26 @@ def main() -> None:
     seed = load_config(args.h2o_config)
     h2o_kv = dataclasses.replace(seed.kv, lossless_enable=False)
     texts = load_texts()
-    setups = {}  # (precision, variant) -> run(prompt) -> (tok/s, kv bytes)
+    setups = {}  # (weights, variant) -> run(prompt) -> (tok/s, kv bytes)
     weight_bytes = {}
-    for precision in ("float32", "bfloat16"):
-        loaded = load_model(resolve_model_path(seed), dtype=precision)
-        weight_bytes[precision] = FastDecoder.for_model(loaded.model).weight_bytes
-        off = dataclasses.replace(parse_config({}).kv, cache_dtype=precision)
-        on = dataclasses.replace(h2o_kv, cache_dtype=precision)
-        bits = torch.finfo(getattr(torch, precision)).bits
+    models = {}
+    for weights in args.weights.split(","):
+        model_dtype, weight_dtype, kv_dtype = WEIGHTS[weights]
+        if model_dtype not in models:
+            models[model_dtype] = load_model(resolve_model_path(seed), dtype=model_dtype)
+        loaded = dataclasses.replace(models[model_dtype], weight_dtype=weight_dtype)
+        weight_bytes[weights] = FastDecoder.for_model(loaded).weight_bytes
+        off = dataclasses.replace(parse_config({}).kv, cache_dtype=kv_dtype)
+        on = dataclasses.replace(h2o_kv, cache_dtype=kv_dtype)
+        bits = torch.finfo(getattr(torch, kv_dtype)).bits
         bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * bits // 8
-        engines = {"ref+h2o": Engine(loaded, on, decode_path="reference"),
-                   "fast": Engine(loaded, off, decode_path="fast"),
-                   "fast+h2o": Engine(loaded, on, decode_path="fast")}
-        setups[(precision, "generate")] = (lambda m, b: lambda prompt: plain_generate(m, prompt, args.gen, b))(
-            loaded.model, bpt)
+        engines = {"fast": Engine(loaded, off, decode_path="fast"), "fast+h2o": Engine(loaded, on, decode_path="fast")}
+        if weight_dtype != "q4_1":  # transformers runs float weights only: its baselines come with the float rows
+            engines["ref+h2o"] = Engine(loaded, on, decode_path="reference")
+            setups[(weights, "generate")] = (lambda m, b: lambda prompt: plain_generate(m, prompt, args.gen, b))(
+                loaded.model, bpt)
         for name, engine in engines.items():
-            setups[(precision, name)] = (lambda e: lambda prompt: engine_decode(e, prompt, args.gen))(engine)
+            setups[(weights, name)] = (lambda e: lambda prompt: engine_decode(e, prompt, args.gen))(engine)
         tokenizer = loaded.tokenizer
 
     variants = ("generate", "ref+h2o", "fast", "fast+h2o")
@@ -135,18 +145,20 @@ def main() -> None:
             paired[(p, precision, variant)] = values
         print(f"\nP={p} G={args.gen}: medians of {args.reps} interleaved rounds; each run's roofline uses the "
               f"bandwidth probed right before and after it (the higher)")
-        print("| dtype | path | tok/s | weights MB | mean K/V MB | bandwidth GB/s | fraction of roofline "
+        print("| weights | path | tok/s | weights MB | mean K/V MB | bandwidth GB/s | fraction of roofline "
               "| vs generate |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for precision in ("float32", "bfloat16"):
-            w = weight_bytes[precision]
+        for precision, w in weight_bytes.items():
             for variant in variants:
+                if (precision, variant) not in samples:
+                    continue
                 runs = samples[(precision, variant)]
                 tps = statistics.median(r[0] for r in runs)
                 kv = statistics.median(r[1] for r in runs)
                 bw = statistics.median(r[2] for r in runs)
                 fraction = statistics.median(r[0] * (w + r[1]) / (r[2] * GB) for r in runs)
-                vs_generate = statistics.median(r[0] / g[0] for r, g in zip(runs, samples[(precision, "generate")]))
+                baseline = samples.get((precision, "generate")) or samples.get(("fp32", "generate")) or runs
+                vs_generate = statistics.median(r[0] / g[0] for r, g in zip(runs, baseline))
                 summary[(p, precision, variant)] = (tps, fraction, vs_generate)
                 print(f"| {precision} | {variant} | {tps:.1f} | {w / 1e6:.0f} | {kv / 1e6:.1f} | {bw:.1f} | "
                       f"{fraction:.2f} | {vs_generate:.2f}x |")
@@ -158,7 +170,7 @@ def main() -> None:
             print(f"  P={p} {precision}: fast {fraction:.2f} x roofline (>= 0.5: {fraction >= 0.5}), "
                   f"{vs_generate:.2f} x generate (>= 3: {vs_generate >= 3})")
     p = max(q for q, _, _ in summary)
-    for precision in ("float32", "bfloat16"):
+    for precision in weight_bytes:
         off_kv = statistics.median(r[1] for r in paired[(p, precision, "fast")])
         on_kv = statistics.median(r[1] for r in paired[(p, precision, "fast+h2o")])
         w = weight_bytes[precision]

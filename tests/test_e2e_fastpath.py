@@ -64,7 +64,7 @@ def test_fast_greedy_equals_reference_greedy_with_store_mode(loaded_model, texts
 def _bf16_model():
     from h2okit.model import load_model, resolve_model_path
 
-    return load_model(resolve_model_path(load_config(DEFAULT_CONFIG)), dtype="bfloat16")
+    return load_model(resolve_model_path(load_config(DEFAULT_CONFIG)), dtype="bfloat16", weight_dtype="bf16")
 
 
 def test_fast_bf16_is_at_least_as_close_to_float32_as_transformers_bf16(loaded_model, texts):
@@ -118,3 +118,51 @@ def test_narrow_cache_dtypes_written_by_the_kernel_match_the_reference(loaded_mo
     assert diff.max() < 0.1 and diff.mean() < 0.01
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     assert [e.plan.runs for e in fast_cache.events.evictions] == [e.plan.runs for e in ref_cache.events.evictions]
+
+
+def test_default_weights_are_the_ggufs_own_blocks_and_exact(loaded_model):
+    """The default model is read as its GGUF stores it (Q4_1 layers, Q8_0 lm_head), and those blocks
+    dequantise bit for bit to the float32 weights the reference path uses, in every layer."""
+    from h2okit.fastpath import FastDecoder
+    from h2okit.gguf_blocks import load_llama_blocks
+
+    decoder = FastDecoder.for_model(loaded_model)
+    assert "Q4_1 blocks as stored" in decoder.weights.description
+    assert decoder.weight_bytes < 110e6  # vs ~538 MB in fp32
+    blocks = load_llama_blocks(loaded_model.source, loaded_model.num_layers, loaded_model.q_heads,
+                               loaded_model.kv_heads)
+    for i, layer in enumerate(loaded_model.model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        for got, parts in [(blocks.qkv[i], (a.q_proj, a.k_proj, a.v_proj)), (blocks.o[i], (a.o_proj,)),
+                           (blocks.gate_up[i], (m.gate_proj, m.up_proj)), (blocks.down[i], (m.down_proj,))]:
+            want = torch.cat([p.weight.detach() for p in parts]).numpy()
+            assert (got.dequantize() == want).all(), f"layer {i}"
+    assert (blocks.head.dequantize() == loaded_model.model.lm_head.weight.detach().numpy()).all()
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp32", "q8_0"])
+def test_other_weight_types_decode_like_the_reference(loaded_model, texts, weight_dtype):
+    """fp32 copies are the same weights; Q8_0 re-quantizes the Q4_1 layers (close, not exact)."""
+    from h2okit.corpus import token_stream
+
+    tokens = token_stream(loaded_model.tokenizer, texts, 360)
+    kv = evicting_kv()
+    other = dataclasses.replace(loaded_model, weight_dtype=weight_dtype)
+    fast, _ = teacher_forced(Engine(other, kv, decode_path="fast"), tokens, 320)
+    ref, _ = teacher_forced(Engine(loaded_model, kv, decode_path="reference"), tokens, 320)
+    if weight_dtype == "fp32":
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-3)
+    else:  # Q8_0 rounding of every weight: logits move, the predictions hardly
+        assert (fast - ref).abs().max() < 0.5
+        assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_block_weights_of_a_folder_model_are_a_config_error(loaded_model, tmp_path):
+    from h2okit.config import ConfigError
+    from h2okit.fastpath import decode_weights
+
+    folder = dataclasses.replace(loaded_model, source=tmp_path, weight_dtype="q4_1")
+    with pytest.raises(ConfigError, match="llm_weight_dtype 'q4_1' reads a GGUF's blocks"):
+        decode_weights(folder)
+    auto = decode_weights(dataclasses.replace(folder, weight_dtype="auto"))
+    assert auto.description.startswith("fp32, the model's own")

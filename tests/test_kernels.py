@@ -170,3 +170,49 @@ def test_cache_writes_round_as_torch_does(dtype, code):
     nan_out = torch.empty(1, dtype=dtype)
     lib.h2k_store_row(P(nan), P(nan_out), 1, code)
     assert torch.isnan(nan_out).all()
+
+
+def random_blocks(type_name, rows, cols, seed):
+    """GGML blocks with random nibbles/int8 and random fp16 scales (and minima), as a GGUF stores them."""
+    from h2okit.gguf_blocks import QuantMatrix
+
+    rng = np.random.default_rng(seed)
+    nb = cols // 32
+    if type_name == "Q4_1":
+        scales = rng.uniform(0.001, 0.05, (rows, nb, 2)).astype(np.float16)
+        scales[..., 1] = -scales[..., 1] * 8  # minimum
+        body = rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)
+        blocks = np.concatenate([scales.view(np.uint8), body], axis=2)
+    else:
+        scale = rng.uniform(0.001, 0.05, (rows, nb, 1)).astype(np.float16)
+        body = rng.integers(-128, 128, (rows, nb, 32)).astype(np.int8).view(np.uint8)
+        blocks = np.concatenate([scale.view(np.uint8), body], axis=2)
+    return QuantMatrix(type_name, np.ascontiguousarray(blocks.reshape(rows, -1)), cols)
+
+
+@pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
+@pytest.mark.parametrize("cols", [32, 576, 1536])
+def test_block_gemv_matches_the_dequantised_weights(type_name, code, cols):
+    """Q4_1/Q8_0 rows read as stored give the dot product of the dequantised float32 weights."""
+    rows = 70
+    m = random_blocks(type_name, rows, cols, seed=cols)
+    weight = torch.from_numpy(m.dequantize())
+    assert weight.shape == (rows, cols)
+    x, norm_w = torch.randn(cols), torch.rand(cols) + 0.5
+    h, y = torch.empty(cols), torch.empty(rows)
+    lib.h2k_norm_gemv(dims(hidden=cols, wtype=code), P(x), P(norm_w), P(torch.from_numpy(m.blocks)), rows, P(h),
+                      P(y), 0, kernels.NULL, kernels.NULL)
+    expected = (weight.double() @ rms_norm(x, norm_w, 1e-5).double()).float()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4 * cols ** 0.5)
+
+
+def test_q4_1_dequantisation_is_exact_in_float32():
+    """w = d q + m with fp16 d and m: d q has at most 15 significant bits, so the kernel's
+    factorised dot (d (q . x) + m sum(x)) and the reference's dequantised weights are the same model."""
+    m = random_blocks("Q4_1", 4, 64, seed=3)
+    raw = m.blocks.reshape(4, 2, 20)
+    d = raw[..., 0:2].copy().view(np.float16).astype(np.float32)
+    mins = raw[..., 2:4].copy().view(np.float16).astype(np.float32)
+    nib = raw[..., 4:]
+    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.float32)
+    assert np.array_equal((d * q + mins).reshape(4, 64), m.dequantize())

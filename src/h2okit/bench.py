@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
     precision = config.model["precision"]
     model_path = resolve_model_path(config)
     texts = load_texts(args.corpus)
-    loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision])
+    loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision], weight_dtype=config.model["llm_weight_dtype"])
     _check_context(args, loaded)
     try:
         engine = Engine(loaded, config.kv, decode_path=args.decode_path)

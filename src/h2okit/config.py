@@ -36,6 +36,10 @@ def scope_layers(scope: str, front_n: int, h2o_layers, num_layers: int) -> froze
     return frozenset(chosen)
 
 
+# The fast path's decode weights: the GGUF's own blocks where it stores Q4_1/Q8_0 (auto; else the
+# precision's float type), all 4-bit-as-stored (q4_1), all Q8_0, or float copies (bf16, fp32).
+WEIGHT_DTYPES = ("auto", "q4_1", "q8_0", "bf16", "fp32")
+
 # How decode steps run: C kernels where the model allows (auto), always (fast), or the transformers forward.
 DECODE_PATHS = ("auto", "fast", "reference")
 
@@ -74,6 +78,7 @@ MODEL_KEYS: dict[str, _Key] = {
     "backend_type": _Key(str, "cpu", choices=("cpu",)),
     "thread_num": _Key(int, 2, _clamp(1)),
     "precision": _Key(str, "high", choices=("normal", "high", "low")),
+    "llm_weight_dtype": _Key(str, "auto", choices=WEIGHT_DTYPES),
 }
 FILE_KEYS = ("llm_model", "llm_weight", "tokenizer_file")
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1

@@ -17,24 +17,32 @@ The cache objects and the policy are shared with the reference path, so eviction
 come from the same code; only the floating-point summation order differs (logits agree to
 ~1e-5 in float32, see tests/test_e2e_fastpath.py). Prefill stays on the transformers forward
 (it is compute-bound, where torch's GEMM is already good). The weights are re-laid once per
-model (`FastDecoder.for_model`), however many engines use it.
+model and weight type (`FastDecoder.for_model`), however many engines use it.
 
-Activations are float32 in both precisions; bfloat16 weights are widened as they are read,
-so a bf16 model on this path is slightly *more* precise than transformers' bf16 forward.
+Which weights a step reads is `llm_weight_dtype` (`decode_weights`). By default, a GGUF that
+stores its matrices as Q4_1/Q8_0 blocks is read as stored (gguf_blocks.py): the model h2okit
+prefills with holds exactly those weights dequantised, so this is the same model in 3-6x fewer
+bytes than fp32/bf16 copies. Activations are float32 in every weight type; bf16 weights are
+widened as they are read, so a bf16 model on this path is slightly *more* precise than
+transformers' bf16 forward.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import kernels
 from .cache import H2OCache
+from .config import ConfigError
 from .model import head_dim_of
 
-_WEIGHT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
+_FLOAT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _KV_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}
 
 
@@ -54,9 +62,8 @@ def unsupported_reason(model) -> str | None:
     head_dim = head_dim_of(cfg)
     if head_dim > 256:
         return f"head_dim {head_dim} > 256"
-    dtype = model.lm_head.weight.dtype
-    if dtype not in _WEIGHT_CODES:
-        return f"weights in {dtype} (fast path: float32 or bfloat16)"
+    if model.lm_head.weight.dtype not in _FLOAT_CODES:
+        return f"weights in {model.lm_head.weight.dtype} (fast path: float32 or bfloat16 models)"
     return None
 
 
@@ -64,15 +71,108 @@ _ptr = kernels.ptr
 
 
 @dataclass
-class _Layer:
-    """One decoder layer's weights, held in kernel layout (kept alive here: the kernels get pointers)."""
+class Matrix:
+    """One decode weight matrix as the kernels read it: `data` is float32/bf16 [rows, cols] or uint8
+    GGML blocks [rows, block bytes per row]; `code` the kernels' dtype (kept alive here: the kernels
+    get pointers)."""
 
-    input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + k + v rows, hidden]: one GEMV instead of three
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * inter, hidden]
-    down: torch.Tensor
+    data: torch.Tensor
+    code: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+@dataclass
+class DecodeWeights:
+    """Every matrix a decode step reads, in the kernels' fused layout, and what they are."""
+
+    qkv: list[Matrix]  # per layer: [q; k; v] rows, one GEMV instead of three
+    o: list[Matrix]
+    gate_up: list[Matrix]  # per layer: [gate; up] rows
+    down: list[Matrix]
+    head: Matrix
+    description: str  # e.g. "Q4_1 blocks as stored in the GGUF (lm_head Q8_0)"
+
+    def __post_init__(self):
+        codes = {m.code for group in (self.qkv, self.o, self.gate_up, self.down) for m in group}
+        if len(codes) != 1:  # h2k_dims carries one weight type for all layer matrices
+            raise FastPathUnavailable(f"layer matrices of mixed types {sorted(codes)}")
+        self.layer_code = codes.pop()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for group in (self.qkv, self.o, self.gate_up, self.down) for m in group) \
+            + self.head.nbytes
+
+
+def _float_weights(model, dtype: torch.dtype, description: str) -> DecodeWeights:
+    code = _FLOAT_CODES[dtype]
+
+    def mat(*parts) -> Matrix:
+        return Matrix(torch.cat([p.weight.detach().to(dtype) for p in parts]).contiguous(), code)
+
+    blocks = model.model.layers
+    return DecodeWeights(
+        qkv=[mat(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks],
+        o=[mat(b.self_attn.o_proj) for b in blocks],
+        gate_up=[mat(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
+        down=[mat(b.mlp.down_proj) for b in blocks],
+        head=mat(model.lm_head), description=description)
+
+
+def _block_weights(loaded, mode: str) -> DecodeWeights:
+    """The GGUF's own blocks (q4_1: as stored, Q4_1 layers and a Q8_0 head; q8_0: stored Q8_0 as is,
+    any other matrix re-quantized to Q8_0 from the model's float weights, which is *not* exact)."""
+    from .gguf_blocks import BlocksUnavailable, QuantMatrix, check_against, load_llama_blocks
+
+    model = loaded.model
+    if not loaded.source.is_file():
+        raise ConfigError(f"llm_weight_dtype '{mode}' reads a GGUF's blocks; {loaded.source} is a folder "
+                          f"(use bf16 or fp32)")
+    try:
+        blocks = load_llama_blocks(loaded.source, loaded.num_layers, loaded.q_heads, loaded.kv_heads)
+        attn = model.model.layers[0].self_attn
+        if model.lm_head.weight.dtype == torch.float32:  # a bf16 model holds rounded weights: nothing to match
+            check_against(blocks.qkv[0], torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+                          .detach().numpy(), "layer 0 q/k/v")
+    except BlocksUnavailable as exc:
+        raise ConfigError(f"llm_weight_dtype '{mode}': {exc}") from None
+    requantized = 0
+
+    def mat(q: QuantMatrix) -> Matrix:
+        nonlocal requantized
+        if mode == "q8_0" and q.type_name != "Q8_0":
+            q, requantized = QuantMatrix.quantize(q.dequantize(), "Q8_0"), requantized + 1
+        with warnings.catch_warnings():  # the file's own read-only pages (shared between processes): kernels only read
+            warnings.simplefilter("ignore", UserWarning)
+            return Matrix(torch.from_numpy(np.ascontiguousarray(q.blocks)), q.code)
+
+    weights = DecodeWeights([mat(q) for q in blocks.qkv], [mat(q) for q in blocks.o],
+                            [mat(q) for q in blocks.gate_up], [mat(q) for q in blocks.down], mat(blocks.head), "")
+    kinds = sorted({q.type_name for q in [*blocks.qkv, *blocks.o, *blocks.gate_up, *blocks.down]})
+    weights.description = (f"Q8_0 blocks ({requantized} matrices re-quantized from {'/'.join(kinds)}: "
+                           f"not bit-exact to the model)" if requantized else
+                           f"{'/'.join(kinds)} blocks as stored in the GGUF, lm_head {blocks.head.type_name}")
+    return weights
+
+
+def decode_weights(loaded) -> DecodeWeights:
+    """The weights the fast path reads for `loaded.weight_dtype` (config.WEIGHT_DTYPES):
+    auto = the GGUF's blocks when it stores the decode matrices as Q4_1/Q8_0 (exact, fewest bytes),
+    else the model's own float type."""
+    mode, model = loaded.weight_dtype, loaded.model
+    if mode in _FLOAT_DTYPES:
+        return _float_weights(model, _FLOAT_DTYPES[mode], f"{mode} copies of the model's weights")
+    if mode == "auto":
+        try:
+            return _block_weights(loaded, "q4_1")
+        except ConfigError as exc:
+            dtype = model.lm_head.weight.dtype
+            name = "fp32" if dtype == torch.float32 else "bf16"
+            return _float_weights(model, dtype, f"{name}, the model's own ({exc})")
+    return _block_weights(loaded, mode)
 
 
 class FastDecoder:
@@ -81,23 +181,27 @@ class FastDecoder:
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_model(cls, model) -> FastDecoder:
-        """The model's decoder, built once: engines share it (its fused weights copy ~2/3 of the model).
-        Raises FastPathUnavailable with the reason when the model or the machine cannot take it."""
+    def for_model(cls, loaded) -> FastDecoder:
+        """The model's decoder for `loaded.weight_dtype`, built once: engines share it (its weight
+        copies are up to 2/3 of the model). Raises FastPathUnavailable with the reason when the model
+        or the machine cannot take it, ConfigError when the asked weight type cannot be had."""
+        model = loaded.model
         reason = unsupported_reason(model)
         if reason is not None:
             raise FastPathUnavailable(reason)
-        if model not in cls._by_model:
+        decoders = cls._by_model.setdefault(model, {})
+        if loaded.weight_dtype not in decoders:
             try:
                 lib = kernels.load()
             except kernels.KernelBuildError as exc:
                 raise FastPathUnavailable(str(exc)) from None
-            cls._by_model[model] = cls(model, lib)
-        return cls._by_model[model]
+            decoders[loaded.weight_dtype] = cls(model, lib, decode_weights(loaded))
+        return decoders[loaded.weight_dtype]
 
-    def __init__(self, model, lib):
+    def __init__(self, model, lib, weights: DecodeWeights):
         """Use `for_model`: it checks the model and builds the kernels first."""
         self.lib = lib
+        self.weights = weights
         cfg = model.config.get_text_config()
         inner = model.model
         self.hidden = cfg.hidden_size
@@ -107,51 +211,44 @@ class FastDecoder:
         self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.scaling = float(inner.layers[0].self_attn.scaling)
-        self.wtype = _WEIGHT_CODES[model.lm_head.weight.dtype]
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight.detach().float().contiguous()
-        self.head = model.lm_head.weight.detach().contiguous()
-        # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h)
-        self.dims = kernels.ffi.new("h2k_dims *", {
-            "wtype": self.wtype, "hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling})
-        self.layers = []
-        with torch.no_grad():
-            for block in inner.layers:
-                attn, mlp = block.self_attn, block.mlp
-                self.layers.append(_Layer(
-                    input_norm=block.input_layernorm.weight.detach().float().contiguous(),
-                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
-                    o=attn.o_proj.weight.detach().contiguous(),
-                    post_norm=block.post_attention_layernorm.weight.detach().float().contiguous(),
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                    down=mlp.down_proj.weight.detach().contiguous()))
-        self._ptrs = [tuple(_ptr(t) for t in (L.input_norm, L.qkv, L.o, L.post_norm, L.gate_up, L.down))
-                      for L in self.layers]
+        # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h);
+        # the lm_head has its own (its weight type may differ: Q8_0 beside Q4_1 layers)
+        dims = {"hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
+                "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling}
+        self.dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.layer_code})
+        self.head_dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.head.code})
+        self.norms = [(block.input_layernorm.weight.detach().float().contiguous(),
+                       block.post_attention_layernorm.weight.detach().float().contiguous())
+                      for block in inner.layers]
+        self._ptrs = [(_ptr(in_norm), _ptr(qkv.data), _ptr(o.data), _ptr(post_norm), _ptr(gu.data), _ptr(down.data))
+                      for (in_norm, post_norm), qkv, o, gu, down
+                      in zip(self.norms, weights.qkv, weights.o, weights.gate_up, weights.down)]
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
+        self.vocab = model.lm_head.weight.shape[0]
         self.x = torch.empty(self.hidden)
         self.h = torch.empty(self.hidden)
         self.qkv = torch.empty(q_dim + 2 * kv_dim)
         self.attn = torch.empty(q_dim)
         self.gate_up = torch.empty(2 * self.inter)
-        self.logits = torch.empty(self.head.shape[0])
+        self.logits = torch.empty(self.vocab)
         # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what layer.append takes)
         self.k_new = self.qkv[q_dim:q_dim + kv_dim].view(1, self.kv_heads, 1, self.head_dim)
         self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
         # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
         self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
-        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (self.final_norm, self.head,
-                                                                                       self.logits))
+        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (self.final_norm,
+                                                                                       weights.head.data, self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
         self._cos = self._sin = torch.empty(0, self.head_dim)
 
     @property
     def weight_bytes(self) -> int:
         """Weight bytes one decode step reads (the embedding row aside)."""
-        tensors = [self.head] + [t for L in self.layers for t in (L.qkv, L.o, L.gate_up, L.down)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.weights.nbytes
 
     def _rope_at(self, position: int) -> tuple[object, object]:
         """Pointers to the float32 cos/sin rows of `position`, from the model's own rotary module."""
@@ -197,6 +294,6 @@ class FastDecoder:
                            probs, attn, _ptr(head_mass) if needs_mass else null, partial, slots)
             layer.after_decode_step(head_mass if needs_mass else None)
             lib.h2k_mlp_block(dims, x, attn, w_o, post_norm, w_gu, w_down, h, gate_up)
-        lib.h2k_norm_gemv(dims, x, self._final_norm_ptr, self._head_ptr, self.logits.shape[0], h,
+        lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)
         return self.logits.clone()

@@ -75,6 +75,7 @@ class LoadedModel:
     head_dim: int
     q_heads: int
     context_length: int | None = None  # the trained context (max_position_embeddings), if the config says
+    weight_dtype: str = "auto"  # the fast path's decode weights (config.WEIGHT_DTYPES)
 
 
 def _gguf_fingerprint(path: Path) -> str:
@@ -159,7 +160,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def load_model(path: Path, dtype: str = "float32") -> LoadedModel:
+def load_model(path: Path, dtype: str = "float32", weight_dtype: str = "auto") -> LoadedModel:
+    """The model for prefill and the reference path in `dtype`; `weight_dtype` says which weights
+    the fast path's decode steps read (fastpath.decode_weights)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -182,4 +185,5 @@ def load_model(path: Path, dtype: str = "float32") -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=path.stem if path.is_file() else path.name,
                        source=path, size_bytes=_size_of(path), num_layers=cfg.num_hidden_layers,
                        kv_heads=getattr(cfg, "num_key_value_heads", q_heads), head_dim=head_dim,
-                       q_heads=q_heads, context_length=getattr(cfg, "max_position_embeddings", None))
+                       q_heads=q_heads, context_length=getattr(cfg, "max_position_embeddings", None),
+                       weight_dtype=weight_dtype)

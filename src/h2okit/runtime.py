@@ -96,8 +96,9 @@ class Engine:
         self.decode_path_note = "transformers forward, as requested"
         if decode_path != "reference":
             try:
-                self.fast = FastDecoder.for_model(self.model)
-                self.decode_path_note = "C kernels for decode steps; prefill by the transformers forward"
+                self.fast = FastDecoder.for_model(loaded)
+                self.decode_path_note = (f"C kernels for decode steps, weights: {self.fast.weights.description}; "
+                                         f"prefill by the transformers forward")
             except FastPathUnavailable as exc:
                 if decode_path == "fast":
                     raise

@@ -31,6 +31,7 @@ ffi.cdef(HEADER.read_text())
 # dtype codes, from the header
 _DTYPES = ffi.typeof("enum h2k_dtype").relements
 F32, BF16, F16 = _DTYPES["H2K_F32"], _DTYPES["H2K_BF16"], _DTYPES["H2K_F16"]
+Q4_1, Q8_0 = _DTYPES["H2K_Q4_1"], _DTYPES["H2K_Q8_0"]
 NULL = ffi.NULL
 
 

@@ -2,11 +2,14 @@
  * kernels/__init__.py hands it to cffi (ABI mode), so Python and C cannot disagree about an
  * argument. Keep it to plain declarations (no macros): cffi parses it as it is. */
 
-enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2 };
+/* F32/BF16/F16: plain elements. Q4_1 and Q8_0: GGML's blocks of 32 weights, stored as in a GGUF file
+ * (Q4_1: fp16 scale d, fp16 minimum m, 16 bytes of nibbles, w = d q + m; Q8_0: fp16 d, 32 int8, w = d q);
+ * weights only. */
+enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2, H2K_Q4_1 = 3, H2K_Q8_0 = 4 };
 
 /* A model's layer dimensions, passed by pointer instead of a dozen positional ints. */
 typedef struct {
-    int wtype;    /* weight dtype: H2K_F32 or H2K_BF16 */
+    int wtype;    /* weight dtype: H2K_F32, H2K_BF16, H2K_Q4_1 or H2K_Q8_0 (rows of whole blocks) */
     int hidden;   /* model width (the input of every GEMV but down) */
     int q_heads;
     int kv_heads;

@@ -18,7 +18,8 @@
 
 #include "h2okit_kernels.h"
 
-enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16 };
+enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16, Q4_1 = H2K_Q4_1, Q8_0 = H2K_Q8_0 };
+enum { QBLOCK = 32, Q4_1_BYTES = 20, Q8_0_BYTES = 34 }; /* weights per block, bytes per block */
 
 /* Type punning through a union: gcc vectorises it (a memcpy here blocked vectorisation). */
 typedef union {
@@ -127,9 +128,90 @@ static inline float dot_short(const float *a, const float *b, int n) {
     return dot_f32(a, b, n);
 }
 
-/* y[r] (+)= W[r, :] . x for r < rows. */
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
+/* A Q4_1 row (nb blocks) against x: sum_b d_b (q_b . x_b) + m_b xsum_b, where xsum_b is the sum of
+ * x over block b, computed once per GEMV. The same value as dequantising w = d q + m (exact in
+ * float32: d q has at most 15 significant bits) and taking the dot; only the summation order differs. */
+static inline float dot_q4_1(const uint8_t *row, const float *x, const float *xsum, int nb) {
+    float tail = 0.0f;
+    int b = 0;
+#ifdef __AVX512F__
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi32(0x0F);
+    for (; b < nb; b++) {
+        const uint8_t *blk = row + (long)b * Q4_1_BYTES;
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));          /* elements 0..15 */
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));           /* elements 16..31 */
+        __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * QBLOCK));
+        s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * QBLOCK + 16), s);
+        if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc1);
+        else acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc0);
+        tail += f16_at(blk + 2) * xsum[b];
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + tail;
+#endif
+    for (; b < nb; b++) {
+        const uint8_t *blk = row + (long)b * Q4_1_BYTES;
+        const float *xb = x + b * QBLOCK;
+        float s = 0.0f;
+        for (int i = 0; i < QBLOCK / 2; i++) s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
+        tail += f16_at(blk) * s + f16_at(blk + 2) * xsum[b];
+    }
+    return tail;
+}
+
+/* A Q8_0 row (nb blocks) against x: sum_b d_b (q_b . x_b). */
+static inline float dot_q8_0(const uint8_t *row, const float *x, int nb) {
+    int b = 0;
+#ifdef __AVX512F__
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; b < nb; b++) {
+        const uint8_t *blk = row + (long)b * Q8_0_BYTES;
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        __m512 s = _mm512_mul_ps(q0, _mm512_loadu_ps(x + b * QBLOCK));
+        s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + b * QBLOCK + 16), s);
+        if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc1);
+        else acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+    float total = 0.0f;
+    for (; b < nb; b++) {
+        const uint8_t *blk = row + (long)b * Q8_0_BYTES;
+        const int8_t *q = (const int8_t *)(blk + 2);
+        float s = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * x[b * QBLOCK + i];
+        total += f16_at(blk) * s;
+    }
+    return total;
+}
+
+/* y[r] (+)= W[r, :] . x for r < rows (quantized types: cols is a multiple of 32). */
 static void gemv(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate) {
-    if (wtype == BF16) {
+    if (wtype == Q4_1 || wtype == Q8_0) {
+        int nb = cols / QBLOCK;
+        long row_bytes = (long)nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+        const uint8_t *w = (const uint8_t *)W;
+        float xsum[nb > 0 ? nb : 1];
+        for (int b = 0; wtype == Q4_1 && b < nb; b++) {
+            float s = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) s += x[b * QBLOCK + i];
+            xsum[b] = s;
+        }
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            float v = wtype == Q4_1 ? dot_q4_1(row, x, xsum, nb) : dot_q8_0(row, x, nb);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    } else if (wtype == BF16) {
         const uint16_t *w = (const uint16_t *)W;
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < rows; r++) {

@@ -134,63 +134,94 @@ static inline float f16_at(const uint8_t *p) {
     return f16_to_f32(h);
 }
 
-/* A Q4_1 row (nb blocks) against x: sum_b d_b (q_b . x_b) + m_b xsum_b, where xsum_b is the sum of
- * x over block b, computed once per GEMV. The same value as dequantising w = d q + m (exact in
- * float32: d q has at most 15 significant bits) and taking the dot; only the summation order differs. */
-static inline float dot_q4_1(const uint8_t *row, const float *x, const float *xsum, int nb) {
-    float tail = 0.0f;
-    int b = 0;
+/* Q4_1 rows (nb blocks each) against x, ROWS rows at a time (out[r] for r < ROWS): per block,
+ * sum_b d_b (q_b . x_b) + m_b xsum_b, where xsum_b is the sum of x over block b, computed once per
+ * GEMV. The same value as dequantising w = d q + m (exact in float32: d q has at most 15
+ * significant bits) and taking the dot; only the summation order differs.
+ * Decode reads these blocks from memory, where one core alone reaches only ~5 GB/s (too few
+ * misses in flight): four rows at once (each x block loaded once for four rows) and a software
+ * prefetch ~3 KB ahead per row (measured: 9.9 -> 12.8 GB/s on 2 threads for a 55 MB matrix). */
+enum { ROWS = 4, PREFETCH = 2880 };
+
+static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const float *x, const float *xsum, int nb,
+                          float *out) {
 #ifdef __AVX512F__
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi32(0x0F);
-    for (; b < nb; b++) {
-        const uint8_t *blk = row + (long)b * Q4_1_BYTES;
-        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));          /* elements 0..15 */
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));           /* elements 16..31 */
-        __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(x + b * QBLOCK));
-        s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * QBLOCK + 16), s);
-        if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc1);
-        else acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc0);
-        tail += f16_at(blk + 2) * xsum[b];
+    if (rows == ROWS) {
+        const __m512i low = _mm512_set1_epi32(0x0F);
+        __m512 acc[ROWS];
+        float tail[ROWS] = {0};
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
+            if ((b & 1) == 0)
+                for (int r = 0; r < ROWS; r++)
+                    _mm_prefetch((const char *)(row + r * row_bytes + (long)b * Q4_1_BYTES + PREFETCH), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) {
+                const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
+                __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), x0);      /* 0..15 */
+                s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), x1, s);         /* 16..31 */
+                uint32_t dm;
+                memcpy(&dm, blk, 4);
+                __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* [d, m, 0, 0] */
+                acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmf), s, acc[r]);
+                tail[r] += _mm_cvtss_f32(_mm_movehdup_ps(dmf)) * xsum[b];
+            }
+        }
+        for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+        return;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + tail;
 #endif
-    for (; b < nb; b++) {
-        const uint8_t *blk = row + (long)b * Q4_1_BYTES;
-        const float *xb = x + b * QBLOCK;
-        float s = 0.0f;
-        for (int i = 0; i < QBLOCK / 2; i++) s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
-        tail += f16_at(blk) * s + f16_at(blk + 2) * xsum[b];
+    for (int r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
+            const float *xb = x + b * QBLOCK;
+            float s = 0.0f;
+            for (int i = 0; i < QBLOCK / 2; i++)
+                s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
+            total += f16_at(blk) * s + f16_at(blk + 2) * xsum[b];
+        }
+        out[r] = total;
     }
-    return tail;
 }
 
-/* A Q8_0 row (nb blocks) against x: sum_b d_b (q_b . x_b). */
-static inline float dot_q8_0(const uint8_t *row, const float *x, int nb) {
-    int b = 0;
+/* Q8_0 rows against x, as dot_q4_1_rows: sum_b d_b (q_b . x_b). */
+static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const float *x, int nb, float *out) {
 #ifdef __AVX512F__
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (; b < nb; b++) {
-        const uint8_t *blk = row + (long)b * Q8_0_BYTES;
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-        __m512 s = _mm512_mul_ps(q0, _mm512_loadu_ps(x + b * QBLOCK));
-        s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + b * QBLOCK + 16), s);
-        if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc1);
-        else acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc0);
+    if (rows == ROWS) {
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
+            if ((b & 1) == 0)
+                for (int r = 0; r < ROWS; r++)
+                    _mm_prefetch((const char *)(row + r * row_bytes + (long)b * Q8_0_BYTES + PREFETCH), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) {
+                const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
+                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+                __m512 s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+        return;
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #endif
-    float total = 0.0f;
-    for (; b < nb; b++) {
-        const uint8_t *blk = row + (long)b * Q8_0_BYTES;
-        const int8_t *q = (const int8_t *)(blk + 2);
-        float s = 0.0f;
-        for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * x[b * QBLOCK + i];
-        total += f16_at(blk) * s;
+    for (int r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
+            const int8_t *q = (const int8_t *)(blk + 2);
+            float s = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * x[b * QBLOCK + i];
+            total += f16_at(blk) * s;
+        }
+        out[r] = total;
     }
-    return total;
 }
 
 /* y[r] (+)= W[r, :] . x for r < rows (quantized types: cols is a multiple of 32). */
@@ -206,10 +237,13 @@ static void gemv(int wtype, const void *W, const float *x, float *y, int rows, i
             xsum[b] = s;
         }
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            const uint8_t *row = w + r * row_bytes;
-            float v = wtype == Q4_1 ? dot_q4_1(row, x, xsum, nb) : dot_q8_0(row, x, nb);
-            y[r] = accumulate ? y[r] + v : v;
+        for (int r0 = 0; r0 < rows; r0 += ROWS) {
+            int n = rows - r0 < ROWS ? rows - r0 : ROWS;
+            float v[ROWS];
+            const uint8_t *row = w + r0 * row_bytes;
+            if (wtype == Q4_1) dot_q4_1_rows(row, row_bytes, n, x, xsum, nb, v);
+            else dot_q8_0_rows(row, row_bytes, n, x, nb, v);
+            for (int i = 0; i < n; i++) y[r0 + i] = accumulate ? y[r0 + i] + v[i] : v[i];
         }
     } else if (wtype == BF16) {
         const uint16_t *w = (const uint16_t *)W;

@@ -59,7 +59,8 @@ def main() -> int:
                   f"tok/s", flush=True)
     base = "default (active spin)"
     print(f"\nP={args.prompt} G={args.gen}, {args.rounds} interleaved rounds, medians of per-round ratios")
-    print("| waiting policy | quiet tok/s | busy tok/s | busy / own quiet | busy / default quiet | quiet / default quiet |")
+    print("| waiting policy | quiet tok/s | busy tok/s | busy / own quiet | busy / default quiet "
+          "| quiet / default quiet |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in SETTINGS:
         q, b, d = quiet[name], busy[name], quiet[base]

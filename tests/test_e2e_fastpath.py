@@ -162,7 +162,7 @@ def test_block_weights_of_a_folder_model_are_a_config_error(loaded_model, tmp_pa
     from h2okit.fastpath import decode_weights
 
     folder = dataclasses.replace(loaded_model, source=tmp_path, weight_dtype="q4_1")
-    with pytest.raises(ConfigError, match="llm_weight_dtype 'q4_1' reads a GGUF's blocks"):
+    with pytest.raises(ConfigError, match="llm_weight_dtype 'q4_1' reads a GGUF's blocks; the model .* is not a GGUF file"):
         decode_weights(folder)
     auto = decode_weights(dataclasses.replace(folder, weight_dtype="auto"))
     assert auto.description.startswith("fp32, the model's own")

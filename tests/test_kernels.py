@@ -60,16 +60,18 @@ def test_mlp_block_matches_torch(dtype, code):
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
 
 
-def attend(q, keys, values, scaling, threads=2):
-    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows); (out, mass [Hkv, T])."""
+def attend(q, keys, values, scaling, threads=2, block=1):
+    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows);
+    (out, mass [Hkv, ceil(T / block)])."""
     q_heads, head_dim = q.shape[1], q.shape[-1]
     kv_heads, tokens = keys.shape[1], keys.shape[2]
     probs, out = torch.empty(q_heads * tokens), torch.empty(q_heads * head_dim)
-    mass = torch.empty(kv_heads, tokens)
+    mass = torch.empty(kv_heads, -(-tokens // block))
     partial = torch.empty(threads * q_heads * head_dim)
     code = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}[keys.dtype]
     lib.h2k_attend(dims(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, scale=scaling), P(q.contiguous()),
-                   P(keys), P(values), keys.stride(1), code, tokens, P(probs), P(out), P(mass), P(partial), threads)
+                   P(keys), P(values), keys.stride(1), code, tokens, P(probs), P(out), P(mass), block, P(partial),
+                   threads)
     return out.view(1, q_heads, 1, head_dim), mass
 
 
@@ -94,6 +96,16 @@ def test_attend_matches_attention_with_mass(kv_dtype, tokens, q_heads, kv_heads,
     assert mass.shape == (kv_heads, tokens)
     torch.testing.assert_close(mass, expected_mass, rtol=1e-5, atol=1e-7)
     assert mass.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("tokens,block", [(300, 32), (37, 4), (5, 8)])
+def test_attend_sums_the_mass_per_block(tokens, block):
+    """The kernel's block sums are the per-token mass summed per block (the last block partial)."""
+    torch.manual_seed(tokens)
+    q, keys, values = torch.randn(1, 9, 1, 64), torch.randn(1, 3, tokens, 64), torch.randn(1, 3, tokens, 64)
+    _, per_token = attend(q, keys, values, 0.125)
+    _, per_block = attend(q, keys, values, 0.125, block=block)
+    torch.testing.assert_close(per_block, block_sums(per_token, block), rtol=1e-5, atol=1e-7)
 
 
 def test_attend_is_the_same_with_one_or_two_threads():

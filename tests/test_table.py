@@ -18,3 +18,14 @@ def test_extra_columns_follow_a_fixed_order_and_render():
     assert [k for k, _ in extra_columns(["ppl", "kv_true_ratio", "passkey_d50"])] == ["kv_true_ratio", "ppl",
                                                                                      "passkey_d50"]
     assert render(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+
+
+def test_runnable_tasks_reads_the_least_of_its_samples(tmp_path):
+    from h2okit.bench import runnable_tasks
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.52 0.58 0.59 3/412 12345\n")
+    assert runnable_tasks(samples=2, gap_s=0, loadavg=loadavg) == 3
+    loadavg.write_text("garbage\n")
+    assert runnable_tasks(samples=1, gap_s=0, loadavg=loadavg) is None
+    assert runnable_tasks(samples=1, gap_s=0, loadavg=tmp_path / "missing") is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -29,6 +30,8 @@ from .config import DECODE_PATHS, ConfigError, emit_warnings, load_config
 from .resources import find
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
+
+log = logging.getLogger(__name__)
 
 PRECISION_DTYPE = {"high": "float32", "normal": "float32", "low": "bfloat16"}
 OUTPUTS = ("md", "json", "jsonl")
@@ -330,6 +333,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
     texts = load_texts(args.corpus)
     loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision], weight_dtype=config.model["llm_weight_dtype"])
     _check_context(args, loaded)
+    _warn_if_busy()
     try:
         engine = Engine(loaded, config.kv, decode_path=args.decode_path)
     except FastPathUnavailable as exc:
@@ -344,6 +348,30 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
             for n in args.n_gen:
                 results.append(_measure(engine, loaded, texts, evaluator, threads, p, n, args.repeat, precision))
     return render(results, args.output, metadata(args.config, config.kv.to_keys())), results
+
+
+def runnable_tasks(samples: int = 5, gap_s: float = 0.02, loadavg: Path = Path("/proc/loadavg")) -> int | None:
+    """Tasks running or ready to run machine-wide (/proc/loadavg's 4th field), the least of a few
+    samples so that a passing blip does not count; None where /proc is missing or unreadable."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(loadavg.read_text().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return min(counts)
+
+
+def _warn_if_busy() -> None:
+    """Timing next to another busy process is not comparable (OpenMP threads spin-wait for a core:
+    benchmarks/under_load.py measured decode at 0.27x with one busy process on 2 cores), so say so."""
+    running = runnable_tasks()
+    if running is not None and running > 1:  # this process is one of them
+        log.warning("warning: %d other runnable task(s) on %d cores right now; decode can run several times "
+                    "slower next to a busy process, so this run's timings are not comparable", running - 1,
+                    os.cpu_count() or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

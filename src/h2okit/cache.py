@@ -220,13 +220,23 @@ class H2OLayer(CacheLayerMixin):
     def observe_prefill(self, head_mass: torch.Tensor) -> None:
         self.policy.observe_blocks(self.block_mass(head_mass), decode_step=False)
 
+    @property
+    def mass_block(self) -> int:
+        """The block size this layer's decode steps need the attention mass summed in (0: no mass)."""
+        return self.policy.params.block_tokens if self.needs_mass else 0
+
     def after_decode_step(self, head_mass: torch.Tensor | None) -> None:
         """After a decode step's attention: scoring and eviction, then the codec's cadence.
         `head_mass` is the step's attention mass per KV head and cached token, [kv_heads, T]
         (None when the layer needs none: see `needs_mass`)."""
+        self.after_decode_blocks(self.block_mass(head_mass) if head_mass is not None else None)
+
+    def after_decode_blocks(self, block_mass: np.ndarray | None) -> None:
+        """`after_decode_step` with the mass already summed per KV head and block of `mass_block`
+        tokens, [kv_heads, blocks] (the fast path's kernel sums it)."""
         if self.policy is not None:
-            if head_mass is not None:
-                self.policy.observe_blocks(self.block_mass(head_mass))
+            if block_mass is not None:
+                self.policy.observe_blocks(block_mass)
             else:
                 self.policy.tick()
             length = self.get_seq_length()
@@ -332,8 +342,8 @@ class ColdStoreLayer(H2OLayer):
         super().reset()
         self._step_kv = None
 
-    def after_decode_step(self, head_mass: torch.Tensor | None) -> None:
-        super().after_decode_step(head_mass)
+    def after_decode_blocks(self, block_mass: np.ndarray | None) -> None:
+        super().after_decode_blocks(block_mass)
         self._step_kv = None
 
     def run_codec(self) -> None:

@@ -8,8 +8,9 @@ layer. It is the same math as the reference path:
     x = embed[token]
     per layer:  qkv = W_qkv · rmsnorm(x), RoPE on q and k,
                 k and v written into the H2OLayer's slot     (h2k_attention_input)
-                a, mass = attention(q, K, V)                 one query per head (h2k_attend)
-                layer.after_decode_step(mass)                the same H2O scoring, plans, compaction
+                a, mass = attention(q, K, V)                 one query per head; mass summed per
+                                                             KV head and H2O block (h2k_attend)
+                layer.after_decode_blocks(mass)              the same H2O scoring, plans, compaction
                 x += W_o a;  x += W_down (silu(W_gate h) * W_up h), h = rmsnorm(x)   (h2k_mlp_block)
     logits = W_head · rmsnorm(x)                             (h2k_norm_gemv)
 
@@ -128,9 +129,9 @@ def _block_weights(loaded, mode: str) -> DecodeWeights:
     from .gguf_blocks import BlocksUnavailable, QuantMatrix, check_against, load_llama_blocks
 
     model = loaded.model
-    if not loaded.source.is_file():
-        raise ConfigError(f"llm_weight_dtype '{mode}' reads a GGUF's blocks; {loaded.source} is a folder "
-                          f"(use bf16 or fp32)")
+    if loaded.source is None or not loaded.source.is_file():
+        raise ConfigError(f"llm_weight_dtype '{mode}' reads a GGUF's blocks; the model {loaded.source} is not a "
+                          f"GGUF file (use bf16 or fp32)")
     try:
         blocks = load_llama_blocks(loaded.source, loaded.num_layers, loaded.q_heads, loaded.kv_heads)
         attn = model.model.layers[0].self_attn
@@ -259,14 +260,15 @@ class FastDecoder:
             self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         return _ptr(self._cos[position]), _ptr(self._sin[position])
 
-    def _scratch(self, tokens: int) -> tuple[object, torch.Tensor]:
-        """The attention's probability rows (pointer) and a [kv_heads, tokens] per-head mass tensor,
-        grown as the cache grows."""
+    def _scratch(self, tokens: int, block: int) -> tuple[object, torch.Tensor]:
+        """The attention's probability rows (pointer) and a [kv_heads, blocks] per-head block-mass
+        tensor (blocks of `block` tokens), grown as the cache grows."""
         if self._probs.numel() < self.q_heads * tokens:
             n = max(tokens, 2 * self._probs.numel() // self.q_heads, 1024)
             self._probs = torch.empty(self.q_heads * n)
             self._head_mass = torch.empty(self.kv_heads * n)
-        return _ptr(self._probs), self._head_mass[:self.kv_heads * tokens].view(self.kv_heads, tokens)
+        blocks = -(-tokens // max(block, 1))
+        return _ptr(self._probs), self._head_mass[:self.kv_heads * blocks].view(self.kv_heads, blocks)
 
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
@@ -288,11 +290,11 @@ class FastDecoder:
             # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
             keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
             tokens = keys.shape[2]
-            probs, head_mass = self._scratch(tokens)
-            needs_mass = layer.needs_mass
+            block = layer.mass_block  # 0: this layer needs no attention mass
+            probs, block_mass = self._scratch(tokens, block)
             lib.h2k_attend(dims, qkv, _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype], tokens,
-                           probs, attn, _ptr(head_mass) if needs_mass else null, partial, slots)
-            layer.after_decode_step(head_mass if needs_mass else None)
+                           probs, attn, _ptr(block_mass) if block else null, max(block, 1), partial, slots)
+            layer.after_decode_blocks(block_mass.numpy() if block else None)
             lib.h2k_mlp_block(dims, x, attn, w_o, post_norm, w_gu, w_down, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)

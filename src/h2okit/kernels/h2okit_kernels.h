@@ -35,9 +35,10 @@ void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w,
 void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *post_norm_w,
                    const void *Wgu, const void *Wd, float *h, float *gu);
 
-/* One query per head over T cached tokens; head_mass [kv_heads, T] or NULL (see llama_decode.c). */
+/* One query per head over T cached tokens; head_mass [kv_heads, ceil(T / block)] block sums or NULL
+ * (see llama_decode.c). */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
-                int T, float *probs, float *out, float *head_mass, float *partial, int slots);
+                int T, float *probs, float *out, float *head_mass, int block, float *partial, int slots);
 
 /* Read bandwidth probe for benchmarks/roofline.py. */
 float h2k_read_sum(const float *a, long n);

@@ -434,13 +434,14 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
  *   K, V        [kv_heads, T] rows of head_dim, head h at K + h * head_stride elements
  *   probs       scratch [q_heads, T]
  *   out         [q_heads, head_dim]
- *   head_mass   [kv_heads, T] or NULL: per KV head g and token t, the sum over g's query heads of
- *               p[h, t] / q_heads (summed over g: H2O's score signal; per g: per-head selection's)
+ *   head_mass   [kv_heads, ceil(T / block)] or NULL: per KV head g and block of `block` tokens, the
+ *               sum over the block's tokens t of (the sum over g's query heads of p[h, t]) / q_heads
+ *               (summed over g: H2O's score signal; per g: per-head selection's). block 1: per token
  *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
  * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
  * parallel region: its phases are separated by the barriers of the `omp for`s. */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
-                int T, float *probs, float *out, float *head_mass, float *partial, int slots) {
+                int T, float *probs, float *out, float *head_mass, int block, float *partial, int slots) {
     int q_heads = d->q_heads, kv_heads = d->kv_heads, head_dim = d->head_dim;
     float scale = d->scale;
     int group = q_heads / kv_heads;
@@ -481,20 +482,23 @@ void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V,
 #pragma omp simd
             for (int t = 0; t < T; t++) p[t] *= inv;
         }
-        if (head_mass != NULL) { /* the group's probabilities added in head order, then / q_heads: torch's order */
+        if (head_mass != NULL) { /* per token: the group's probabilities added in head order, then / q_heads
+                                    (torch's order); then summed per block, in token order */
+            int nb = (T + block - 1) / block;
 #pragma omp for schedule(static) nowait
             for (int g = 0; g < kv_heads; g++) {
-                float *restrict m = head_mass + (long)g * T;
                 const float *p0 = probs + (long)g * group * T;
-#pragma omp simd
-                for (int t = 0; t < T; t++) m[t] = p0[t];
-                for (int j = 1; j < group; j++) {
-                    const float *p = p0 + (long)j * T;
-#pragma omp simd
-                    for (int t = 0; t < T; t++) m[t] += p[t];
+                float *restrict m = head_mass + (long)g * nb;
+                for (int b = 0; b < nb; b++) {
+                    int t1 = (b + 1) * block < T ? (b + 1) * block : T;
+                    float sum = 0.0f;
+                    for (int t = b * block; t < t1; t++) {
+                        float v = p0[t];
+                        for (int j = 1; j < group; j++) v += p0[(long)j * T + t];
+                        sum += v / heads;
+                    }
+                    m[b] = sum;
                 }
-#pragma omp simd
-                for (int t = 0; t < T; t++) m[t] /= heads;
             }
         }
         /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */

@@ -166,3 +166,23 @@ def test_block_weights_of_a_folder_model_are_a_config_error(loaded_model, tmp_pa
         decode_weights(folder)
     auto = decode_weights(dataclasses.replace(folder, weight_dtype="auto"))
     assert auto.description.startswith("fp32, the model's own")
+
+
+def test_the_gguf_tensor_table_is_parsed_once_and_rebuilt_when_damaged(loaded_model, tmp_path, monkeypatch):
+    """gguf-py parses all metadata (~3 s); the tensor offsets are cached and a damaged cache is rebuilt."""
+    import gguf
+
+    from h2okit.gguf_blocks import tensor_table
+    from h2okit.model import converted_dir
+
+    monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
+    first = tensor_table(loaded_model.source)
+    assert first["blk.0.attn_q.weight"].type_name == "Q4_1" and first["token_embd.weight"].type_name == "Q8_0"
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: pytest.fail("parsed again"))
+    assert tensor_table(loaded_model.source) == first
+    cached = converted_dir(loaded_model.source).with_name(converted_dir(loaded_model.source).name + ".tensors.json")
+    assert cached.is_file() and cached.is_relative_to(tmp_path)
+    cached.write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
+    assert tensor_table(loaded_model.source) == first

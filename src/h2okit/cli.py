@@ -23,14 +23,16 @@ class CLIError(Exception):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Make the default model and corpus ready offline: convert the GGUF once, decode the novels,
-    build the fast decode path's kernels."""
+    """Make the default model and corpus ready offline: convert the GGUF once, index its blocks,
+    decode the novels, build the fast decode path's kernels."""
     from . import kernels
     from .corpus import ensure_austen
+    from .gguf_blocks import tensor_table
     from .model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, convert_gguf, package_dir
 
     gguf = package_dir(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
     print(f"model:   {convert_gguf(gguf)}")
+    print(f"blocks:  {len(tensor_table(gguf))} tensors of {gguf.name} indexed")
     print(f"corpus:  {ensure_austen()}")
     try:
         kernels.load()

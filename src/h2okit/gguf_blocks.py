@@ -90,13 +90,38 @@ def _llama_rope_rows(rows: int, heads: int) -> np.ndarray:
     return np.arange(rows).reshape(heads, half, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _matrix(tensor, what: Path) -> QuantMatrix:
-    name = tensor.tensor_type.name
-    if name not in KERNEL_CODES:
-        raise BlocksUnavailable(f"{what.name}: tensor {tensor.name} is stored as {name}; the fast path reads "
-                                f"{' and '.join(KERNEL_CODES)} blocks as stored")
-    cols = int(tensor.shape[0])  # GGUF lists the fastest-varying dimension first
-    return QuantMatrix(name, np.asarray(tensor.data).reshape(-1, cols // BLOCK * _block_bytes(name)), cols)
+@dataclass(frozen=True)
+class _TensorInfo:
+    type_name: str
+    cols: int  # GGUF lists the fastest-varying dimension first
+    offset: int  # bytes from the start of the file
+    n_bytes: int
+
+
+def tensor_table(path: Path) -> dict[str, _TensorInfo]:
+    """Name -> where a tensor's bytes are, for every tensor of the GGUF. gguf-py's reader parses all
+    metadata (49k tokenizer strings: ~3 s) to get there, so the table is kept in the user cache,
+    keyed by the file's fingerprint, and later loads only map the file."""
+    from .io import read_json, write_json_atomic
+    from .model import converted_dir
+
+    cached = converted_dir(path).with_name(converted_dir(path).name + ".tensors.json")
+    if cached.is_file():
+        try:
+            return {name: _TensorInfo(**info) for name, info in read_json(cached, "tensor table", ValueError).items()}
+        except (ValueError, TypeError, AttributeError):
+            pass  # unreadable or from another version: rebuild it
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(path).tensors
+    except (OSError, ValueError) as exc:
+        raise BlocksUnavailable(f"cannot read GGUF tensors of {path.name}: {exc}") from None
+    table = {t.name: _TensorInfo(t.tensor_type.name, int(t.shape[0]), int(t.data_offset), int(t.n_bytes))
+             for t in tensors}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cached, {name: vars(info) for name, info in table.items()})
+    return table
 
 
 def _block_bytes(type_name: str) -> int:
@@ -106,18 +131,21 @@ def _block_bytes(type_name: str) -> int:
 
 
 def load_llama_blocks(path: Path, num_layers: int, q_heads: int, kv_heads: int) -> LlamaBlocks:
-    """The GGUF's own blocks for every decode matrix of a Llama-style model (no dequantisation)."""
-    from gguf import GGUFReader
-
-    try:
-        tensors = {t.name: t for t in GGUFReader(path).tensors}
-    except (OSError, ValueError) as exc:
-        raise BlocksUnavailable(f"cannot read GGUF tensors of {path.name}: {exc}") from None
+    """The GGUF's own blocks for every decode matrix of a Llama-style model (no dequantisation;
+    the matrices are views of the mapped file until they are fused)."""
+    table = tensor_table(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
 
     def get(name: str) -> QuantMatrix:
-        if name not in tensors:
+        if name not in table:
             raise BlocksUnavailable(f"{path.name} has no tensor {name} (not a Llama-layout GGUF?)")
-        return _matrix(tensors[name], path)
+        info = table[name]
+        if info.type_name not in KERNEL_CODES:
+            raise BlocksUnavailable(f"{path.name}: tensor {name} is stored as {info.type_name}; the fast path reads "
+                                    f"{' and '.join(KERNEL_CODES)} blocks as stored")
+        row_bytes = info.cols // BLOCK * _block_bytes(info.type_name)
+        raw = data[info.offset:info.offset + info.n_bytes]
+        return QuantMatrix(info.type_name, np.asarray(raw).reshape(-1, row_bytes), info.cols)
 
     qkv, o, gate_up, down = [], [], [], []
     for i in range(num_layers):
@@ -128,8 +156,7 @@ def load_llama_blocks(path: Path, num_layers: int, q_heads: int, kv_heads: int) 
         o.append(get(f"blk.{i}.attn_output.weight"))
         gate_up.append(QuantMatrix.stack([get(f"blk.{i}.ffn_gate.weight"), get(f"blk.{i}.ffn_up.weight")]))
         down.append(get(f"blk.{i}.ffn_down.weight"))
-    head = get("output.weight") if "output.weight" in tensors else get("token_embd.weight")
-    head.blocks = np.ascontiguousarray(head.blocks)
+    head = get("output.weight") if "output.weight" in table else get("token_embd.weight")
     return LlamaBlocks(qkv, o, gate_up, down, head)
 
 

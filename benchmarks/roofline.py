@@ -157,18 +157,19 @@ def main() -> None:
                 kv = statistics.median(r[1] for r in runs)
                 bw = statistics.median(r[2] for r in runs)
                 fraction = statistics.median(r[0] * (w + r[1]) / (r[2] * GB) for r in runs)
-                baseline = samples.get((precision, "generate")) or samples.get(("fp32", "generate")) or runs
-                vs_generate = statistics.median(r[0] / g[0] for r, g in zip(runs, baseline))
+                baseline = samples.get((precision, "generate")) or samples.get(("fp32", "generate"))
+                vs_generate = statistics.median(r[0] / g[0] for r, g in zip(runs, baseline)) if baseline else None
                 summary[(p, precision, variant)] = (tps, fraction, vs_generate)
                 print(f"| {precision} | {variant} | {tps:.1f} | {w / 1e6:.0f} | {kv / 1e6:.1f} | {bw:.1f} | "
-                      f"{fraction:.2f} | {vs_generate:.2f}x |")
+                      f"{fraction:.2f} | {'-' if vs_generate is None else f'{vs_generate:.2f}x'} |")
         print(flush=True)
 
     print("checks (issue 7):")
     for (p, precision, variant), (_, fraction, vs_generate) in summary.items():
         if variant == "fast":
-            print(f"  P={p} {precision}: fast {fraction:.2f} x roofline (>= 0.5: {fraction >= 0.5}), "
-                  f"{vs_generate:.2f} x generate (>= 3: {vs_generate >= 3})")
+            versus = "no generate run" if vs_generate is None else \
+                f"{vs_generate:.2f} x generate (>= 3: {vs_generate >= 3})"
+            print(f"  P={p} {precision}: fast {fraction:.2f} x roofline (>= 0.5: {fraction >= 0.5}), {versus}")
     p = max(q for q, _, _ in summary)
     for precision in weight_bytes:
         off_kv = statistics.median(r[1] for r in paired[(p, precision, "fast")])

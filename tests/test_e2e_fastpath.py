@@ -172,17 +172,36 @@ def test_the_gguf_tensor_table_is_parsed_once_and_rebuilt_when_damaged(loaded_mo
     """gguf-py parses all metadata (~3 s); the tensor offsets are cached and a damaged cache is rebuilt."""
     import gguf
 
-    from h2okit.gguf_blocks import tensor_table
-    from h2okit.model import converted_dir
+    from h2okit.gguf_blocks import tensor_table, tensor_table_path
 
     monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
     first = tensor_table(loaded_model.source)
     assert first["blk.0.attn_q.weight"].type_name == "Q4_1" and first["token_embd.weight"].type_name == "Q8_0"
     monkeypatch.setattr(gguf, "GGUFReader", lambda path: pytest.fail("parsed again"))
     assert tensor_table(loaded_model.source) == first
-    cached = converted_dir(loaded_model.source).with_name(converted_dir(loaded_model.source).name + ".tensors.json")
+    cached = tensor_table_path(loaded_model.source)
     assert cached.is_file() and cached.is_relative_to(tmp_path)
     cached.write_text("{not json")
     monkeypatch.undo()
     monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
     assert tensor_table(loaded_model.source) == first
+
+
+def test_layer_matrices_of_mixed_block_types_are_a_config_error_and_auto_takes_floats(loaded_model, monkeypatch):
+    """One weight type per model on the fast path: a GGUF mixing Q4_1 and Q8_0 layer matrices is named
+    as such for q4_1, re-quantized for q8_0, and `auto` falls back to the model's floats."""
+    import h2okit.gguf_blocks as gguf_blocks
+    from h2okit.config import ConfigError
+    from h2okit.fastpath import decode_weights
+
+    real = gguf_blocks.load_llama_blocks
+
+    def mixed(*args):
+        blocks = real(*args)
+        blocks.down[3] = gguf_blocks.QuantMatrix.quantize(blocks.down[3].dequantize(), "Q8_0")
+        return blocks
+
+    monkeypatch.setattr(gguf_blocks, "load_llama_blocks", mixed)
+    with pytest.raises(ConfigError, match="layer matrices mix Q4_1 and Q8_0 blocks"):
+        decode_weights(dataclasses.replace(loaded_model, weight_dtype="q4_1"))
+    assert decode_weights(dataclasses.replace(loaded_model, weight_dtype="auto")).description.startswith("fp32")

@@ -94,13 +94,12 @@ class DecodeWeights:
     gate_up: list[Matrix]  # per layer: [gate; up] rows
     down: list[Matrix]
     head: Matrix
-    description: str  # e.g. "Q4_1 blocks as stored in the GGUF (lm_head Q8_0)"
+    description: str  # e.g. "Q4_1 blocks as stored in the GGUF, lm_head Q8_0"
 
-    def __post_init__(self):
-        codes = {m.code for group in (self.qkv, self.o, self.gate_up, self.down) for m in group}
-        if len(codes) != 1:  # h2k_dims carries one weight type for all layer matrices
-            raise FastPathUnavailable(f"layer matrices of mixed types {sorted(codes)}")
-        self.layer_code = codes.pop()
+    @property
+    def layer_code(self) -> int:
+        """The one weight type of every layer matrix (h2k_dims carries one; `_block_weights` ensures it)."""
+        return self.qkv[0].code
 
     @property
     def nbytes(self) -> int:
@@ -140,23 +139,24 @@ def _block_weights(loaded, mode: str) -> DecodeWeights:
                           .detach().numpy(), "layer 0 q/k/v")
     except BlocksUnavailable as exc:
         raise ConfigError(f"llm_weight_dtype '{mode}': {exc}") from None
-    requantized = 0
+    layer_blocks = [*blocks.qkv, *blocks.o, *blocks.gate_up, *blocks.down]
+    kinds = sorted({q.type_name for q in layer_blocks})
+    requantize = mode == "q8_0" and kinds != ["Q8_0"]
+    if len(kinds) > 1 and not requantize:  # h2k_dims carries one weight type for all layer matrices
+        raise ConfigError(f"llm_weight_dtype '{mode}': the GGUF's layer matrices mix {' and '.join(kinds)} blocks "
+                          f"(the fast path reads one type per model; use q8_0, bf16 or fp32)")
 
     def mat(q: QuantMatrix) -> Matrix:
-        nonlocal requantized
         if mode == "q8_0" and q.type_name != "Q8_0":
-            q, requantized = QuantMatrix.quantize(q.dequantize(), "Q8_0"), requantized + 1
+            q = QuantMatrix.quantize(q.dequantize(), "Q8_0")
         with warnings.catch_warnings():  # the file's own read-only pages (shared between processes): kernels only read
             warnings.simplefilter("ignore", UserWarning)
             return Matrix(torch.from_numpy(np.ascontiguousarray(q.blocks)), q.code)
 
-    weights = DecodeWeights([mat(q) for q in blocks.qkv], [mat(q) for q in blocks.o],
-                            [mat(q) for q in blocks.gate_up], [mat(q) for q in blocks.down], mat(blocks.head), "")
-    kinds = sorted({q.type_name for q in [*blocks.qkv, *blocks.o, *blocks.gate_up, *blocks.down]})
-    weights.description = (f"Q8_0 blocks ({requantized} matrices re-quantized from {'/'.join(kinds)}: "
-                           f"not bit-exact to the model)" if requantized else
-                           f"{'/'.join(kinds)} blocks as stored in the GGUF, lm_head {blocks.head.type_name}")
-    return weights
+    description = (f"Q8_0 blocks (re-quantized from {'/'.join(kinds)}: not bit-exact to the model)" if requantize
+                   else f"{'/'.join(kinds)} blocks as stored in the GGUF, lm_head {blocks.head.type_name}")
+    return DecodeWeights([mat(q) for q in blocks.qkv], [mat(q) for q in blocks.o], [mat(q) for q in blocks.gate_up],
+                         [mat(q) for q in blocks.down], mat(blocks.head), description)
 
 
 def decode_weights(loaded) -> DecodeWeights:

@@ -98,14 +98,21 @@ class _TensorInfo:
     n_bytes: int
 
 
+def tensor_table_path(path: Path) -> Path:
+    """Where the GGUF's tensor table is cached: beside its converted model, keyed by the same fingerprint."""
+    from .model import converted_dir
+
+    folder = converted_dir(path)
+    return folder.with_name(folder.name + ".tensors.json")
+
+
 def tensor_table(path: Path) -> dict[str, _TensorInfo]:
     """Name -> where a tensor's bytes are, for every tensor of the GGUF. gguf-py's reader parses all
     metadata (49k tokenizer strings: ~3 s) to get there, so the table is kept in the user cache,
     keyed by the file's fingerprint, and later loads only map the file."""
     from .io import read_json, write_json_atomic
-    from .model import converted_dir
 
-    cached = converted_dir(path).with_name(converted_dir(path).name + ".tensors.json")
+    cached = tensor_table_path(path)
     if cached.is_file():
         try:
             return {name: _TensorInfo(**info) for name, info in read_json(cached, "tensor table", ValueError).items()}

@@ -140,8 +140,17 @@ static inline float f16_at(const uint8_t *p) {
  * significant bits) and taking the dot; only the summation order differs.
  * Decode reads these blocks from memory, where one core alone reaches only ~5 GB/s (too few
  * misses in flight): four rows at once (each x block loaded once for four rows) and a software
- * prefetch ~3 KB ahead per row (measured: 9.9 -> 12.8 GB/s on 2 threads for a 55 MB matrix). */
+ * prefetch ~3 KB ahead per row (a standalone microbenchmark on a 55 MB matrix, 2 threads: 9.9 -> 12.8
+ * GB/s; benchmarks/gemv.py measures the kernels as built). */
 enum { ROWS = 4, PREFETCH = 2880 };
+
+#ifdef __AVX512F__
+/* Every other block (a cache line holds 1.6-3 blocks), ask for each row's bytes PREFETCH ahead. */
+static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset, int b) {
+    if (b & 1) return;
+    for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH), _MM_HINT_T0);
+}
+#endif
 
 static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const float *x, const float *xsum, int nb,
                           float *out) {
@@ -153,9 +162,7 @@ static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const fl
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
-            if ((b & 1) == 0)
-                for (int r = 0; r < ROWS; r++)
-                    _mm_prefetch((const char *)(row + r * row_bytes + (long)b * Q4_1_BYTES + PREFETCH), _MM_HINT_T0);
+            prefetch_rows(row, row_bytes, (long)b * Q4_1_BYTES, b);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
@@ -195,9 +202,7 @@ static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const fl
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
-            if ((b & 1) == 0)
-                for (int r = 0; r < ROWS; r++)
-                    _mm_prefetch((const char *)(row + r * row_bytes + (long)b * Q8_0_BYTES + PREFETCH), _MM_HINT_T0);
+            prefetch_rows(row, row_bytes, (long)b * Q8_0_BYTES, b);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;

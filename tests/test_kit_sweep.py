@@ -18,11 +18,15 @@ def grid(out, *extra, env=None, wait=True):
     cmd = [sys.executable, "-m", "h2okit.cli", "grid", "--llm-bench", str(FAKE), "--base-config", str(BASE),
            "--out-dir", str(out), "--prompts", "256,512", "--gens", "8", "--repeat", "1",
            "--h2o-target-mode", "static", "--h2o-keep-ratios", "0.3,0.5", *extra]
-    if not wait:  # SIGINT back to default: an earlier test (Ray) may leave it ignored, and children inherit that
+    if not wait:  # SIGINT deliverable: children inherit an ignored disposition (Ray leaves one) and a blocked mask
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **(env or {})},
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                env={**os.environ, **(env or {})}, preexec_fn=_sigint_deliverable)
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def _sigint_deliverable() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
 
 def parse_csv(out):
@@ -72,15 +76,19 @@ def test_interrupt_then_resume_equals_an_uninterrupted_sweep(tmp_path):
     straight = tmp_path / "straight"
     assert grid(straight).returncode == 0
     out = tmp_path / "interrupted"
-    proc = grid(out, env={"FAKE_SLEEP": "3"}, wait=False)
+    # 6 s per run: after the first completes, three remain (18 s), so a slow CI machine still interrupts
+    # mid-sweep; the interrupt kills the running one at once, so the test does not wait for them
+    proc = grid(out, env={"FAKE_SLEEP": "6"}, wait=False)
     manifest = out / "manifest.json"
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while time.time() < deadline:  # wait until at least one run is complete, then press Ctrl-C
         if manifest.exists() and '"status": "ok"' in manifest.read_text():
             break
         time.sleep(0.05)
+    assert proc.poll() is None, f"the sweep ended before Ctrl-C: {proc.communicate()[1][-2000:]}"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
     statuses = [r["status"] for r in json.loads(manifest.read_text())["runs"]]
     assert "ok" in statuses and set(statuses) <= {"ok", "interrupted", "pending"} and statuses.count("ok") < 4
     assert grid(out, "--resume").returncode == 0

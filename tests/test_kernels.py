@@ -12,10 +12,11 @@ lib = kernels.load()
 P = kernels.ptr
 
 
-def dims(hidden=0, q_heads=1, kv_heads=1, head_dim=1, inter=0, wtype=kernels.F32, eps=1e-5, scale=1.0):
+def dims(hidden=0, q_heads=1, kv_heads=1, head_dim=1, inter=0, wtype=kernels.F32, eps=1e-5, scale=1.0,
+         act=kernels.SILU):
     return kernels.ffi.new("h2k_dims *", {"wtype": wtype, "hidden": hidden, "q_heads": q_heads,
                                           "kv_heads": kv_heads, "head_dim": head_dim, "inter": inter, "eps": eps,
-                                          "scale": scale})
+                                          "scale": scale, "act": act})
 
 
 def rms_norm(x, w, eps):
@@ -56,8 +57,57 @@ def test_mlp_block_matches_torch(dtype, code):
     expected = residual + w_down.float() @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:])
     h, gu = torch.empty(hidden), torch.empty(2 * inter)
     lib.h2k_mlp_block(dims(hidden=hidden, q_heads=attn_dim // 16, head_dim=16, inter=inter, wtype=code, eps=1e-6),
-                      P(x), P(a), P(w_o), P(post), P(w_gu), P(w_down), P(h), P(gu))
+                      P(x), P(a), P(w_o), kernels.NULL, P(post), P(w_gu), P(w_down), kernels.NULL, P(h), P(gu))
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_mlp_block_gemma_variant_matches_torch():
+    """Gemma 3's layer tail: norms on the attention and MLP outputs, GELU-tanh (torch's approximate="tanh")."""
+    torch.manual_seed(2)
+    hidden, attn_dim, inter = 48, 64, 112
+    x, a = torch.randn(hidden), torch.randn(attn_dim) * 3
+    w_o, w_gu, w_down = (torch.randn(*s) * 0.5 for s in [(hidden, attn_dim), (2 * inter, hidden), (hidden, inter)])
+    attn_out, pre, mlp_out = (torch.rand(hidden) + 0.5 for _ in range(3))
+    residual = x + rms_norm(w_o @ a, attn_out, 1e-6)
+    gate_up = w_gu @ rms_norm(residual, pre, 1e-6)
+    act = torch.nn.functional.gelu(gate_up[:inter], approximate="tanh") * gate_up[inter:]
+    expected = residual + rms_norm(w_down @ act, mlp_out, 1e-6)
+    assert (gate_up[:inter].abs() > 4).any()  # the tails of the tanh are exercised
+    h, gu = torch.empty(hidden), torch.empty(2 * inter)
+    lib.h2k_mlp_block(dims(hidden=hidden, q_heads=attn_dim // 16, head_dim=16, inter=inter, eps=1e-6,
+                           act=kernels.GELU_TANH),
+                      P(x), P(a), P(w_o), P(attn_out), P(pre), P(w_gu), P(w_down), P(mlp_out), P(h), P(gu))
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "gemma3-qk-norm"])
+def test_attention_input_matches_torch(qk_norm):
+    """qkv = W rmsnorm(x); [per-head RMSNorm of q and k]; RoPE on q and k; k and v written to the slots."""
+    torch.manual_seed(4)
+    hidden, q_heads, kv_heads, head_dim = 40, 4, 2, 16
+    x, norm_w = torch.randn(hidden), torch.rand(hidden) + 0.5
+    rows = (q_heads + 2 * kv_heads) * head_dim
+    weight = torch.randn(rows, hidden)
+    q_norm, k_norm = torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5
+    cos, sin = torch.rand(head_dim), torch.rand(head_dim)
+    y = weight @ rms_norm(x, norm_w, 1e-6)
+    q, k, v = y[:q_heads * head_dim].view(q_heads, -1), y[q_heads * head_dim:rows - kv_heads * head_dim].view(
+        kv_heads, -1), y[rows - kv_heads * head_dim:].view(kv_heads, -1)
+    if qk_norm:
+        q = torch.stack([rms_norm(r, q_norm, 1e-6) for r in q])
+        k = torch.stack([rms_norm(r, k_norm, 1e-6) for r in k])
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    h, qkv = torch.empty(hidden), torch.empty(rows)
+    k_cache, v_cache = torch.zeros(kv_heads, 3, head_dim), torch.zeros(kv_heads, 3, head_dim)  # slot 1 of 3
+    opt = (P(q_norm), P(k_norm)) if qk_norm else (kernels.NULL, kernels.NULL)
+    lib.h2k_attention_input(dims(hidden=hidden, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, eps=1e-6),
+                            P(x), P(norm_w), P(weight), P(h), P(qkv), *opt, P(cos), P(sin),
+                            kernels.address(k_cache[:, 1].data_ptr()), kernels.address(v_cache[:, 1].data_ptr()),
+                            k_cache.stride(0), kernels.F32)
+    torch.testing.assert_close(qkv[:q_heads * head_dim].view(q_heads, -1), q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache[:, 1], k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_cache[:, 1], v, rtol=1e-5, atol=1e-5)
+    assert not k_cache[:, 0].any() and not k_cache[:, 2].any()
 
 
 def attend(q, keys, values, scaling, threads=2, block=1):

@@ -5,6 +5,11 @@ decode step the probabilities are computed explicitly (the same math as SDPA, on
 output is taken from them, and their per-token mass goes to the layer's policy: attention
 is never computed twice. The mask is built here from the cache's physical layout, because
 after an eviction absolute positions and cache slots no longer agree.
+
+A sliding-window layer (the model passes `sliding_window`, e.g. Gemma 3's local layers) sees the
+last `window` tokens, itself included. Its cache layer never compacts (cache.SlidingWindowLayer),
+so slots are consecutive positions and the window is the last slots: a decode step attends to the
+last `window` of them, a prefill row to the `window` slots ending at its own.
 """
 
 from __future__ import annotations
@@ -54,20 +59,37 @@ def causal_attention_with_mass(query, key, value, scaling: float, rows_per_chunk
     return out.reshape(batch, q_heads, q_rows, dim), mass / (q_heads * q_rows)
 
 
-def _causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Boolean mask for q_len new rows appended after kv_len - q_len cached tokens."""
+def _causal_mask(q_len: int, kv_len: int, device, window: int | None = None) -> torch.Tensor:
+    """Boolean mask for q_len new rows appended after kv_len - q_len cached tokens; with `window`,
+    each row sees only the `window` slots ending at its own."""
     past = kv_len - q_len
-    rows = torch.arange(q_len, device=device).unsqueeze(1)
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + past
     cols = torch.arange(kv_len, device=device).unsqueeze(0)
-    return cols <= rows + past
+    visible = cols <= rows
+    return visible & (cols > rows - window) if window else visible
 
 
 def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  h2o_cache=None, **kwargs):
+                  h2o_cache=None, sliding_window=None, **kwargs):
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = h2o_cache.layers[module.layer_idx] if h2o_cache is not None else None
+    if sliding_window:  # a local layer: never an H2O layer, so no mass is needed
+        if layer is not None and getattr(layer, "window", None) != sliding_window:
+            raise ValueError(f"layer {module.layer_idx} attends to a window of {sliding_window} tokens, but its "
+                             f"cache layer was built without it")
+        if q_len == 1:
+            out = F.scaled_dot_product_attention(query, key[:, :, -sliding_window:], value[:, :, -sliding_window:],
+                                                 scale=scaling, enable_gqa=True)
+            if layer is not None:
+                layer.after_decode_step(None)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=_causal_mask(
+                q_len, kv_len, query.device, sliding_window), scale=scaling, enable_gqa=True)
+            if layer is not None:  # the prompt (chunk) has attended: what left the window goes now
+                layer.drop_outside_window()
+        return out.transpose(1, 2), None
     if layer is not None and q_len == 1:  # a decode step: H2O scoring and the codec's cadence
         mass = None
         if layer.needs_mass:

@@ -167,6 +167,10 @@ class H2OLayer(CacheLayerMixin):
         """The K/V this decode step attended to (a store layer keeps its decoded copy for the step)."""
         return self.full_kv()
 
+    def attended_tokens(self) -> int:
+        """Tokens the next decode step attends to: every cached one and itself."""
+        return self.get_seq_length() + 1
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -310,6 +314,56 @@ class H2OLayer(CacheLayerMixin):
         return 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
 
 
+class SlidingWindowLayer(H2OLayer):
+    """A sliding-window attention layer (5 of every 6 of Gemma 3's): a query sees the last `window`
+    tokens, itself included, so a token older than that can never be attended again.
+
+    The rule for such layers: they keep their window semantics exactly, and are neither evicted by
+    H2O nor covered by the codec (H2OCache leaves them out of both scopes). Tokens that left the
+    window are dropped: after a prefill (or chunk) has attended, the layer keeps its last window - 1
+    tokens (`drop_outside_window`); in decode, the buffer trims to them before a new token once it
+    holds TRIM_SLACK more (one copy per TRIM_SLACK steps, not one per step). So the layer holds at
+    most window - 1 + TRIM_SLACK tokens between steps. Attention reads the last `window` slots
+    (`visible`). Its logical size, what a full cache of this layer holds, is its window."""
+
+    is_sliding = True
+    TRIM_SLACK = 16
+
+    def __init__(self, layer_idx: int, window: int, store_dtype: torch.dtype, on_event=None):
+        super().__init__(layer_idx, None, store_dtype, on_event)
+        self.window = window
+
+    def drop_outside_window(self, slack: int = 0) -> None:
+        """Keep the last window - 1 tokens if the layer holds more than that plus `slack`."""
+        keep = self.window - 1
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None and buffer.length > keep + slack:
+            n = buffer.length
+            buffer.keep(torch.arange(n - keep, n, device=self.keys.device).unsqueeze(0))
+            self.keys, self.values = buffer.views()
+            self._report_size()
+
+    def decode_slot(self) -> tuple[int, int, int] | None:
+        self.drop_outside_window(self.TRIM_SLACK)
+        return super().decode_slot()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drop_outside_window(self.TRIM_SLACK)  # each new token still sees its window - 1 predecessors
+        return super().append(key_states, value_states)
+
+    def visible(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode step attends to: the last `window` slots (the layer never compacts, so
+        slots are consecutive positions)."""
+        return keys[:, :, -self.window:], values[:, :, -self.window:]
+
+    def attended_tokens(self) -> int:
+        return min(self.get_seq_length() + 1, self.window)
+
+    @property
+    def logical_bytes(self) -> int:
+        return 0 if self.keys is None else min(self.tokens_seen, self.window) * self.bytes_per_token
+
+
 class ColdStoreLayer(H2OLayer):
     """`store` mode, the way transformers' QuantizedLayer keeps a hot window beside a cold store:
     tokens that leave the recent window (block-aligned) are held as gear_delta frames and decoded
@@ -376,18 +430,29 @@ class CacheEvents:
 
 
 class H2OCache(Cache):
-    """A transformers `Cache` made of `H2OLayer`s, configured from a KVConfig."""
+    """A transformers `Cache` made of `H2OLayer`s, configured from a KVConfig. `sliding_windows`
+    gives, per layer, the model's attention window (None: global attention); a windowed layer is a
+    `SlidingWindowLayer`, outside the H2O and codec scopes."""
 
-    def __init__(self, num_layers: int, kv: KVConfig):
+    def __init__(self, num_layers: int, kv: KVConfig, sliding_windows: list[int | None] | None = None):
         self.kv = kv
-        self.h2o_layer_ids = kv.h2o_layers(num_layers) if kv.evicting else range(0)
+        windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
+        self.sliding_layer_ids = frozenset(i for i, w in enumerate(windows) if w is not None)
+        self.h2o_layer_ids = [i for i in (kv.h2o_layers(num_layers) if kv.evicting else range(0))
+                              if i not in self.sliding_layer_ids]
         self.events = CacheEvents()
         weights = dict(zip(self.h2o_layer_ids, layer_budget_weights(len(self.h2o_layer_ids),
                                                                      kv.h2o_layer_budget_slope)))
         store_dtype = DTYPES[kv.cache_dtype]
-        self.lossless_layer_ids = kv.lossless_layers(num_layers)
+        self.lossless_layer_ids = kv.lossless_layers(num_layers) - self.sliding_layer_ids
         layers = []
         for i in range(num_layers):
+            if windows[i] is not None:
+                layers.append(SlidingWindowLayer(i, windows[i], store_dtype, on_event=self._record))
+                layers[-1].on_size = self._resized
+                continue
             codec = None
             if i in self.lossless_layer_ids:
                 codec = LayerCodec(mode=kv.lossless_runtime_mode, update_interval=kv.h2o_update_interval,
@@ -476,3 +541,8 @@ class H2OCache(Cache):
 
     def seq_lengths(self) -> np.ndarray:
         return np.array([layer.get_seq_length() for layer in self.layers])
+
+    def attended_tokens(self) -> np.ndarray:
+        """Per layer, the tokens the next decode step attends to (cache length + 1; a sliding layer's
+        at most its window)."""
+        return np.array([layer.attended_tokens() for layer in self.layers])

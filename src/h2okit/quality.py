@@ -86,8 +86,8 @@ def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> St
     """Teacher-forced: NLL of each continuation token, fed one decode step at a time.
 
     Attended fraction of a step (SPEC §10): the mean over layers of (cache length before the step
-    + 1) / tokens seen. A target is steady when the step that predicted it started after the
-    first eviction had been applied."""
+    + 1) / tokens seen (a sliding-window layer attends to at most its window). A target is steady
+    when the step that predicted it started after the first eviction had been applied."""
     cache = engine.new_cache()
     logits = engine.forward(cache, prompt, 0)
     m = len(continuation)
@@ -99,7 +99,7 @@ def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> St
             position = len(prompt) + i
             if steady_from == m and cache.events.evictions:
                 steady_from = i + 1  # this step (predicting target i+1) is the first after an eviction
-            attended[i + 1] = float(np.mean(cache.seq_lengths() + 1)) / (position + 1)
+            attended[i + 1] = float(np.mean(cache.attended_tokens())) / (position + 1)
             logits = engine.forward(cache, [token], position)
     return StreamResult(nll, attended, steady_from)
 

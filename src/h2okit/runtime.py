@@ -91,6 +91,11 @@ class Engine:
         self.kv = kv
         for line in kv.layer_warnings(loaded.num_layers):
             log.warning("warning: %s", line)
+        windows = loaded.sliding_windows or [None] * loaded.num_layers
+        sliding = [i for i in kv.h2o_layers(loaded.num_layers) if windows[i] is not None]
+        if kv.evicting and sliding:
+            log.info("note: %d of the H2O range's layers are sliding-window layers (%s); they keep their window "
+                     "exactly and are not evicted", len(sliding), ",".join(map(str, sliding)))
         self.model = loaded.model
         self.fast: FastDecoder | None = None
         self.decode_path_note = "transformers forward, as requested"
@@ -109,7 +114,7 @@ class Engine:
         return "fast" if self.fast is not None else "reference"
 
     def new_cache(self) -> H2OCache:
-        return H2OCache(self.loaded.num_layers, self.kv)
+        return H2OCache(self.loaded.num_layers, self.kv, self.loaded.sliding_windows)
 
     @torch.inference_mode()
     def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:

@@ -7,6 +7,9 @@
  * weights only. */
 enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2, H2K_Q4_1 = 3, H2K_Q8_0 = 4 };
 
+/* The MLP's gate activation: SiLU (Llama) or GELU with the tanh approximation (Gemma 3). */
+enum h2k_act { H2K_SILU = 0, H2K_GELU_TANH = 1 };
+
 /* A model's layer dimensions, passed by pointer instead of a dozen positional ints. */
 typedef struct {
     int wtype;    /* weight dtype: H2K_F32, H2K_BF16, H2K_Q4_1 or H2K_Q8_0 (rows of whole blocks) */
@@ -17,6 +20,7 @@ typedef struct {
     int inter;    /* MLP width */
     float eps;    /* RMSNorm epsilon */
     float scale;  /* attention logit scale */
+    int act;      /* MLP activation: H2K_SILU or H2K_GELU_TANH */
 } h2k_dims;
 
 /* h = rmsnorm(x); y = W h ([rows, hidden] row-major); RoPE on the first rope_heads heads of y. */
@@ -26,14 +30,17 @@ void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const
 /* float32 -> storage dtype (kvtype), rounding as torch does. */
 void h2k_store_row(const float *src, void *dst, int n, int kvtype);
 
-/* qkv = W_qkv rmsnorm(x), RoPE on q and k, and this token's k and v stored into the cache slot. */
+/* qkv = W_qkv rmsnorm(x), per-head RMSNorm on q and k (q_norm_w/k_norm_w, NULL: none), RoPE on q and k,
+ * and this token's k and v stored into the cache slot. */
 void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w, const void *Wqkv, float *h,
-                         float *qkv, const float *cos, const float *sin, void *k_slot, void *v_slot,
-                         long slot_stride, int kvtype);
+                         float *qkv, const float *q_norm_w, const float *k_norm_w, const float *cos,
+                         const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype);
 
-/* x += Wo attn; h = rmsnorm(x); gu = Wgu h; x += Wd (silu(gate) * up). */
-void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *post_norm_w,
-                   const void *Wgu, const void *Wd, float *h, float *gu);
+/* x += out_norm(Wo attn); h = rmsnorm(x); gu = Wgu h; x += mlp_out_norm(Wd (act(gate) * up)).
+ * The two output norms are Gemma's post-attention / post-feedforward norms (NULL: none, Llama). */
+void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *attn_out_norm_w,
+                   const float *post_norm_w, const void *Wgu, const void *Wd, const float *mlp_out_norm_w, float *h,
+                   float *gu);
 
 /* One query per head over T cached tokens; head_mass [kv_heads, ceil(T / block)] block sums or NULL
  * (see llama_decode.c). */

@@ -1,4 +1,5 @@
-/* One decode step of a Llama-style layer, for h2okit's fast decode path (fastpath.py).
+/* One decode step of a Llama-style layer (and Gemma 3's variant of it), for h2okit's fast decode path
+ * (fastpath.py; the per-architecture differences are arguments, described in arch.py).
  *
  * Decoding one token is a chain of matrix-vector products: every weight is read once per
  * token, so speed is memory bandwidth. These kernels read row-major [out, in] weights
@@ -140,14 +141,17 @@ static inline float f16_at(const uint8_t *p) {
  * significant bits) and taking the dot; only the summation order differs.
  * Decode reads these blocks from memory, where one core alone reaches only ~5 GB/s (too few
  * misses in flight): four rows at once (each x block loaded once for four rows) and a software
- * prefetch ~3 KB ahead per row (a standalone microbenchmark on a 55 MB matrix, 2 threads: 9.9 -> 12.8
- * GB/s; benchmarks/gemv.py measures the kernels as built). */
-enum { ROWS = 4, PREFETCH = 2880 };
+ * prefetch 4 KB ahead in every row at every block. Prefetching at every other block only (one
+ * request per 40-68 bytes) skipped cache lines of Q8_0 rows (34-byte blocks) and left GB/s on the
+ * table for both types: interleaved, medians of 5 passes from memory, 2 threads, 2026-11-28
+ * (/tmp microbenchmark, the kernel as built here), every other block at 2880 B vs every block at
+ * 4096 B: Q8_0 262144 x 640 10.5 -> 16.7 GB/s, Q8_0 122880 x 640 10.8 -> 18.8, Q4_1 122880 x 640
+ * 10.1 -> 13.1 (benchmarks/gemv.py measures the kernels on the models' matrices). */
+enum { ROWS = 4, PREFETCH = 4096 };
 
 #ifdef __AVX512F__
-/* Every other block (a cache line holds 1.6-3 blocks), ask for each row's bytes PREFETCH ahead. */
-static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset, int b) {
-    if (b & 1) return;
+/* Each row's bytes PREFETCH ahead of the block being read. */
+static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset) {
     for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH), _MM_HINT_T0);
 }
 #endif
@@ -162,7 +166,7 @@ static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const fl
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
-            prefetch_rows(row, row_bytes, (long)b * Q4_1_BYTES, b);
+            prefetch_rows(row, row_bytes, (long)b * Q4_1_BYTES);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
@@ -202,7 +206,7 @@ static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const fl
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
-            prefetch_rows(row, row_bytes, (long)b * Q8_0_BYTES, b);
+            prefetch_rows(row, row_bytes, (long)b * Q8_0_BYTES);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
@@ -313,15 +317,21 @@ void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
     }
 }
 
-/* The attention input of a decode step: qkv = W_qkv rmsnorm(x), RoPE on the q and k heads, and
- * this token's k and v stored into the layer's cache slot (head h at k_slot + h * slot_stride
- * elements), so no separate copy is needed. NULL slots: the caller stores k and v itself. */
+/* The attention input of a decode step: qkv = W_qkv rmsnorm(x), the per-head q/k norms if given
+ * (Gemma 3's QK-norm, before RoPE as there), RoPE on the q and k heads, and this token's k and v
+ * stored into the layer's cache slot (head h at k_slot + h * slot_stride elements), so no separate
+ * copy is needed. NULL slots: the caller stores k and v itself. */
 void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w, const void *Wqkv, float *h,
-                         float *qkv, const float *cos, const float *sin, void *k_slot, void *v_slot,
-                         long slot_stride, int kvtype) {
+                         float *qkv, const float *q_norm_w, const float *k_norm_w, const float *cos,
+                         const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
     int kv_heads = d->kv_heads, head_dim = d->head_dim;
     int kv_dim = kv_heads * head_dim, q_dim = d->q_heads * head_dim;
-    h2k_norm_gemv(d, x, norm_w, Wqkv, q_dim + 2 * kv_dim, h, qkv, d->q_heads + kv_heads, cos, sin);
+    h2k_norm_gemv(d, x, norm_w, Wqkv, q_dim + 2 * kv_dim, h, qkv, 0, NULL, NULL);
+    for (int i = 0; q_norm_w != NULL && i < d->q_heads; i++)
+        rms_norm(qkv + i * head_dim, q_norm_w, d->eps, qkv + i * head_dim, head_dim);
+    for (int i = 0; k_norm_w != NULL && i < kv_heads; i++)
+        rms_norm(qkv + q_dim + i * head_dim, k_norm_w, d->eps, qkv + q_dim + i * head_dim, head_dim);
+    rope(qkv, d->q_heads + kv_heads, head_dim, cos, sin);
     size_t bytes = kvtype == F32 ? 4 : 2;
     for (int g = 0; k_slot != NULL && g < kv_heads; g++) {
         long offset = (long)g * slot_stride * (long)bytes;
@@ -330,22 +340,47 @@ void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w,
     }
 }
 
-/* The rest of the layer after attention: x += Wo a; h = norm(x); gu = Wgu h;
- * act = silu(gate) * up; x += Wd act.  gu holds [gate; up] (2 * inter). */
-void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *post_norm_w,
-                   const void *Wgu, const void *Wd, float *h, float *gu) {
+/* y (+)= out_norm(W v) when out_norm_w is given (computed in h first), else y (+)= W v directly. */
+static void gemv_normed_add(int wtype, const void *W, const float *v, const float *out_norm_w, float eps, float *y,
+                            float *h, int rows, int cols) {
+    if (out_norm_w == NULL) {
+        gemv(wtype, W, v, y, rows, cols, 1);
+        return;
+    }
+    gemv(wtype, W, v, h, rows, cols, 0);
+    rms_norm(h, out_norm_w, eps, h, rows);
+    for (int i = 0; i < rows; i++) y[i] += h[i];
+}
+
+/* The rest of the layer after attention: x += [norm](Wo a); h = norm(x); gu = Wgu h;
+ * m = act(gate) * up; x += [norm](Wd m).  gu holds [gate; up] (2 * inter). GELU-tanh is
+ * 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), torch's approximate="tanh", with
+ * tanh(u) = 1 - 2 / (exp(2u) + 1). */
+void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *attn_out_norm_w,
+                   const float *post_norm_w, const void *Wgu, const void *Wd, const float *mlp_out_norm_w, float *h,
+                   float *gu) {
     int wtype = d->wtype, hidden = d->hidden, inter = d->inter;
     float eps = d->eps;
-    gemv(wtype, Wo, attn, x, hidden, d->q_heads * d->head_dim, 1);
+    gemv_normed_add(wtype, Wo, attn, attn_out_norm_w, eps, x, h, hidden, d->q_heads * d->head_dim);
     rms_norm(x, post_norm_w, eps, h, hidden);
     gemv(wtype, Wgu, h, gu, 2 * inter, hidden, 0);
     float *up = gu + inter;
+    if (d->act == H2K_GELU_TANH) {
 #pragma omp simd
-    for (int i = 0; i < inter; i++) {
-        float g = gu[i];
-        gu[i] = g / (1.0f + exp_approx(-g)) * up[i];
+        for (int i = 0; i < inter; i++) {
+            float g = gu[i];
+            float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+            float t = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
+            gu[i] = 0.5f * g * (1.0f + t) * up[i];
+        }
+    } else {
+#pragma omp simd
+        for (int i = 0; i < inter; i++) {
+            float g = gu[i];
+            gu[i] = g / (1.0f + exp_approx(-g)) * up[i];
+        }
     }
-    gemv(wtype, Wd, gu, x, hidden, inter, 1);
+    gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter);
 }
 
 /* Row `base` (head_dim values) of K or V as float32: float32 rows are used in place, narrower

@@ -1,13 +1,16 @@
 """Decode speed as a fraction of the memory-bandwidth roofline (issue 7).
 
     .venv/bin/python benchmarks/roofline.py [--prompts 512,2048] [--gen 128] [--reps 3]
+    .venv/bin/python benchmarks/roofline.py --h2o-config configs/gemma3-270m-seed.json --weights q8_0
+    (the H2O config names the model too: SmolLM2 by default, Gemma 3 270M with its seed config)
 
 1. Measures the machine's read bandwidth right before and after every run (this VM switches
    between ~36 and ~65 GB/s within minutes): a streaming sum over 1 GiB with the kernels' threads
    and with torch's `sum`, medians of 3; the highest figure is that run's roofline bandwidth (the
    strictest choice), and each run's fraction of its roofline is computed before taking medians.
 2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for the GGUF's
-   Q4_1 blocks (K/V float32), float32 and bfloat16 weights (K/V stored in the same dtype):
+   Q4_1 blocks (K/V float32), float32 and bfloat16 weights (K/V stored in the same dtype), or
+   any `llm_weight_dtype` (q8_0, auto) beside the float32 model:
      generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline (float rows)
      ref+h2o    h2okit's transformers path (reference), seed H2O config (float rows)
      fast       h2okit's fast path, H2O off
@@ -44,9 +47,11 @@ from h2okit.runtime import Engine
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 # weights row -> (transformers model dtype, llm_weight_dtype, K/V dtype). q4_1 is the GGUF's own blocks
-# (Q4_1 layers, Q8_0 lm_head) beside the float32 model it dequantises to; "vs generate" for it is
-# against float32 generate.
-WEIGHTS = {"q4_1": ("float32", "q4_1", "float32"), "fp32": ("float32", "fp32", "float32"),
+# (Q4_1 layers, Q8_0 lm_head) beside the float32 model it dequantises to; q8_0 and auto likewise. The
+# transformers baselines (generate, ref+h2o) run once per model dtype, with the first row of that dtype;
+# "vs generate" compares with them.
+WEIGHTS = {"q4_1": ("float32", "q4_1", "float32"), "q8_0": ("float32", "q8_0", "float32"),
+           "auto": ("float32", "auto", "float32"), "fp32": ("float32", "fp32", "float32"),
            "bf16": ("bfloat16", "bf16", "bfloat16")}
 
 
@@ -71,10 +76,21 @@ def read_bandwidth(reps: int = 3) -> tuple[float, float]:
     return statistics.median(kernel), statistics.median(torch_sum)
 
 
-def plain_generate(model, prompt: list[int], gen: int, kv_bytes_per_token: int) -> tuple[float, float]:
-    """(decode tok/s, mean K/V bytes per step) of transformers' own generate."""
-    mean_tokens = len(prompt) + (gen + 1) / 2  # the cache grows by one token per step
-    return plain_generate_decode_tps(model, prompt, gen), mean_tokens * kv_bytes_per_token
+def float_weight_bytes(model) -> int:
+    """Weight bytes the transformers forward reads per decode step: every Linear of the layers plus the lm_head."""
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    return sum(m.weight.numel() * m.weight.element_size() for m in linears)
+
+
+def plain_generate(model, prompt: list[int], gen: int, layer_bytes_per_token: int,
+                   windows: list[int | None]) -> tuple[float, float]:
+    """(decode tok/s, mean K/V bytes per step) of transformers' own generate: the cache grows by one
+    token per step, a sliding-window layer holds at most its window."""
+    def kv_bytes(tokens: int) -> int:
+        return sum(min(tokens, w) if w else tokens for w in windows) * layer_bytes_per_token
+
+    mean = statistics.fmean(kv_bytes(len(prompt) + step + 1) for step in range(gen))
+    return plain_generate_decode_tps(model, prompt, gen), mean
 
 
 def engine_decode(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
@@ -98,7 +114,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", default="q4_1,fp32,bf16", help=f"comma list from: {', '.join(WEIGHTS)}")
-    ap.add_argument("--h2o-config", default=str(ROOT / "configs" / "smollm2-135m-seed.json"))
+    ap.add_argument("--h2o-config", default=str(ROOT / "configs" / "smollm2-135m-seed.json"),
+                    help="the H2O settings and the model (its base_dir / llm_model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -106,23 +123,27 @@ def main() -> None:
     h2o_kv = dataclasses.replace(seed.kv, lossless_enable=False)
     texts = load_texts()
     setups = {}  # (weights, variant) -> run(prompt) -> (tok/s, kv bytes)
-    weight_bytes = {}
+    weight_bytes, transformers_bytes = {}, {}  # per weights row: what the fast path / transformers read per step
     models = {}
+    baseline_row = {}  # model dtype -> the weights row its transformers baselines run with
     for weights in args.weights.split(","):
         model_dtype, weight_dtype, kv_dtype = WEIGHTS[weights]
         if model_dtype not in models:
             models[model_dtype] = load_model(resolve_model_path(seed), dtype=model_dtype)
         loaded = dataclasses.replace(models[model_dtype], weight_dtype=weight_dtype)
         weight_bytes[weights] = FastDecoder.for_model(loaded).weight_bytes
+        transformers_bytes[weights] = float_weight_bytes(loaded.model)
         off = dataclasses.replace(parse_config({}).kv, cache_dtype=kv_dtype)
         on = dataclasses.replace(h2o_kv, cache_dtype=kv_dtype)
         bits = torch.finfo(getattr(torch, kv_dtype)).bits
-        bpt = 2 * loaded.num_layers * loaded.kv_heads * loaded.head_dim * bits // 8
+        layer_bpt = 2 * loaded.kv_heads * loaded.head_dim * bits // 8
+        windows = loaded.sliding_windows or [None] * loaded.num_layers
         engines = {"fast": Engine(loaded, off, decode_path="fast"), "fast+h2o": Engine(loaded, on, decode_path="fast")}
-        if weight_dtype != "q4_1":  # transformers runs float weights only: its baselines come with the float rows
+        if model_dtype not in baseline_row:  # transformers' own runs depend on the model dtype only
+            baseline_row[model_dtype] = weights
             engines["ref+h2o"] = Engine(loaded, on, decode_path="reference")
-            setups[(weights, "generate")] = (lambda m, b: lambda prompt: plain_generate(m, prompt, args.gen, b))(
-                loaded.model, bpt)
+            setups[(weights, "generate")] = (lambda m, b, w: lambda prompt: plain_generate(m, prompt, args.gen, b, w))(
+                loaded.model, layer_bpt, windows)
         for name, engine in engines.items():
             setups[(weights, name)] = (lambda e: lambda prompt: engine_decode(e, prompt, args.gen))(engine)
         tokenizer = loaded.tokenizer
@@ -148,16 +169,17 @@ def main() -> None:
         print("| weights | path | tok/s | weights MB | mean K/V MB | bandwidth GB/s | fraction of roofline "
               "| vs generate |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for precision, w in weight_bytes.items():
+        for precision, fast_bytes in weight_bytes.items():
             for variant in variants:
                 if (precision, variant) not in samples:
                     continue
+                w = fast_bytes if variant.startswith("fast") else transformers_bytes[precision]
                 runs = samples[(precision, variant)]
                 tps = statistics.median(r[0] for r in runs)
                 kv = statistics.median(r[1] for r in runs)
                 bw = statistics.median(r[2] for r in runs)
                 fraction = statistics.median(r[0] * (w + r[1]) / (r[2] * GB) for r in runs)
-                baseline = samples.get((precision, "generate")) or samples.get(("fp32", "generate"))
+                baseline = samples.get((baseline_row[WEIGHTS[precision][0]], "generate"))
                 vs_generate = statistics.median(r[0] / g[0] for r, g in zip(runs, baseline)) if baseline else None
                 summary[(p, precision, variant)] = (tps, fraction, vs_generate)
                 print(f"| {precision} | {variant} | {tps:.1f} | {w / 1e6:.0f} | {kv / 1e6:.1f} | {bw:.1f} | "
@@ -170,6 +192,12 @@ def main() -> None:
             versus = "no generate run" if vs_generate is None else \
                 f"{vs_generate:.2f} x generate (>= 3: {vs_generate >= 3})"
             print(f"  P={p} {precision}: fast {fraction:.2f} x roofline (>= 0.5: {fraction >= 0.5}), {versus}")
+    for (p, precision, variant), runs in paired.items():
+        reference = paired.get((p, baseline_row[WEIGHTS[precision][0]], "ref+h2o"))
+        if variant == "fast+h2o" and reference:  # paired per round, as below
+            ratios = [on[0] / ref[0] for on, ref in zip(runs, reference)]
+            print(f"  P={p} {precision}: fast+h2o {statistics.median(ratios):.2f} x the reference path with the "
+                  f"same H2O config (per-round pairs {', '.join(f'{r:.2f}' for r in ratios)})")
     p = max(q for q, _, _ in summary)
     for precision in weight_bytes:
         off_kv = statistics.median(r[1] for r in paired[(p, precision, "fast")])

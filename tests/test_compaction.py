@@ -114,3 +114,61 @@ def test_per_head_compaction_keeps_each_heads_own_tokens():
                                               enable_gqa=True)
     got, _ = attention_with_mass(q, layer.keys, layer.values, 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_window_mask_sees_the_window_ending_at_each_row():
+    """Row r (absolute position past + r) sees slots (pos - window, pos], as transformers' sliding mask."""
+    mask = _causal_mask(3, 6, "cpu", window=2)
+    assert mask.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False],
+                             [False, False, False, False, True, True]]
+    brute = [[c <= r + 14 and c > r + 14 - 5 for c in range(20)] for r in range(6)]
+    assert _causal_mask(6, 20, "cpu", window=5).tolist() == brute
+
+
+def test_sliding_window_layer_drops_only_what_left_the_window():
+    from h2okit.cache import SlidingWindowLayer
+
+    layer = SlidingWindowLayer(0, window=8, store_dtype=torch.float32)
+    k, v = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4)
+    layer.update(k, v)  # a prefill of 20: attention needs all of them, so nothing is dropped yet
+    assert layer.get_seq_length() == 20 and layer.policy is None and layer.is_sliding
+    layer.drop_outside_window()  # after the prefill attended: the last window - 1 stay
+    torch.testing.assert_close(layer.keys, k[:, :, -7:])
+    torch.testing.assert_close(layer.values, v[:, :, -7:])
+    seen = [k[:, :, -7:]]
+    for step in range(40):  # decode: at most window - 1 + TRIM_SLACK between steps, the window always visible
+        new_k = torch.randn(1, 2, 1, 4)
+        seen.append(new_k)
+        keys, values = layer.update(new_k, new_k)
+        window_k, _ = layer.visible(keys, values)
+        torch.testing.assert_close(window_k, torch.cat(seen, dim=2)[:, :, -8:])
+        assert layer.get_seq_length() <= 7 + layer.TRIM_SLACK + 1 and layer.attended_tokens() == 8
+    assert layer.tokens_seen == 60
+    assert layer.logical_bytes == 8 * layer.bytes_per_token  # a full cache of this layer holds its window
+
+
+def test_sliding_windows_of_a_config():
+    from types import SimpleNamespace
+
+    from h2okit.model import sliding_windows_of
+
+    gemma = SimpleNamespace(num_hidden_layers=3, sliding_window=512,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    assert sliding_windows_of(gemma) == [512, 512, None]
+    assert sliding_windows_of(SimpleNamespace(num_hidden_layers=2)) == [None, None]  # Llama
+    assert sliding_windows_of(SimpleNamespace(num_hidden_layers=2, sliding_window=4096)) == [4096, 4096]  # Mistral
+    qwen = SimpleNamespace(num_hidden_layers=2, sliding_window=4096, layer_types=["full_attention"] * 2)
+    assert sliding_windows_of(qwen) == [None, None]
+
+
+def test_sliding_layers_are_outside_the_h2o_and_codec_scopes():
+    from h2okit.cache import H2OCache, SlidingWindowLayer
+    from h2okit.config import parse_config
+
+    kv = parse_config({"kv_h2o_enable": True, "kv_h2o_layer_start": 0, "kv_lossless_enable": True,
+                       "kv_lossless_codec": "gear_delta", "kv_lossless_scope": "front_n",
+                       "kv_lossless_front_n": 2}).kv
+    cache = H2OCache(4, kv, [8, None, 8, None])
+    assert cache.h2o_layer_ids == [1, 3] and cache.lossless_layer_ids == {1}
+    assert [type(layer) is SlidingWindowLayer for layer in cache.layers] == [True, False, True, False]
+    assert cache.layers[1].policy is not None and cache.layers[1].codec is not None

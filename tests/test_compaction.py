@@ -136,7 +136,7 @@ def test_sliding_window_layer_drops_only_what_left_the_window():
     torch.testing.assert_close(layer.keys, k[:, :, -7:])
     torch.testing.assert_close(layer.values, v[:, :, -7:])
     seen = [k[:, :, -7:]]
-    for step in range(40):  # decode: at most window - 1 + TRIM_SLACK between steps, the window always visible
+    for _ in range(40):  # decode: at most window - 1 + TRIM_SLACK between steps, the window always visible
         new_k = torch.randn(1, 2, 1, 4)
         seen.append(new_k)
         keys, values = layer.update(new_k, new_k)

@@ -205,3 +205,29 @@ def test_layer_matrices_of_mixed_block_types_are_a_config_error_and_auto_takes_f
     with pytest.raises(ConfigError, match="layer matrices mix Q4_1 and Q8_0 blocks"):
         decode_weights(dataclasses.replace(loaded_model, weight_dtype="q4_1"))
     assert decode_weights(dataclasses.replace(loaded_model, weight_dtype="auto")).description.startswith("fp32")
+
+
+def test_bf16_prefill_computes_in_float32_then_decodes_on_either_path(loaded_model, texts):
+    """A bf16 model prefills through its float32 twin (the same weights, widened exactly): its prompt
+    logits are closer to the float32 model's than transformers' bf16 forward's, and decode steps after
+    it run on the reference path's bf16 forward and on the fast path alike."""
+    from h2okit.corpus import token_stream
+
+    bf16 = _bf16_model()
+    kv = parse_config({}).kv
+    engine = Engine(bf16, kv, decode_path="reference")
+    twin = engine.prefill_model
+    assert twin is not bf16.model and twin.dtype == torch.float32
+    assert torch.equal(twin.lm_head.weight, bf16.model.lm_head.weight.float())
+    assert Engine(bf16, kv).prefill_model is twin  # made once per model
+    prompt = token_stream(loaded_model.tokenizer, texts, 128)
+    exact = Engine(loaded_model, kv).forward(Engine(loaded_model, kv).new_cache(), prompt, 0, all_logits=True)
+    ours = engine.forward(engine.new_cache(), prompt, 0, all_logits=True)
+    with torch.inference_mode():
+        native = bf16.model(torch.tensor([prompt])).logits[0].float()
+    assert (ours - exact).abs().mean() < (native - exact).abs().mean()
+    reference = engine.generate(prompt, 12)
+    fast = Engine(bf16, kv, decode_path="fast").generate(prompt, 12)
+    assert len(reference.tokens) == len(fast.tokens) == 12
+    assert reference.tokens[0] == fast.tokens[0]  # both from the same float32 prefill
+    assert sum(a == b for a, b in zip(reference.tokens, fast.tokens)) >= 9

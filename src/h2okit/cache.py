@@ -125,8 +125,9 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.append(key_states, value_states)
-        if self.store_dtype != self.compute_dtype:  # a narrower storage dtype is rounded on write
-            return keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        if self.store_dtype != key_states.dtype:  # a narrower storage dtype is rounded on write; the caller
+            # gets its own dtype back (a float32 prefill of a bf16 model, then bf16 decode steps)
+            return keys.to(key_states.dtype), values.to(key_states.dtype)
         return keys, values
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,106 @@
+"""llama.cpp and h2okit side by side on the same GGUF and prompt (issue 15), interleaved.
+
+    .venv/bin/python benchmarks/vs_llamacpp.py [--prompts 512,2048] [--gen 128] [--reps 3]
+
+llama.cpp comes from the PyPI sdist of `llama-cpp-python`, which vendors it; it is not a dependency
+of h2okit (building it takes ~15 min on 2 cores):
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python==0.3.36
+
+Without it the benchmark says so in one line and exits 0. Per round and prompt length, each engine
+prefills P tokens of Austen and then decodes --gen tokens greedily, one after the other (never two
+at once), 2 threads, flash attention off for llama.cpp; round 0 is a warm-up; medians of the rest,
+and the per-round h2okit / llama.cpp ratio. h2okit runs the config's model with its decode path and
+weights (`llm_weight_dtype`, default auto: the GGUF's own blocks), H2O off, and with the seed config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+
+from h2okit.clikit import setup_logging
+from h2okit.config import load_config, parse_config
+from h2okit.corpus import load_texts, token_stream
+from h2okit.model import load_model, resolve_model_path
+from h2okit.resources import find
+from h2okit.runtime import Engine
+
+
+def llama_cpp_run(llm, prompt: list[int], gen: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of llama.cpp: eval the prompt, then greedy steps one token at a time."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(gen):
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        llm.eval([token])
+    return prefill, gen / (time.perf_counter() - start)
+
+
+def h2okit_run(engine: Engine, prompt: list[int], gen: int) -> tuple[float, float]:
+    result = engine.generate(prompt, gen)
+    return result.prefill_tps, result.decode_tps
+
+
+def main() -> int:
+    setup_logging()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="512,2048")
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="smollm2-135m-seed", help="the model, and the H2O settings of the +h2o row")
+    args = ap.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        print("vs_llamacpp: llama-cpp-python is not installed; skipped (see this script's docstring to build it)")
+        return 0
+    torch.set_num_threads(args.threads)
+    config = load_config(find("configs", args.config))
+    path = resolve_model_path(config)
+    if not path.is_file():
+        print(f"vs_llamacpp: {path} is not a GGUF file; llama.cpp needs one")
+        return 2
+    loaded = load_model(path, weight_dtype=config.model["llm_weight_dtype"])
+    prompts = [int(p) for p in args.prompts.split(",")]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prompts) + args.gen + 8, n_threads=args.threads,
+                          n_threads_batch=args.threads, n_batch=512, flash_attn=False, logits_all=False,
+                          verbose=False)
+    engines = {"h2okit fast": Engine(loaded, parse_config({}).kv),
+               "h2okit fast+h2o": Engine(loaded, dataclasses.replace(config.kv, lossless_enable=False))}
+    print(f"h2okit: {engines['h2okit fast'].decode_path_note}", file=sys.stderr)
+    runs = {"llama.cpp": lambda p: llama_cpp_run(llm, p, args.gen),
+            **{name: (lambda eng: lambda p: h2okit_run(eng, p, args.gen))(e) for name, e in engines.items()}}
+    texts = load_texts()
+    for p in prompts:
+        prompt = token_stream(loaded.tokenizer, texts, p)
+        samples = {name: [] for name in runs}
+        for rnd in range(args.reps + 1):  # round 0: warm-up
+            for name, run in runs.items():
+                result = run(prompt)
+                if rnd:
+                    samples[name].append(result)
+            print(f"  P={p} round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+        print(f"\nP={p} G={args.gen}, {args.threads} threads, {path.name}: medians of {args.reps} interleaved rounds")
+        print("| engine | prefill tok/s | decode tok/s | decode vs llama.cpp (per-round pairs) |")
+        print("|---|---:|---:|---|")
+        base = samples["llama.cpp"]
+        for name, values in samples.items():
+            ratios = [v[1] / b[1] for v, b in zip(values, base)]
+            print(f"| {name} | {statistics.median(v[0] for v in values):.1f} | "
+                  f"{statistics.median(v[1] for v in values):.1f} | {statistics.median(ratios):.2f}x "
+                  f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -231,3 +231,32 @@ def test_bf16_prefill_computes_in_float32_then_decodes_on_either_path(loaded_mod
     assert len(reference.tokens) == len(fast.tokens) == 12
     assert reference.tokens[0] == fast.tokens[0]  # both from the same float32 prefill
     assert sum(a == b for a, b in zip(reference.tokens, fast.tokens)) >= 9
+
+
+@pytest.mark.parametrize("weights", ["auto", "fp32"])
+def test_batched_decode_gives_each_sequence_its_own_decode(loaded_model, texts, weights):
+    """Three sequences of different lengths decoded together (weights read once per step) give each
+    the logits, eviction plans and cache sizes it gets alone, bit for bit."""
+    from h2okit.corpus import token_stream
+
+    loaded = dataclasses.replace(loaded_model, weight_dtype=weights)
+    stream = token_stream(loaded.tokenizer, texts, 1000)
+    prompts, steps = [stream[:300], stream[300:520], stream[520:900]], 24
+    engine = Engine(loaded, evicting_kv(), decode_path="fast")
+    caches = [engine.new_cache() for _ in prompts]
+    alone = [engine.new_cache() for _ in prompts]
+    for cache, twin, prompt in zip(caches, alone, prompts):
+        engine.forward(cache, prompt, 0)
+        engine.forward(twin, prompt, 0)
+    for step in range(steps):
+        feed = [stream[900 + step + 10 * i] for i in range(3)]
+        together = engine.fast.step_batch(caches, feed, [len(p) + step for p in prompts])
+        for i, (twin, prompt) in enumerate(zip(alone, prompts)):
+            assert torch.equal(together[i], engine.fast.step(twin, feed[i], len(prompt) + step))
+    for cache, twin in zip(caches, alone):
+        assert [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions] == \
+            [(e.layer, e.plan.length, e.plan.runs) for e in twin.events.evictions]
+        assert cache.seq_lengths().tolist() == twin.seq_lengths().tolist()
+    assert sum(len(c.events.evictions) for c in caches) > 0
+    result = engine.generate_batch(prompts, 6)
+    assert result.tokens == [engine.generate(p, 6).tokens for p in prompts]

@@ -278,3 +278,72 @@ def test_q4_1_dequantisation_is_exact_in_float32():
     nib = raw[..., 4:]
     q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.float32)
     assert np.array_equal((d * q + mins).reshape(4, 64), m.dequantize())
+
+
+def _weights(kind, rows, cols, seed):
+    """(the kernels' weight tensor, its code) for a weight kind."""
+    if kind in ("Q4_1", "Q8_0"):
+        return torch.from_numpy(random_blocks(kind, rows, cols, seed).blocks), getattr(kernels, kind)
+    torch.manual_seed(seed)
+    w = torch.randn(rows, cols) * 0.2
+    return (w.to(torch.bfloat16), kernels.BF16) if kind == "bf16" else (w, kernels.F32)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma3"])
+def test_a_batch_step_is_each_sequence_step(kind, gemma):
+    """The batched kernels (weights read once for all sequences) give each sequence exactly what the
+    one-sequence kernels give it: attention input with its own position and cache slot, the MLP
+    block, the final norm + GEMV."""
+    batch, hidden, q_heads, kv_heads, head_dim, inter = 3, 64, 4, 2, 16, 96
+    width = (q_heads + 2 * kv_heads) * head_dim
+    d = dims(hidden=hidden, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, inter=inter, eps=1e-6,
+             wtype=_weights(kind, 1, 32, 0)[1], act=kernels.GELU_TANH if gemma else kernels.SILU)
+    w_qkv, _ = _weights(kind, width, hidden, 1)
+    w_o, _ = _weights(kind, hidden, q_heads * head_dim, 2)
+    w_gu, _ = _weights(kind, 2 * inter, hidden, 3)
+    w_down, _ = _weights(kind, hidden, inter, 4)
+    torch.manual_seed(5)
+    norms = [torch.rand(n) + 0.5 for n in (hidden, hidden, head_dim, head_dim, hidden, hidden)]
+    in_norm, mlp_norm, q_norm, k_norm, attn_out, mlp_out = (P(t) for t in norms)
+    if not gemma:
+        q_norm = k_norm = attn_out = mlp_out = kernels.NULL
+    x, attn = torch.randn(batch, hidden), torch.randn(batch, q_heads * head_dim)
+    cos, sin = torch.rand(batch, head_dim), torch.rand(batch, head_dim)
+    caches = [torch.zeros(kv_heads, 4, head_dim) for _ in range(2 * batch)]  # k, v per sequence; slot 2
+
+    def slot(t):
+        return kernels.address(t[:, 2].data_ptr())
+
+    # one sequence at a time (scratch tensors held in names: the kernels get raw pointers)
+    single_qkv, single_x = torch.empty(batch, width), x.clone()
+    h, gu = torch.empty(batch, hidden), torch.empty(batch, 2 * inter)
+    for i in range(batch):
+        lib.h2k_attention_input(d, P(x[i]), in_norm, P(w_qkv), P(h[0]), P(single_qkv[i]), q_norm,
+                                k_norm, P(cos[i]), P(sin[i]), slot(caches[2 * i]), slot(caches[2 * i + 1]), 4,
+                                kernels.F32)
+        lib.h2k_mlp_block(d, P(single_x[i]), P(attn[i]), P(w_o), attn_out, mlp_norm, P(w_gu), P(w_down), mlp_out,
+                          P(h[0]), P(gu[0]))
+    single_caches = [c.clone() for c in caches]
+    for c in caches:
+        c.zero_()
+    # the batch
+    qkv, bx = torch.empty(batch, width), x.clone()
+    ptrs = kernels.ffi.new("float *[]", [kernels.ffi.cast("float *", t.data_ptr()) for t in (*cos, *sin)])
+    k_slots = kernels.ffi.new("void *[]", [slot(caches[2 * i]) for i in range(batch)])
+    v_slots = kernels.ffi.new("void *[]", [slot(caches[2 * i + 1]) for i in range(batch)])
+    strides = kernels.ffi.new("long []", [4] * batch)
+    lib.h2k_attention_input_batch(d, batch, P(x), in_norm, P(w_qkv), P(h), P(qkv), q_norm,
+                                  k_norm, ptrs, ptrs + batch, k_slots, v_slots, strides, kernels.F32)
+    lib.h2k_mlp_block_batch(d, batch, P(bx), P(attn), P(w_o), attn_out, mlp_norm, P(w_gu), P(w_down), mlp_out,
+                            P(h), P(gu))
+    torch.testing.assert_close(qkv, single_qkv, rtol=0, atol=0)
+    torch.testing.assert_close(bx, single_x, rtol=0, atol=0)
+    for got, expected in zip(caches, single_caches):
+        assert torch.equal(got, expected) and got[:, 2].any()
+    head, _ = _weights(kind, 40, hidden, 6)
+    y, single_y = torch.empty(batch, 40), torch.empty(batch, 40)
+    lib.h2k_norm_gemv_batch(d, batch, P(x), in_norm, P(head), 40, P(h), P(y))
+    for i in range(batch):
+        lib.h2k_norm_gemv(d, P(x[i]), in_norm, P(head), 40, P(h[0]), P(single_y[i]), 0, kernels.NULL, kernels.NULL)
+    assert torch.equal(y, single_y)

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-path", choices=DECODE_PATHS, default="auto",
                    help="h2okit extension: decode steps in C kernels (fast; auto = where the model "
                         "supports it) or through the transformers forward (reference)")
+    p.add_argument("--batch", type=_int_list, default=[1],
+                   help="h2okit extension: comma list of batch sizes; B sequences (consecutive P-token stretches "
+                        "of the corpus, each with its own cache and policies) decoded together on the fast path, "
+                        "the weights read once per step; tok/s are aggregate, K/V columns per sequence (mean)")
     p.add_argument("--beyond-context", action="store_true",
                    help="allow p + n beyond the model's trained context (RoPE extrapolates; quality unknown)")
     q = p.add_argument_group("quality (h2okit extension; columns after the standard ones)")
@@ -104,10 +108,10 @@ class RowSamples:
     decode_tps: list[float] = field(default_factory=list)
     stats: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, result) -> None:
-        self.prefill_tps.append(result.prefill_tps)
-        self.decode_tps.append(result.decode_tps)
-        for key, value in result.stats.as_dict().items():
+    def add(self, prefill_tps: float, decode_tps: float, stats: table.RequestStats) -> None:
+        self.prefill_tps.append(prefill_tps)
+        self.decode_tps.append(decode_tps)
+        for key, value in stats.as_dict().items():
             self.stats.setdefault(key, []).append(float(value))
 
 
@@ -125,6 +129,7 @@ class BenchResult:
     decode_path: str
     samples: RowSamples
     quality: dict[str, list[float]] = field(default_factory=dict)
+    batch: int = 1  # sequences decoded together (tok/s aggregate)
 
     def to_json(self) -> dict:
         def summary(values):
@@ -133,17 +138,18 @@ class BenchResult:
 
         return {"model": self.model, "model_size_bytes": self.model_size_bytes, "backend": self.backend,
                 "threads": self.threads, "precision": self.precision, "prompt": self.prompt, "gen": self.gen,
-                "decode_path": self.decode_path, "repetitions": len(self.samples.decode_tps),
+                "decode_path": self.decode_path, "batch": self.batch, "repetitions": len(self.samples.decode_tps),
                 "prefill_tps": summary(self.samples.prefill_tps), "decode_tps": summary(self.samples.decode_tps),
                 "stats": {k: summary(v) for k, v in self.samples.stats.items()},
                 "quality": {k: summary(v) for k, v in self.quality.items()}}
 
 
 def format_row(model: str, model_mb: float, backend: str, threads: int, precision: str, p: int, n: int,
-               samples: RowSamples) -> tuple[list[str], list[str]]:
+               samples: RowSamples, batch: int = 1) -> tuple[list[str], list[str]]:
     """(columns, cells) of one table row: the standard columns, then the extras."""
+    demo = f"prompt={p}<br>decode={n}" + (f"<br>batch={batch}" if batch > 1 else "")
     cells = [model, table.size_cell(model_mb * table.MIB), backend.upper(), str(threads), precision.capitalize(),
-             f"prompt={p}<br>decode={n}", table.speed_cell(samples.prefill_tps, samples.decode_tps)]
+             demo, table.speed_cell(samples.prefill_tps, samples.decode_tps)]
     cells += [table.cell(samples.stats[key], fmt) for key, fmt in table.STAT_FORMATS.items()]
     extras = table.extra_columns(samples.stats)
     cells += [table.cell(samples.stats[key], fmt) for key, fmt in extras]
@@ -155,7 +161,7 @@ def render_md(results: list[BenchResult]) -> str:
     for r in results:
         stats = RowSamples(r.samples.prefill_tps, r.samples.decode_tps, {**r.samples.stats, **r.quality})
         columns, cells = format_row(r.model, r.model_size_bytes / table.MIB, r.backend, r.threads, r.precision,
-                                    r.prompt, r.gen, stats)
+                                    r.prompt, r.gen, stats, r.batch)
         rows.append(cells)
     return table.render(columns, rows)
 
@@ -233,6 +239,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BenchError(f"-qatten {args.quant_attention} is not supported; allowed: 0")
     if args.repeat < 1:
         raise BenchError(f"-rep must be >= 1, got {args.repeat}")
+    if min(args.batch) < 1:
+        raise BenchError(f"--batch must be >= 1, got {min(args.batch)}")
     if args.file_print:
         _check_writable(Path(args.file_print))
 
@@ -281,21 +289,35 @@ def _check_context(args, loaded) -> None:
                          f"context of {context}; shorten them, or pass --beyond-context to run past it anyway")
 
 
+def _mean_stats(results: list[table.RequestStats]) -> table.RequestStats:
+    """Per-sequence stats of a batch, each field the mean over its sequences."""
+    return table.RequestStats(**{key: statistics.fmean(getattr(r, key) for r in results)
+                                 for key in results[0].as_dict()})
+
+
 def _measure(engine, loaded, texts, evaluator, threads: int, p: int, n: int, repeat: int,
-             precision: str) -> BenchResult:
+             precision: str, batch: int = 1) -> BenchResult:
     from .corpus import token_stream
 
-    prompt = token_stream(loaded.tokenizer, texts, p)
+    stream = token_stream(loaded.tokenizer, texts, p * batch)
+    prompt = stream[:p]
+    prompts = [stream[i * p:(i + 1) * p] for i in range(batch)]
     samples, generated = RowSamples(), []
     for rep in range(repeat + 1):
-        result = engine.generate(prompt, n)
+        if batch == 1:
+            result = engine.generate(prompt, n)
+            stats, tokens = result.stats, result.tokens
+        else:
+            result = engine.generate_batch(prompts, n)
+            stats, tokens = _mean_stats(result.stats), result.tokens[0]
         tag = "warm-up" if rep == 0 else f"rep {rep}/{repeat}"
-        print(f"[llm_bench] t={threads} p={p} n={n} {tag}: prefill {result.prefill_tps:.1f} tok/s, "
-              f"decode {result.decode_tps:.2f} tok/s, keep {result.stats.h2o_keep:.4f}, "
-              f"true ratio {result.stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
+        where = f"t={threads} p={p} n={n}" + (f" batch={batch}" if batch > 1 else "")
+        print(f"[llm_bench] {where} {tag}: prefill {result.prefill_tps:.1f} tok/s, "
+              f"decode {result.decode_tps:.2f} tok/s, keep {stats.h2o_keep:.4f}, "
+              f"true ratio {stats.kv_true_ratio:.3f}", file=sys.stderr, flush=True)
         if rep > 0:
-            samples.add(result)
-            generated.append(result.tokens)
+            samples.add(result.prefill_tps, result.decode_tps, stats)
+            generated.append(tokens)
     quality = {}
     if evaluator is not None:  # after the timed requests, so it cannot disturb them
         quality = evaluator.evaluate(p, prompt, generated)
@@ -306,7 +328,7 @@ def _measure(engine, loaded, texts, evaluator, threads: int, p: int, n: int, rep
               f"agreement {quality['token_agreement'][0]:.3f}; {quality['quality_s'][0]:.0f} s",
               file=sys.stderr, flush=True)
     return BenchResult(loaded.name, loaded.size_bytes, "cpu", threads, precision, p, n, engine.decode_path_used,
-                       samples, quality)
+                       samples, quality, batch)
 
 
 def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
@@ -340,13 +362,18 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
         raise BenchError(f"--decode-path fast: {exc}") from None
     print(f"[llm_bench] decode path: {engine.decode_path_used} ({engine.decode_path_note})",
           file=sys.stderr, flush=True)
+    if max(args.batch) > 1 and engine.fast is None:
+        raise BenchError(f"--batch {max(args.batch)} decodes on the fast path, which this run does not have "
+                         f"({engine.decode_path_note})")
     evaluator = QualityEvaluator(engine, texts, settings) if settings is not None else None
     results = []
     for threads in args.threads or [config.threads]:
         torch.set_num_threads(threads)
         for p in args.n_prompt:
             for n in args.n_gen:
-                results.append(_measure(engine, loaded, texts, evaluator, threads, p, n, args.repeat, precision))
+                for batch in args.batch:
+                    results.append(_measure(engine, loaded, texts, evaluator if batch == args.batch[0] else None,
+                                            threads, p, n, args.repeat, precision, batch))
     return render(results, args.output, metadata(args.config, config.kv.to_keys())), results
 
 

@@ -370,3 +370,58 @@ class FastDecoder:
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)
         return self.logits.clone()
+
+    @torch.inference_mode()
+    def step_batch(self, caches: list[H2OCache], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One decode step for B sequences, each with its own cache (and so its own policies): the weights
+        are read once for all of them (the *_batch kernels), attention and scoring run per sequence.
+        Returns logits [B, vocab]; row i is what `step(caches[i], tokens[i], positions[i])` returns."""
+        lib, dims, null, ffi = self.lib, self.dims, kernels.NULL, kernels.ffi
+        batch = len(caches)
+        x = self.embed[torch.tensor(tokens)].float()
+        if self.arch.embed_scale is not None:
+            x.mul_(self.arch.embed_scale)
+        h, qkv = torch.empty(batch, self.hidden), torch.empty(batch, self.q_dim + 2 * self.kv_dim)
+        attn, gate_up = torch.empty(batch, self.q_dim), torch.empty(batch, 2 * self.inter)
+        logits = torch.empty(batch, self.vocab)
+        ropes = {kind: [self._rope_at(p, kind) for p in positions] for kind in self._rope_kinds}
+        rope_ptrs = {kind: (ffi.new("float *[]", [c for c, _ in rows]), ffi.new("float *[]", [s for _, s in rows]))
+                     for kind, rows in ropes.items()}
+        k_slots, v_slots, strides = ffi.new("void *[]", batch), ffi.new("void *[]", batch), ffi.new("long []", batch)
+        slots = torch.get_num_threads()
+        if self._partial.numel() < slots * self.q_dim:
+            self._partial = torch.empty(slots * self.q_dim)
+        partial = _ptr(self._partial)
+        qkv_rows = [qkv[i] for i in range(batch)]
+        for index, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
+                    kind) in enumerate(self._ptrs):
+            layers = [cache.layers[index] for cache in caches]
+            kv_code = _KV_CODES[layers[0].store_dtype]
+            cache_slots = [layer.decode_slot() for layer in layers]
+            for i, slot in enumerate(cache_slots):
+                k_slots[i], v_slots[i], strides[i] = (kernels.address(slot[0]), kernels.address(slot[1]), slot[2]) \
+                    if slot is not None else (null, null, 0)
+            cos, sin = rope_ptrs[kind]
+            lib.h2k_attention_input_batch(dims, batch, _ptr(x), in_norm, w_qkv, _ptr(h), _ptr(qkv), q_norm, k_norm,
+                                          cos, sin, k_slots, v_slots, strides, kv_code)
+            for i, (layer, slot) in enumerate(zip(layers, cache_slots)):
+                row = qkv_rows[i]
+                if slot is not None:
+                    keys, values = layer.commit_slot()
+                else:
+                    keys, values = layer.append(
+                        row[self.q_dim:self.q_dim + self.kv_dim].view(1, self.kv_heads, 1, self.head_dim),
+                        row[self.q_dim + self.kv_dim:].view(1, self.kv_heads, 1, self.head_dim))
+                if layer.is_sliding:
+                    keys, values = layer.visible(keys, values)
+                block = layer.mass_block
+                probs, block_mass = self._scratch(keys.shape[2], block)
+                lib.h2k_attend(dims, _ptr(row), _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype],
+                               keys.shape[2], probs, _ptr(attn[i]), _ptr(block_mass) if block else null,
+                               max(block, 1), partial, slots)
+                layer.after_decode_blocks(block_mass.numpy() if block else None)
+            lib.h2k_mlp_block_batch(dims, batch, _ptr(x), _ptr(attn), w_o, attn_out_norm, mlp_norm, w_gu, w_down,
+                                    mlp_out_norm, _ptr(h), _ptr(gate_up))
+        lib.h2k_norm_gemv_batch(self.head_dims, batch, _ptr(x), self._final_norm_ptr, self._head_ptr, self.vocab,
+                                _ptr(h), _ptr(logits))
+        return logits

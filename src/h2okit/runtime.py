@@ -41,6 +41,25 @@ class RequestResult:
         return len(self.tokens) / self.decode_s if self.decode_s > 0 else 0.0
 
 
+@dataclass
+class BatchResult:
+    """B requests decoded together: tok/s are aggregate (all sequences' tokens over the shared time)."""
+
+    prompt_tokens: int
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    stats: list[RequestStats]
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return sum(map(len, self.tokens)) / self.decode_s if self.decode_s > 0 else 0.0
+
+
 def collect_stats(cache: H2OCache) -> RequestStats:
     stats = RequestStats()
     events = cache.events.evictions
@@ -136,6 +155,30 @@ class Engine:
         out = model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
                          logits_to_keep=0 if all_logits else 1, h2o_cache=cache)
         return out.logits[0]
+
+    def generate_batch(self, prompts: list[list[int]], n: int) -> BatchResult:
+        """Greedy for B requests decoded together: each prompt is prefilled on its own (into its own
+        cache), then `n` steps run for all of them at once on the fast path, the weights read once per
+        step for the whole batch (FastDecoder.step_batch). Each sequence keeps its own cache and
+        policies, so its tokens are those `generate` gives it alone."""
+        if self.fast is None:
+            raise ValueError(f"batched decode runs on the fast path; this engine has none ({self.decode_path_note})")
+        if not prompts or not all(prompts):
+            raise ValueError("batched decode needs at least one prompt, none empty")
+        caches = [self.new_cache() for _ in prompts]
+        started = time.perf_counter()
+        next_tokens = [int(self.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
+        prefill_s = time.perf_counter() - started
+        tokens: list[list[int]] = [[] for _ in prompts]
+        started = time.perf_counter()
+        for step in range(n):
+            for row, token in zip(tokens, next_tokens):
+                row.append(token)
+            logits = self.fast.step_batch(caches, next_tokens, [len(p) + step for p in prompts])
+            next_tokens = logits.argmax(-1).tolist()
+        decode_s = time.perf_counter() - started
+        return BatchResult(prompt_tokens=sum(map(len, prompts)), tokens=tokens, prefill_s=prefill_s,
+                           decode_s=decode_s, stats=[collect_stats(cache) for cache in caches])
 
     def generate(self, prompt: list[int], n: int, after_prefill=None, at_end=None) -> RequestResult:
         """Greedy: prefill `prompt`, then exactly `n` decode steps (EOS ignored).

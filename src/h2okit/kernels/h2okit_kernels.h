@@ -42,6 +42,19 @@ void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *W
                    const float *post_norm_w, const void *Wgu, const void *Wd, const float *mlp_out_norm_w, float *h,
                    float *gu);
 
+/* The same three steps for `batch` sequences at once (batched decode): every weight is read once per
+ * step for all of them. Per-sequence arrays are [batch, width] row-major; cos/sin/k_slot/v_slot/
+ * slot_stride have one entry per sequence (its own position and cache). */
+void h2k_norm_gemv_batch(const h2k_dims *d, int batch, const float *x, const float *norm_w, const void *W, int rows,
+                         float *h, float *y);
+void h2k_attention_input_batch(const h2k_dims *d, int batch, const float *x, const float *norm_w, const void *Wqkv,
+                               float *h, float *qkv, const float *q_norm_w, const float *k_norm_w,
+                               const float *const *cos, const float *const *sin, void *const *k_slot,
+                               void *const *v_slot, const long *slot_stride, int kvtype);
+void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *attn, const void *Wo,
+                         const float *attn_out_norm_w, const float *post_norm_w, const void *Wgu, const void *Wd,
+                         const float *mlp_out_norm_w, float *h, float *gu);
+
 /* One query per head over T cached tokens; head_mass [kv_heads, ceil(T / block)] block sums or NULL
  * (see llama_decode.c). */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,

@@ -100,19 +100,66 @@ static float exp_shifted(float *p, int n, float m) {
     return s;
 }
 
-/* Dot products for the GEMVs: plain loops with `omp simd`, which gcc vectorises for -march=native
- * as well as hand-written AVX-512 did for rows of 576+ (measured). */
+/* Dot products of one weight row with up to MULTI inputs (x_j = x + j * xstride), one accumulator per
+ * input: the row is loaded once per 16 columns for all of them, and the independent accumulators keep
+ * the FMA units busy (one input alone is a single latency-bound chain, hidden behind memory in a
+ * one-sequence GEMV; a batch would be compute-bound on it). The result for input j does not depend on
+ * how many inputs ride along, so a batch gives each sequence what it gets alone, bit for bit. */
+enum { MULTI = 8 };
+
+static inline void dot_f32_multi(const float *w, const float *x, long xstride, int m, int n, float *out) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) {
+        __m512 acc[MULTI];
+        for (int j = 0; j < MULTI; j++) acc[j] = _mm512_setzero_ps();
+        for (int c = 0; c < n; c += 16) {
+            __m512 wv = _mm512_loadu_ps(w + c);
+#pragma GCC unroll 8
+            for (int j = 0; j < MULTI; j++)
+                if (j < m) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * xstride + c), acc[j]);
+        }
+        for (int j = 0; j < m; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+        return;
+    }
+#endif
+    for (int j = 0; j < m; j++) {
+        float acc = 0.0f;
+        const float *xj = x + j * xstride;
+#pragma omp simd reduction(+ : acc)
+        for (int c = 0; c < n; c++) acc += w[c] * xj[c];
+        out[j] = acc;
+    }
+}
+
+static inline void dot_bf16_multi(const uint16_t *w, const float *x, long xstride, int m, int n, float *out) {
+#ifdef __AVX512F__
+    if (n % 16 == 0) {
+        __m512 acc[MULTI];
+        for (int j = 0; j < MULTI; j++) acc[j] = _mm512_setzero_ps();
+        for (int c = 0; c < n; c += 16) {
+            __m512 wv = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + c))), 16));
+#pragma GCC unroll 8
+            for (int j = 0; j < MULTI; j++)
+                if (j < m) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * xstride + c), acc[j]);
+        }
+        for (int j = 0; j < m; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+        return;
+    }
+#endif
+    for (int j = 0; j < m; j++) {
+        float acc = 0.0f;
+        const float *xj = x + j * xstride;
+#pragma omp simd reduction(+ : acc)
+        for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * xj[c];
+        out[j] = acc;
+    }
+}
+
 static inline float dot_f32(const float *w, const float *x, int n) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int c = 0; c < n; c++) acc += w[c] * x[c];
-    return acc;
-}
-
-static inline float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * x[c];
     return acc;
 }
 
@@ -156,117 +203,158 @@ static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset
 }
 #endif
 
-static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const float *x, const float *xsum, int nb,
-                          float *out) {
+/* The quantized rows against up to QMULTI inputs (x_j = x + j * xstride, xsum_j = xsum + j * nb): each
+ * block is unpacked once for all of them; out[r * QMULTI + j]. Per input the operations are those of a
+ * single input, in the same order. */
+enum { QMULTI = 4 };
+
+static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const float *x, long xstride,
+                          const float *xsum, int m, int nb, float *out) {
 #ifdef __AVX512F__
     if (rows == ROWS) {
         const __m512i low = _mm512_set1_epi32(0x0F);
-        __m512 acc[ROWS];
-        float tail[ROWS] = {0};
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        __m512 acc[ROWS][QMULTI];
+        float tail[ROWS][QMULTI] = {{0}};
+        for (int r = 0; r < ROWS; r++)
+            for (int j = 0; j < QMULTI; j++) acc[r][j] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
             prefetch_rows(row, row_bytes, (long)b * Q4_1_BYTES);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
                 __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-                __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), x0);      /* 0..15 */
-                s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), x1, s);         /* 16..31 */
+                __m512 qa = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));  /* 0..15 */
+                __m512 qb = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));   /* 16..31 */
                 uint32_t dm;
                 memcpy(&dm, blk, 4);
                 __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* [d, m, 0, 0] */
-                acc[r] = _mm512_fmadd_ps(_mm512_broadcastss_ps(dmf), s, acc[r]);
-                tail[r] += _mm_cvtss_f32(_mm_movehdup_ps(dmf)) * xsum[b];
+                __m512 d = _mm512_broadcastss_ps(dmf);
+                float mval = _mm_cvtss_f32(_mm_movehdup_ps(dmf));
+#pragma GCC unroll 4
+                for (int j = 0; j < QMULTI; j++) {
+                    if (j < m) {
+                        const float *xj = x + j * xstride + b * QBLOCK;
+                        __m512 s = _mm512_mul_ps(qa, _mm512_loadu_ps(xj));
+                        s = _mm512_fmadd_ps(qb, _mm512_loadu_ps(xj + 16), s);
+                        acc[r][j] = _mm512_fmadd_ps(d, s, acc[r][j]);
+                        tail[r][j] += mval * xsum[j * nb + b];
+                    }
+                }
             }
         }
-        for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+        for (int r = 0; r < ROWS; r++)
+            for (int j = 0; j < m; j++) out[r * QMULTI + j] = _mm512_reduce_add_ps(acc[r][j]) + tail[r][j];
         return;
     }
 #endif
     for (int r = 0; r < rows; r++) {
-        float total = 0.0f;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
-            const float *xb = x + b * QBLOCK;
-            float s = 0.0f;
-            for (int i = 0; i < QBLOCK / 2; i++)
-                s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
-            total += f16_at(blk) * s + f16_at(blk + 2) * xsum[b];
+        for (int j = 0; j < m; j++) {
+            float total = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
+                const float *xb = x + j * xstride + b * QBLOCK;
+                float s = 0.0f;
+                for (int i = 0; i < QBLOCK / 2; i++)
+                    s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
+                total += f16_at(blk) * s + f16_at(blk + 2) * xsum[j * nb + b];
+            }
+            out[r * QMULTI + j] = total;
         }
-        out[r] = total;
     }
 }
 
-/* Q8_0 rows against x, as dot_q4_1_rows: sum_b d_b (q_b . x_b). */
-static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const float *x, int nb, float *out) {
+/* Q8_0 rows against up to QMULTI inputs, as dot_q4_1_rows: sum_b d_b (q_b . x_b). */
+static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const float *x, long xstride, int m, int nb,
+                          float *out) {
 #ifdef __AVX512F__
     if (rows == ROWS) {
-        __m512 acc[ROWS];
-        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        __m512 acc[ROWS][QMULTI];
+        for (int r = 0; r < ROWS; r++)
+            for (int j = 0; j < QMULTI; j++) acc[r][j] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
             prefetch_rows(row, row_bytes, (long)b * Q8_0_BYTES);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
                 const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
                 __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
                 __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-                __m512 s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc[r]);
+                __m512 d = _mm512_set1_ps(f16_at(blk));
+#pragma GCC unroll 4
+                for (int j = 0; j < QMULTI; j++) {
+                    if (j < m) {
+                        const float *xj = x + j * xstride + b * QBLOCK;
+                        __m512 s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xj + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xj)));
+                        acc[r][j] = _mm512_fmadd_ps(d, s, acc[r][j]);
+                    }
+                }
             }
         }
-        for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+        for (int r = 0; r < ROWS; r++)
+            for (int j = 0; j < m; j++) out[r * QMULTI + j] = _mm512_reduce_add_ps(acc[r][j]);
         return;
     }
 #endif
     for (int r = 0; r < rows; r++) {
-        float total = 0.0f;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
-            const int8_t *q = (const int8_t *)(blk + 2);
-            float s = 0.0f;
-            for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * x[b * QBLOCK + i];
-            total += f16_at(blk) * s;
+        for (int j = 0; j < m; j++) {
+            float total = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
+                const int8_t *q = (const int8_t *)(blk + 2);
+                const float *xb = x + j * xstride + b * QBLOCK;
+                float s = 0.0f;
+                for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * xb[i];
+                total += f16_at(blk) * s;
+            }
+            out[r * QMULTI + j] = total;
         }
-        out[r] = total;
     }
 }
 
-/* y[r] (+)= W[r, :] . x for r < rows (quantized types: cols is a multiple of 32). */
-static void gemv(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate) {
+/* y_b[r] (+)= W[r, :] . x_b for r < rows and each of `batch` inputs (x_b = x + b * cols, y_b = y + b * ystride;
+ * quantized types: cols is a multiple of 32). Each group of rows is read from memory once and dotted with
+ * every input while it is in cache: a batch costs the weight bytes of one sequence. */
+static void gemv_batch(int wtype, const void *W, const float *x, float *y, long ystride, int rows, int cols,
+                       int accumulate, int batch) {
     if (wtype == Q4_1 || wtype == Q8_0) {
         int nb = cols / QBLOCK;
         long row_bytes = (long)nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
         const uint8_t *w = (const uint8_t *)W;
-        float xsum[nb > 0 ? nb : 1];
-        for (int b = 0; wtype == Q4_1 && b < nb; b++) {
-            float s = 0.0f;
-            for (int i = 0; i < QBLOCK; i++) s += x[b * QBLOCK + i];
-            xsum[b] = s;
-        }
+        float xsum[batch][nb > 0 ? nb : 1];
+        for (int i = 0; wtype == Q4_1 && i < batch; i++)
+            for (int b = 0; b < nb; b++) {
+                float s = 0.0f;
+                for (int k = 0; k < QBLOCK; k++) s += x[(long)i * cols + b * QBLOCK + k];
+                xsum[i][b] = s;
+            }
+        const float *sums = &xsum[0][0];
 #pragma omp parallel for schedule(static)
         for (int r0 = 0; r0 < rows; r0 += ROWS) {
             int n = rows - r0 < ROWS ? rows - r0 : ROWS;
-            float v[ROWS];
+            float v[ROWS * QMULTI];
             const uint8_t *row = w + r0 * row_bytes;
-            if (wtype == Q4_1) dot_q4_1_rows(row, row_bytes, n, x, xsum, nb, v);
-            else dot_q8_0_rows(row, row_bytes, n, x, nb, v);
-            for (int i = 0; i < n; i++) y[r0 + i] = accumulate ? y[r0 + i] + v[i] : v[i];
-        }
-    } else if (wtype == BF16) {
-        const uint16_t *w = (const uint16_t *)W;
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            float v = dot_bf16(w + (long)r * cols, x, cols);
-            y[r] = accumulate ? y[r] + v : v;
+            for (int i0 = 0; i0 < batch; i0 += QMULTI) {
+                int m = batch - i0 < QMULTI ? batch - i0 : QMULTI;
+                if (wtype == Q4_1) dot_q4_1_rows(row, row_bytes, n, x + (long)i0 * cols, cols, sums + i0 * nb, m, nb, v);
+                else dot_q8_0_rows(row, row_bytes, n, x + (long)i0 * cols, cols, m, nb, v);
+                for (int j = 0; j < m; j++) {
+                    float *yi = y + (long)(i0 + j) * ystride + r0;
+                    for (int k = 0; k < n; k++) yi[k] = accumulate ? yi[k] + v[k * QMULTI + j] : v[k * QMULTI + j];
+                }
+            }
         }
     } else {
-        const float *w = (const float *)W;
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < rows; r++) {
-            float v = dot_f32(w + (long)r * cols, x, cols);
-            y[r] = accumulate ? y[r] + v : v;
+            float v[MULTI];
+            for (int i0 = 0; i0 < batch; i0 += MULTI) {
+                int m = batch - i0 < MULTI ? batch - i0 : MULTI;
+                if (wtype == BF16) dot_bf16_multi((const uint16_t *)W + (long)r * cols, x + (long)i0 * cols, cols, m, cols, v);
+                else dot_f32_multi((const float *)W + (long)r * cols, x + (long)i0 * cols, cols, m, cols, v);
+                for (int j = 0; j < m; j++) {
+                    float *yi = y + (long)(i0 + j) * ystride;
+                    yi[r] = accumulate ? yi[r] + v[j] : v[j];
+                }
+            }
         }
     }
 }
@@ -297,8 +385,16 @@ static void rope(float *v, int heads, int head_dim, const float *cos, const floa
 void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
                    float *y, int rope_heads, const float *cos, const float *sin) {
     rms_norm(x, norm_w, d->eps, h, d->hidden);
-    gemv(d->wtype, W, h, y, rows, d->hidden, 0);
+    gemv_batch(d->wtype, W, h, y, rows, rows, d->hidden, 0, 1);
     if (rope_heads > 0) rope(y, rope_heads, d->head_dim, cos, sin);
+}
+
+/* h2k_norm_gemv for `batch` inputs x [batch, hidden] (h the same shape), y [batch, rows], no RoPE. */
+void h2k_norm_gemv_batch(const h2k_dims *d, int batch, const float *x, const float *norm_w, const void *W, int rows,
+                         float *h, float *y) {
+    for (int i = 0; i < batch; i++)
+        rms_norm(x + (long)i * d->hidden, norm_w, d->eps, h + (long)i * d->hidden, d->hidden);
+    gemv_batch(d->wtype, W, h, y, rows, rows, d->hidden, 0, batch);
 }
 
 /* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
@@ -317,70 +413,104 @@ void h2k_store_row(const float *src, void *dst, int n, int kvtype) {
     }
 }
 
-/* The attention input of a decode step: qkv = W_qkv rmsnorm(x), the per-head q/k norms if given
- * (Gemma 3's QK-norm, before RoPE as there), RoPE on the q and k heads, and this token's k and v
- * stored into the layer's cache slot (head h at k_slot + h * slot_stride elements), so no separate
- * copy is needed. NULL slots: the caller stores k and v itself. */
+/* The attention input of a decode step for `batch` sequences at once: qkv_i = W_qkv rmsnorm(x_i), the
+ * per-head q/k norms if given (Gemma 3's QK-norm, before RoPE as there), RoPE on the q and k heads at
+ * each sequence's own position (cos[i], sin[i]), and each sequence's k and v stored into its cache
+ * slot (head h at k_slot[i] + h * slot_stride[i] elements), so no separate copy is needed. A NULL
+ * k_slot[i]: the caller stores that sequence's k and v itself. x, h: [batch, hidden]; qkv:
+ * [batch, (q_heads + 2 kv_heads) head_dim]. The weights are read once for the whole batch. */
+void h2k_attention_input_batch(const h2k_dims *d, int batch, const float *x, const float *norm_w, const void *Wqkv,
+                               float *h, float *qkv, const float *q_norm_w, const float *k_norm_w,
+                               const float *const *cos, const float *const *sin, void *const *k_slot,
+                               void *const *v_slot, const long *slot_stride, int kvtype) {
+    int kv_heads = d->kv_heads, head_dim = d->head_dim;
+    int kv_dim = kv_heads * head_dim, q_dim = d->q_heads * head_dim, width = q_dim + 2 * kv_dim;
+    h2k_norm_gemv_batch(d, batch, x, norm_w, Wqkv, width, h, qkv);
+    size_t bytes = kvtype == F32 ? 4 : 2;
+    for (int s = 0; s < batch; s++) {
+        float *y = qkv + (long)s * width;
+        for (int i = 0; q_norm_w != NULL && i < d->q_heads; i++)
+            rms_norm(y + i * head_dim, q_norm_w, d->eps, y + i * head_dim, head_dim);
+        for (int i = 0; k_norm_w != NULL && i < kv_heads; i++)
+            rms_norm(y + q_dim + i * head_dim, k_norm_w, d->eps, y + q_dim + i * head_dim, head_dim);
+        rope(y, d->q_heads + kv_heads, head_dim, cos[s], sin[s]);
+        for (int g = 0; k_slot[s] != NULL && g < kv_heads; g++) {
+            long offset = (long)g * slot_stride[s] * (long)bytes;
+            h2k_store_row(y + q_dim + g * head_dim, (char *)k_slot[s] + offset, head_dim, kvtype);
+            h2k_store_row(y + q_dim + kv_dim + g * head_dim, (char *)v_slot[s] + offset, head_dim, kvtype);
+        }
+    }
+}
+
+/* One sequence: h2k_attention_input_batch with batch 1. */
 void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w, const void *Wqkv, float *h,
                          float *qkv, const float *q_norm_w, const float *k_norm_w, const float *cos,
                          const float *sin, void *k_slot, void *v_slot, long slot_stride, int kvtype) {
-    int kv_heads = d->kv_heads, head_dim = d->head_dim;
-    int kv_dim = kv_heads * head_dim, q_dim = d->q_heads * head_dim;
-    h2k_norm_gemv(d, x, norm_w, Wqkv, q_dim + 2 * kv_dim, h, qkv, 0, NULL, NULL);
-    for (int i = 0; q_norm_w != NULL && i < d->q_heads; i++)
-        rms_norm(qkv + i * head_dim, q_norm_w, d->eps, qkv + i * head_dim, head_dim);
-    for (int i = 0; k_norm_w != NULL && i < kv_heads; i++)
-        rms_norm(qkv + q_dim + i * head_dim, k_norm_w, d->eps, qkv + q_dim + i * head_dim, head_dim);
-    rope(qkv, d->q_heads + kv_heads, head_dim, cos, sin);
-    size_t bytes = kvtype == F32 ? 4 : 2;
-    for (int g = 0; k_slot != NULL && g < kv_heads; g++) {
-        long offset = (long)g * slot_stride * (long)bytes;
-        h2k_store_row(qkv + q_dim + g * head_dim, (char *)k_slot + offset, head_dim, kvtype);
-        h2k_store_row(qkv + q_dim + kv_dim + g * head_dim, (char *)v_slot + offset, head_dim, kvtype);
-    }
+    h2k_attention_input_batch(d, 1, x, norm_w, Wqkv, h, qkv, q_norm_w, k_norm_w, &cos, &sin, &k_slot, &v_slot,
+                              &slot_stride, kvtype);
 }
 
-/* y (+)= out_norm(W v) when out_norm_w is given (computed in h first), else y (+)= W v directly. */
+/* y_i (+)= out_norm(W v_i) when out_norm_w is given (computed in h first), else y_i (+)= W v_i directly;
+ * v [batch, cols], y and h [batch, rows]. */
 static void gemv_normed_add(int wtype, const void *W, const float *v, const float *out_norm_w, float eps, float *y,
-                            float *h, int rows, int cols) {
+                            float *h, int rows, int cols, int batch) {
     if (out_norm_w == NULL) {
-        gemv(wtype, W, v, y, rows, cols, 1);
+        gemv_batch(wtype, W, v, y, rows, rows, cols, 1, batch);
         return;
     }
-    gemv(wtype, W, v, h, rows, cols, 0);
-    rms_norm(h, out_norm_w, eps, h, rows);
-    for (int i = 0; i < rows; i++) y[i] += h[i];
+    gemv_batch(wtype, W, v, h, rows, rows, cols, 0, batch);
+    for (int i = 0; i < batch; i++) {
+        float *hi = h + (long)i * rows, *yi = y + (long)i * rows;
+        rms_norm(hi, out_norm_w, eps, hi, rows);
+        for (int k = 0; k < rows; k++) yi[k] += hi[k];
+    }
 }
 
-/* The rest of the layer after attention: x += [norm](Wo a); h = norm(x); gu = Wgu h;
- * m = act(gate) * up; x += [norm](Wd m).  gu holds [gate; up] (2 * inter). GELU-tanh is
- * 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), torch's approximate="tanh", with
- * tanh(u) = 1 - 2 / (exp(2u) + 1). */
+/* The rest of the layer after attention, for `batch` sequences: x += [norm](Wo a); h = norm(x);
+ * gu = Wgu h; m = act(gate) * up; x += [norm](Wd m). x, h: [batch, hidden]; attn: [batch, q_heads *
+ * head_dim]; gu: [batch, 2 * inter], each row [gate; up]. GELU-tanh is 0.5 g (1 + tanh(sqrt(2/pi)
+ * (g + 0.044715 g^3))), torch's approximate="tanh", with tanh(u) = 1 - 2 / (exp(2u) + 1). */
+void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *attn, const void *Wo,
+                         const float *attn_out_norm_w, const float *post_norm_w, const void *Wgu, const void *Wd,
+                         const float *mlp_out_norm_w, float *h, float *gu) {
+    int wtype = d->wtype, hidden = d->hidden, inter = d->inter;
+    float eps = d->eps;
+    gemv_normed_add(wtype, Wo, attn, attn_out_norm_w, eps, x, h, hidden, d->q_heads * d->head_dim, batch);
+    for (int i = 0; i < batch; i++) rms_norm(x + (long)i * hidden, post_norm_w, eps, h + (long)i * hidden, hidden);
+    gemv_batch(wtype, Wgu, h, gu, 2 * inter, 2 * inter, hidden, 0, batch);
+    for (int s = 0; s < batch; s++) {
+        float *g_row = gu + (long)s * 2 * inter, *up = g_row + inter;
+        if (d->act == H2K_GELU_TANH) {
+#pragma omp simd
+            for (int i = 0; i < inter; i++) {
+                float g = g_row[i];
+                float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+                float t = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
+                g_row[i] = 0.5f * g * (1.0f + t) * up[i];
+            }
+        } else {
+#pragma omp simd
+            for (int i = 0; i < inter; i++) {
+                float g = g_row[i];
+                g_row[i] = g / (1.0f + exp_approx(-g)) * up[i];
+            }
+        }
+    }
+    /* the activations sit in the first half of each gu row: inputs of width inter, stride 2 inter */
+    if (batch == 1) {
+        gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, 1);
+    } else {
+        for (int s = 1; s < batch; s++) /* pack the activations: [batch, inter] in place */
+            memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);
+        gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, batch);
+    }
+}
+
+/* One sequence: h2k_mlp_block_batch with batch 1. */
 void h2k_mlp_block(const h2k_dims *d, float *x, const float *attn, const void *Wo, const float *attn_out_norm_w,
                    const float *post_norm_w, const void *Wgu, const void *Wd, const float *mlp_out_norm_w, float *h,
                    float *gu) {
-    int wtype = d->wtype, hidden = d->hidden, inter = d->inter;
-    float eps = d->eps;
-    gemv_normed_add(wtype, Wo, attn, attn_out_norm_w, eps, x, h, hidden, d->q_heads * d->head_dim);
-    rms_norm(x, post_norm_w, eps, h, hidden);
-    gemv(wtype, Wgu, h, gu, 2 * inter, hidden, 0);
-    float *up = gu + inter;
-    if (d->act == H2K_GELU_TANH) {
-#pragma omp simd
-        for (int i = 0; i < inter; i++) {
-            float g = gu[i];
-            float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-            float t = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
-            gu[i] = 0.5f * g * (1.0f + t) * up[i];
-        }
-    } else {
-#pragma omp simd
-        for (int i = 0; i < inter; i++) {
-            float g = gu[i];
-            gu[i] = g / (1.0f + exp_approx(-g)) * up[i];
-        }
-    }
-    gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter);
+    h2k_mlp_block_batch(d, 1, x, attn, Wo, attn_out_norm_w, post_norm_w, Wgu, Wd, mlp_out_norm_w, h, gu);
 }
 
 /* Row `base` (head_dim values) of K or V as float32: float32 rows are used in place, narrower

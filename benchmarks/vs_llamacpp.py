@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from h2okit.clikit import setup_logging
@@ -39,8 +40,8 @@ def llama_cpp_run(llm, prompt: list[int], gen: int) -> tuple[float, float]:
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - start)
     start = time.perf_counter()
-    for _ in range(gen):
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
+    for _ in range(gen):  # the last evaluated token's logits (only that row is computed: logits_all off)
+        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
         llm.eval([token])
     return prefill, gen / (time.perf_counter() - start)
 

@@ -8,7 +8,7 @@ from conftest import SEED_CONFIG, parse_markdown_rows, run_cli
 from h2okit.config import parse_config
 from h2okit.corpus import token_stream
 from h2okit.metrics import token_nll
-from h2okit.quality import QualityEvaluator, QualitySettings, stream_nll
+from h2okit.quality import QualityEvaluator, QualitySettings, stream_nll, stream_nll_many
 from h2okit.runtime import Engine
 
 pytestmark = pytest.mark.model
@@ -26,6 +26,20 @@ def test_streamed_nll_with_the_full_cache_equals_one_teacher_forced_pass(loaded_
     one_pass = token_nll(logits[63:79].float().numpy(), np.array(ids[64:]))
     np.testing.assert_allclose(streamed.nll, one_pass, rtol=1e-4, atol=1e-4)
     assert streamed.steady_from == 16 and (streamed.attended == 1.0).all()  # nothing evicted: all targets count
+
+
+def test_windows_teacher_forced_together_score_as_one_at_a_time(loaded_model, texts):
+    """The evaluator steps its windows as one batch on the fast path: every window's NLLs, attended
+    fractions and steady start are those it gets alone, exactly."""
+    stream = token_stream(loaded_model.tokenizer, texts, 600)
+    pairs = [(stream[i:i + 150], stream[i + 150:i + 190]) for i in (0, 200, 400)]
+    engine = Engine(loaded_model, parse_config(EVICTING).kv)
+    assert engine.fast is not None
+    together = stream_nll_many(engine, pairs)
+    for run, (prompt, continuation) in zip(together, pairs):
+        alone = stream_nll(engine, prompt, continuation)
+        assert np.array_equal(run.nll, alone.nll) and np.array_equal(run.attended, alone.attended)
+        assert run.steady_from == alone.steady_from < len(continuation)
 
 
 def test_quality_columns_for_full_and_evicting_configs(loaded_model, texts):

@@ -53,8 +53,7 @@ class _DiskCache:
         self.model_key = model_key
 
     def get(self, parts: list, compute):
-        digest = hashlib.sha256(json.dumps([self.model_key, *parts]).encode()).hexdigest()[:24]
-        path = self.folder / f"{digest}.json"
+        path = self._path(parts)
         if path.is_file():
             try:
                 return json.loads(path.read_text())
@@ -67,6 +66,23 @@ class _DiskCache:
             value = compute()
             write_text_atomic(path, json.dumps(value))
         return value
+
+    def peek(self, parts: list):
+        """The stored value, or None (nothing is computed)."""
+        path = self._path(parts)
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    def put(self, parts: list, value):
+        """Store a value computed elsewhere (e.g. several at once, in a batch); returns it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self._path(parts), json.dumps(value))
+        return value
+
+    def _path(self, parts: list):
+        return self.folder / f"{hashlib.sha256(json.dumps([self.model_key, *parts]).encode()).hexdigest()[:24]}.json"
 
 
 @dataclass
@@ -104,8 +120,42 @@ def stream_nll(engine: Engine, prompt: list[int], continuation: list[int]) -> St
     return StreamResult(nll, attended, steady_from)
 
 
-def _nll_list(engine: Engine, prompt: list[int], continuation: list[int]) -> list[float]:
-    return stream_nll(engine, prompt, continuation).nll.tolist()
+QUALITY_BATCH = 8  # windows teacher-forced together on the fast path
+
+
+def stream_nll_many(engine: Engine, pairs: list[tuple[list[int], list[int]]]) -> list[StreamResult]:
+    """`stream_nll` of each (prompt, continuation), QUALITY_BATCH windows at a time on the fast path
+    (FastDecoder.step_batch reads the weights once per step for all of them and gives each window the
+    logits it gets alone, bit for bit), else one after another."""
+    if engine.fast is None or len(pairs) < 2:
+        return [stream_nll(engine, prompt, continuation) for prompt, continuation in pairs]
+    out = []
+    for i in range(0, len(pairs), QUALITY_BATCH):
+        out += _stream_nll_batch(engine, pairs[i:i + QUALITY_BATCH])
+    return out
+
+
+def _stream_nll_batch(engine: Engine, pairs: list[tuple[list[int], list[int]]]) -> list[StreamResult]:
+    """stream_nll for several windows of one continuation length, stepped together."""
+    m = len(pairs[0][1])
+    if any(len(continuation) != m for _, continuation in pairs):
+        raise ValueError("windows stepped together need continuations of one length")
+    caches = [engine.new_cache() for _ in pairs]
+    logits = [engine.forward(cache, prompt, 0)[-1:] for cache, (prompt, _) in zip(caches, pairs)]
+    nll, attended = np.empty((len(pairs), m)), np.ones((len(pairs), m))
+    steady_from = [m] * len(pairs)
+    for i in range(m):
+        for s, (_, continuation) in enumerate(pairs):
+            nll[s, i] = token_nll(logits[s].float().numpy(), np.array([continuation[i]]))[0]
+        if i + 1 < m:
+            positions = [len(prompt) + i for prompt, _ in pairs]
+            for s, cache in enumerate(caches):
+                if steady_from[s] == m and cache.events.evictions:
+                    steady_from[s] = i + 1
+                attended[s, i + 1] = float(np.mean(cache.attended_tokens())) / (positions[s] + 1)
+            step = engine.fast.step_batch(caches, [continuation[i] for _, continuation in pairs], positions)
+            logits = [step[s:s + 1] for s in range(len(pairs))]
+    return [StreamResult(nll[s], attended[s], steady_from[s]) for s in range(len(pairs))]
 
 
 def _passkey_ok(*args) -> bool:
@@ -164,16 +214,21 @@ class QualityEvaluator:
         """Per window: ppl under eviction and with the full cache over the steady targets, the increase
         in %, and the attended fraction over the steps that predicted them."""
         out: dict[str, list[float]] = {"ppl": [], "ppl_full": [], "ppl_delta_pct": [], "attended_fraction": []}
-        for ids in self.windows(p):
-            prompt, continuation = ids[:p], ids[p:]
-            ref = np.asarray(self.cache.get(["nll", ids], functools.partial(
-                _nll_list, self.reference, prompt, continuation)))
-            # Without eviction the engine computes the reference's numbers (the codec is lossless), and
-            # a trigger beyond the window's length means no layer can evict (the A/A check's h2o run).
-            kv = self.engine.kv
-            evicts = kv.evicting and kv.h2o_trigger_min_tokens <= len(ids)
-            run = stream_nll(self.engine, prompt, continuation) if evicts else \
-                StreamResult(ref, np.ones(len(ref)), len(ref))
+        windows = self.windows(p)
+        pairs = [(ids[:p], ids[p:]) for ids in windows]
+        # the full-cache numbers: stored per machine; the missing ones are computed together
+        refs = [self.cache.peek(["nll", ids]) for ids in windows]
+        missing = [i for i, ref in enumerate(refs) if ref is None]
+        for i, run in zip(missing, stream_nll_many(self.reference, [pairs[i] for i in missing])):
+            refs[i] = self.cache.put(["nll", windows[i]], run.nll.tolist())
+        # Without eviction the engine computes the reference's numbers (the codec is lossless), and
+        # a trigger beyond the window's length means no layer can evict (the A/A check's h2o run).
+        kv = self.engine.kv
+        evicting = [i for i, ids in enumerate(windows) if kv.evicting and kv.h2o_trigger_min_tokens <= len(ids)]
+        runs = dict(zip(evicting, stream_nll_many(self.engine, [pairs[i] for i in evicting])))
+        for i in range(len(windows)):
+            ref = np.asarray(refs[i])
+            run = runs.get(i) or StreamResult(ref, np.ones(len(ref)), len(ref))
             ppl, ppl_full = perplexity(run.steady(run.nll)), perplexity(run.steady(ref))
             out["ppl"].append(ppl)
             out["ppl_full"].append(ppl_full)

@@ -24,6 +24,7 @@ def test_wheel_carries_configs_presets_kernels_and_typing(tmp_path):
     files = set(zipfile.ZipFile(wheel).namelist())
     for name in ("h2okit/presets/target_ratio.json", "h2okit/presets/target_speed.json", "h2okit/presets/aa.json",
                  "h2okit/configs/smollm2-135m.json", "h2okit/configs/smollm2-135m-seed.json",
+                 "h2okit/configs/gemma3-270m.json", "h2okit/configs/gemma3-270m-seed.json",
                  "h2okit/kernels/llama_decode.c", "h2okit/kernels/h2okit_kernels.h", "h2okit/py.typed", "h2okit/__main__.py"):
         assert name in files, name
     assert any(f.endswith("licenses/LICENSE") or f.endswith("/LICENSE") for f in files)

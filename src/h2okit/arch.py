@@ -20,6 +20,7 @@ one, a new kernel argument.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,12 +117,15 @@ def _gemma3(model) -> Architecture:
 
 
 FAMILIES: dict[str, Callable[[object], Architecture]] = {"llama": _llama, "gemma3_text": _gemma3}
+_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def architecture_of(model) -> Architecture:
-    """The model's Architecture; ArchitectureUnsupported names what the fast path lacks."""
-    model_type = model.config.get_text_config().model_type
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise ArchitectureUnsupported(f"model_type '{model_type}' (the fast path covers: {', '.join(FAMILIES)})")
-    return family(model)
+    """The model's Architecture, built once per model; ArchitectureUnsupported names what the fast path lacks."""
+    if model not in _BY_MODEL:
+        model_type = model.config.get_text_config().model_type
+        family = FAMILIES.get(model_type)
+        if family is None:
+            raise ArchitectureUnsupported(f"model_type '{model_type}' (the fast path covers: {', '.join(FAMILIES)})")
+        _BY_MODEL[model] = family(model)
+    return _BY_MODEL[model]

@@ -107,13 +107,9 @@ class DecodeWeights:
             + self.head.nbytes
 
 
-def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | None = None) -> DecodeWeights:
-    """Float copies of every decode matrix (`head`: a given lm_head instead, e.g. its stored blocks)."""
-    code = _FLOAT_CODES[dtype]
-
-    def mat(*parts) -> Matrix:
-        return Matrix(torch.cat([p.weight.detach().to(dtype) for p in parts]).contiguous(), code)
-
+def _from_modules(model, mat, description: str, head: Matrix | None = None) -> DecodeWeights:
+    """Every decode matrix made by `mat(*linears)` from the model's own Linear modules, in the fused
+    layout (`head`: a given lm_head instead, e.g. its stored blocks)."""
     blocks = model.model.layers
     return DecodeWeights(
         qkv=[mat(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks],
@@ -121,6 +117,16 @@ def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | N
         gate_up=[mat(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
         down=[mat(b.mlp.down_proj) for b in blocks],
         head=head if head is not None else mat(model.lm_head), description=description)
+
+
+def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | None = None) -> DecodeWeights:
+    """Float copies of every decode matrix."""
+    code = _FLOAT_CODES[dtype]
+
+    def mat(*parts) -> Matrix:
+        return Matrix(torch.cat([p.weight.detach().to(dtype) for p in parts]).contiguous(), code)
+
+    return _from_modules(model, mat, description, head)
 
 
 def _block_matrix(q) -> Matrix:
@@ -201,15 +207,16 @@ def _q8_0_from_floats(loaded, reason: str) -> DecodeWeights:
 
     stored = _stored_head(loaded)
     head_as_stored = stored is not None and stored[1] == "Q8_0"
-    head = stored[0] if head_as_stored else mat(model.lm_head)
-    blocks = model.model.layers
-    return DecodeWeights(
-        qkv=[mat(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks],
-        o=[mat(b.self_attn.o_proj) for b in blocks],
-        gate_up=[mat(b.mlp.gate_proj, b.mlp.up_proj) for b in blocks],
-        down=[mat(b.mlp.down_proj) for b in blocks], head=head,
-        description=f"Q8_0 layers re-quantized from the model's floats ({reason}; not bit-exact to the model), "
-                    f"lm_head {'Q8_0 blocks as stored' if head_as_stored else 're-quantized to Q8_0'}")
+    head = "Q8_0 blocks as stored" if head_as_stored else "re-quantized to Q8_0"
+    return _from_modules(model, mat, f"Q8_0 layers re-quantized from the model's floats ({reason}; not bit-exact "
+                                     f"to the model), lm_head {head}", head=stored[0] if head_as_stored else None)
+
+
+def _slot_args(slot: tuple[int, int, int] | None) -> tuple[object, object, int]:
+    """(K address, V address, head stride) of a cache slot for the kernels; NULLs when there is none."""
+    if slot is None:
+        return kernels.NULL, kernels.NULL, 0
+    return kernels.address(slot[0]), kernels.address(slot[1]), slot[2]
 
 
 def decode_weights(loaded) -> DecodeWeights:
@@ -298,9 +305,6 @@ class FastDecoder:
         self.attn = torch.empty(q_dim)
         self.gate_up = torch.empty(2 * self.inter)
         self.logits = torch.empty(self.vocab)
-        # k and v of this step as [1, kv_heads, 1, head_dim] views of the qkv buffer (what layer.append takes)
-        self.k_new = self.qkv[q_dim:q_dim + kv_dim].view(1, self.kv_heads, 1, self.head_dim)
-        self.v_new = self.qkv[q_dim + kv_dim:].view(1, self.kv_heads, 1, self.head_dim)
         # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
         self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
         self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (arch.final_norm,
@@ -335,6 +339,32 @@ class FastDecoder:
         blocks = -(-tokens // max(block, 1))
         return _ptr(self._probs), self._head_mass[:self.kv_heads * blocks].view(self.kv_heads, blocks)
 
+    def _threads(self) -> int:
+        """The threads the attention kernel may use (its per-thread partial sums grown to match)."""
+        threads = torch.get_num_threads()
+        if self._partial.numel() < threads * self.q_dim:
+            self._partial = torch.empty(threads * self.q_dim)
+        return threads
+
+    def _attend(self, layer, slot, qkv_row: torch.Tensor, attn_out, threads: int) -> None:
+        """One sequence's attention in one layer after its attention input: the token's k and v into the
+        cache (written by the kernel into `slot`, or appended in store mode), attention over what the
+        layer attends to (into `attn_out`), then the layer's scoring and eviction."""
+        if slot is not None:
+            keys, values = layer.commit_slot()
+        else:
+            kv = qkv_row[self.q_dim:].view(2, 1, self.kv_heads, 1, self.head_dim)
+            keys, values = layer.append(kv[0], kv[1])
+        # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
+        if layer.is_sliding:  # a local layer attends to its window (the last slots)
+            keys, values = layer.visible(keys, values)
+        block = layer.mass_block  # 0: this layer needs no attention mass
+        probs, block_mass = self._scratch(keys.shape[2], block)
+        self.lib.h2k_attend(self.dims, _ptr(qkv_row), _ptr(keys), _ptr(values), keys.stride(1),
+                            _KV_CODES[keys.dtype], keys.shape[2], probs, attn_out,
+                            _ptr(block_mass) if block else kernels.NULL, max(block, 1), _ptr(self._partial), threads)
+        layer.after_decode_blocks(block_mass.numpy() if block else None)
+
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
         """Feed one token at absolute `position`; returns its logits [vocab] (float32, a new tensor)."""
@@ -344,28 +374,15 @@ class FastDecoder:
         if self.arch.embed_scale is not None:
             self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
-        slots = torch.get_num_threads()
-        if self._partial.numel() < slots * self.q_dim:
-            self._partial = torch.empty(slots * self.q_dim)
-        partial = _ptr(self._partial)
+        threads = self._threads()
         for layer, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in zip(cache.layers, self._ptrs):
             cos, sin = ropes[kind]
             slot = layer.decode_slot()  # None in store mode: the layer's own append stores k and v
-            k_slot, v_slot, stride = (kernels.address(slot[0]), kernels.address(slot[1]), slot[2]) \
-                if slot is not None else (null, null, 0)
+            k_slot, v_slot, stride = _slot_args(slot)
             lib.h2k_attention_input(dims, x, in_norm, w_qkv, h, qkv, q_norm, k_norm, cos, sin, k_slot, v_slot,
                                     stride, _KV_CODES[layer.store_dtype])
-            # K/V come back as [1, kv_heads, T, head_dim] with contiguous rows (buffer views or a concat)
-            keys, values = layer.commit_slot() if slot is not None else layer.append(self.k_new, self.v_new)
-            if layer.is_sliding:  # a local layer attends to its window (the last slots)
-                keys, values = layer.visible(keys, values)
-            tokens = keys.shape[2]
-            block = layer.mass_block  # 0: this layer needs no attention mass
-            probs, block_mass = self._scratch(tokens, block)
-            lib.h2k_attend(dims, qkv, _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype], tokens,
-                           probs, attn, _ptr(block_mass) if block else null, max(block, 1), partial, slots)
-            layer.after_decode_blocks(block_mass.numpy() if block else None)
+            self._attend(layer, slot, self.qkv, attn, threads)
             lib.h2k_mlp_block(dims, x, attn, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)
@@ -376,7 +393,7 @@ class FastDecoder:
         """One decode step for B sequences, each with its own cache (and so its own policies): the weights
         are read once for all of them (the *_batch kernels), attention and scoring run per sequence.
         Returns logits [B, vocab]; row i is what `step(caches[i], tokens[i], positions[i])` returns."""
-        lib, dims, null, ffi = self.lib, self.dims, kernels.NULL, kernels.ffi
+        lib, dims, ffi = self.lib, self.dims, kernels.ffi
         batch = len(caches)
         x = self.embed[torch.tensor(tokens)].float()
         if self.arch.embed_scale is not None:
@@ -388,10 +405,7 @@ class FastDecoder:
         rope_ptrs = {kind: (ffi.new("float *[]", [c for c, _ in rows]), ffi.new("float *[]", [s for _, s in rows]))
                      for kind, rows in ropes.items()}
         k_slots, v_slots, strides = ffi.new("void *[]", batch), ffi.new("void *[]", batch), ffi.new("long []", batch)
-        slots = torch.get_num_threads()
-        if self._partial.numel() < slots * self.q_dim:
-            self._partial = torch.empty(slots * self.q_dim)
-        partial = _ptr(self._partial)
+        threads = self._threads()
         qkv_rows = [qkv[i] for i in range(batch)]
         for index, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in enumerate(self._ptrs):
@@ -399,27 +413,12 @@ class FastDecoder:
             kv_code = _KV_CODES[layers[0].store_dtype]
             cache_slots = [layer.decode_slot() for layer in layers]
             for i, slot in enumerate(cache_slots):
-                k_slots[i], v_slots[i], strides[i] = (kernels.address(slot[0]), kernels.address(slot[1]), slot[2]) \
-                    if slot is not None else (null, null, 0)
+                k_slots[i], v_slots[i], strides[i] = _slot_args(slot)
             cos, sin = rope_ptrs[kind]
             lib.h2k_attention_input_batch(dims, batch, _ptr(x), in_norm, w_qkv, _ptr(h), _ptr(qkv), q_norm, k_norm,
                                           cos, sin, k_slots, v_slots, strides, kv_code)
             for i, (layer, slot) in enumerate(zip(layers, cache_slots)):
-                row = qkv_rows[i]
-                if slot is not None:
-                    keys, values = layer.commit_slot()
-                else:
-                    keys, values = layer.append(
-                        row[self.q_dim:self.q_dim + self.kv_dim].view(1, self.kv_heads, 1, self.head_dim),
-                        row[self.q_dim + self.kv_dim:].view(1, self.kv_heads, 1, self.head_dim))
-                if layer.is_sliding:
-                    keys, values = layer.visible(keys, values)
-                block = layer.mass_block
-                probs, block_mass = self._scratch(keys.shape[2], block)
-                lib.h2k_attend(dims, _ptr(row), _ptr(keys), _ptr(values), keys.stride(1), _KV_CODES[keys.dtype],
-                               keys.shape[2], probs, _ptr(attn[i]), _ptr(block_mass) if block else null,
-                               max(block, 1), partial, slots)
-                layer.after_decode_blocks(block_mass.numpy() if block else None)
+                self._attend(layer, slot, qkv_rows[i], _ptr(attn[i]), threads)
             lib.h2k_mlp_block_batch(dims, batch, _ptr(x), _ptr(attn), w_o, attn_out_norm, mlp_norm, w_gu, w_down,
                                     mlp_out_norm, _ptr(h), _ptr(gate_up))
         lib.h2k_norm_gemv_batch(self.head_dims, batch, _ptr(x), self._final_norm_ptr, self._head_ptr, self.vocab,

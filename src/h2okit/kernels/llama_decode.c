@@ -107,13 +107,19 @@ static float exp_shifted(float *p, int n, float m) {
  * how many inputs ride along, so a batch gives each sequence what it gets alone, bit for bit. */
 enum { MULTI = 8 };
 
-static inline void dot_f32_multi(const float *w, const float *x, long xstride, int m, int n, float *out) {
+/* w is float32 or bf16 (`bf16`); always inlined, so each call site (a literal type) gets its own loop. */
+static inline __attribute__((always_inline)) void dot_float_multi(const void *w, int bf16, const float *x,
+                                                                   long xstride, int m, int n, float *out) {
+    const float *wf = (const float *)w;
+    const uint16_t *wh = (const uint16_t *)w;
 #ifdef __AVX512F__
     if (n % 16 == 0) {
         __m512 acc[MULTI];
         for (int j = 0; j < MULTI; j++) acc[j] = _mm512_setzero_ps();
         for (int c = 0; c < n; c += 16) {
-            __m512 wv = _mm512_loadu_ps(w + c);
+            __m512 wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
+                             : _mm512_loadu_ps(wf + c);
 #pragma GCC unroll 8
             for (int j = 0; j < MULTI; j++)
                 if (j < m) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * xstride + c), acc[j]);
@@ -126,32 +132,7 @@ static inline void dot_f32_multi(const float *w, const float *x, long xstride, i
         float acc = 0.0f;
         const float *xj = x + j * xstride;
 #pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < n; c++) acc += w[c] * xj[c];
-        out[j] = acc;
-    }
-}
-
-static inline void dot_bf16_multi(const uint16_t *w, const float *x, long xstride, int m, int n, float *out) {
-#ifdef __AVX512F__
-    if (n % 16 == 0) {
-        __m512 acc[MULTI];
-        for (int j = 0; j < MULTI; j++) acc[j] = _mm512_setzero_ps();
-        for (int c = 0; c < n; c += 16) {
-            __m512 wv = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + c))), 16));
-#pragma GCC unroll 8
-            for (int j = 0; j < MULTI; j++)
-                if (j < m) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * xstride + c), acc[j]);
-        }
-        for (int j = 0; j < m; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
-        return;
-    }
-#endif
-    for (int j = 0; j < m; j++) {
-        float acc = 0.0f;
-        const float *xj = x + j * xstride;
-#pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * xj[c];
+        for (int c = 0; c < n; c++) acc += (bf16 ? bf16_to_f32(wh[c]) : wf[c]) * xj[c];
         out[j] = acc;
     }
 }
@@ -310,11 +291,11 @@ static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const fl
     }
 }
 
-/* y_b[r] (+)= W[r, :] . x_b for r < rows and each of `batch` inputs (x_b = x + b * cols, y_b = y + b * ystride;
+/* y_b[r] (+)= W[r, :] . x_b for r < rows and each of `batch` inputs (x_b = x + b * cols, y_b = y + b * rows;
  * quantized types: cols is a multiple of 32). Each group of rows is read from memory once and dotted with
  * every input while it is in cache: a batch costs the weight bytes of one sequence. */
-static void gemv_batch(int wtype, const void *W, const float *x, float *y, long ystride, int rows, int cols,
-                       int accumulate, int batch) {
+static void gemv_batch(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate,
+                       int batch) {
     if (wtype == Q4_1 || wtype == Q8_0) {
         int nb = cols / QBLOCK;
         long row_bytes = (long)nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
@@ -337,7 +318,7 @@ static void gemv_batch(int wtype, const void *W, const float *x, float *y, long 
                 if (wtype == Q4_1) dot_q4_1_rows(row, row_bytes, n, x + (long)i0 * cols, cols, sums + i0 * nb, m, nb, v);
                 else dot_q8_0_rows(row, row_bytes, n, x + (long)i0 * cols, cols, m, nb, v);
                 for (int j = 0; j < m; j++) {
-                    float *yi = y + (long)(i0 + j) * ystride + r0;
+                    float *yi = y + (long)(i0 + j) * rows + r0;
                     for (int k = 0; k < n; k++) yi[k] = accumulate ? yi[k] + v[k * QMULTI + j] : v[k * QMULTI + j];
                 }
             }
@@ -348,10 +329,12 @@ static void gemv_batch(int wtype, const void *W, const float *x, float *y, long 
             float v[MULTI];
             for (int i0 = 0; i0 < batch; i0 += MULTI) {
                 int m = batch - i0 < MULTI ? batch - i0 : MULTI;
-                if (wtype == BF16) dot_bf16_multi((const uint16_t *)W + (long)r * cols, x + (long)i0 * cols, cols, m, cols, v);
-                else dot_f32_multi((const float *)W + (long)r * cols, x + (long)i0 * cols, cols, m, cols, v);
+                if (wtype == BF16)
+                    dot_float_multi((const uint16_t *)W + (long)r * cols, 1, x + (long)i0 * cols, cols, m, cols, v);
+                else
+                    dot_float_multi((const float *)W + (long)r * cols, 0, x + (long)i0 * cols, cols, m, cols, v);
                 for (int j = 0; j < m; j++) {
-                    float *yi = y + (long)(i0 + j) * ystride;
+                    float *yi = y + (long)(i0 + j) * rows;
                     yi[r] = accumulate ? yi[r] + v[j] : v[j];
                 }
             }
@@ -385,7 +368,7 @@ static void rope(float *v, int heads, int head_dim, const float *cos, const floa
 void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
                    float *y, int rope_heads, const float *cos, const float *sin) {
     rms_norm(x, norm_w, d->eps, h, d->hidden);
-    gemv_batch(d->wtype, W, h, y, rows, rows, d->hidden, 0, 1);
+    gemv_batch(d->wtype, W, h, y, rows, d->hidden, 0, 1);
     if (rope_heads > 0) rope(y, rope_heads, d->head_dim, cos, sin);
 }
 
@@ -394,7 +377,7 @@ void h2k_norm_gemv_batch(const h2k_dims *d, int batch, const float *x, const flo
                          float *h, float *y) {
     for (int i = 0; i < batch; i++)
         rms_norm(x + (long)i * d->hidden, norm_w, d->eps, h + (long)i * d->hidden, d->hidden);
-    gemv_batch(d->wtype, W, h, y, rows, rows, d->hidden, 0, batch);
+    gemv_batch(d->wtype, W, h, y, rows, d->hidden, 0, batch);
 }
 
 /* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
@@ -455,10 +438,10 @@ void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w,
 static void gemv_normed_add(int wtype, const void *W, const float *v, const float *out_norm_w, float eps, float *y,
                             float *h, int rows, int cols, int batch) {
     if (out_norm_w == NULL) {
-        gemv_batch(wtype, W, v, y, rows, rows, cols, 1, batch);
+        gemv_batch(wtype, W, v, y, rows, cols, 1, batch);
         return;
     }
-    gemv_batch(wtype, W, v, h, rows, rows, cols, 0, batch);
+    gemv_batch(wtype, W, v, h, rows, cols, 0, batch);
     for (int i = 0; i < batch; i++) {
         float *hi = h + (long)i * rows, *yi = y + (long)i * rows;
         rms_norm(hi, out_norm_w, eps, hi, rows);
@@ -477,7 +460,7 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
     float eps = d->eps;
     gemv_normed_add(wtype, Wo, attn, attn_out_norm_w, eps, x, h, hidden, d->q_heads * d->head_dim, batch);
     for (int i = 0; i < batch; i++) rms_norm(x + (long)i * hidden, post_norm_w, eps, h + (long)i * hidden, hidden);
-    gemv_batch(wtype, Wgu, h, gu, 2 * inter, 2 * inter, hidden, 0, batch);
+    gemv_batch(wtype, Wgu, h, gu, 2 * inter, hidden, 0, batch);
     for (int s = 0; s < batch; s++) {
         float *g_row = gu + (long)s * 2 * inter, *up = g_row + inter;
         if (d->act == H2K_GELU_TANH) {
@@ -496,14 +479,9 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
             }
         }
     }
-    /* the activations sit in the first half of each gu row: inputs of width inter, stride 2 inter */
-    if (batch == 1) {
-        gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, 1);
-    } else {
-        for (int s = 1; s < batch; s++) /* pack the activations: [batch, inter] in place */
-            memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);
-        gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, batch);
-    }
+    /* the activations sit in the first half of each gu row: pack them to [batch, inter] in place */
+    for (int s = 1; s < batch; s++) memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);
+    gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, batch);
 }
 
 /* One sequence: h2k_mlp_block_batch with batch 1. */

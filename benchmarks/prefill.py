@@ -12,10 +12,12 @@ own bf16 forward, for comparison. Timing only: run it alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
+from rounds import interleaved  # this folder: the shared schedule
 
 from h2okit.clikit import setup_logging
 from h2okit.config import load_config, parse_config
@@ -54,12 +56,7 @@ def main() -> None:
         native = Engine(engines["bf16 (float32 compute)"].loaded, kv, decode_path="reference")
         runs["bf16 (transformers bf16)"] = lambda p: prefill_tps(native, p, native.model)
     prompt = token_stream(engines["fp32"].loaded.tokenizer, load_texts(), args.prompt)
-    samples = {name: [] for name in runs}
-    for rnd in range(args.reps + 1):  # round 0: warm-up
-        for name, run in runs.items():
-            tps = run(prompt)
-            if rnd:
-                samples[name].append(tps)
+    samples = interleaved({name: functools.partial(run, prompt) for name, run in runs.items()}, args.reps)
     print(f"\nprefill P={args.prompt}, {args.threads} threads, medians of {args.reps} interleaved rounds")
     print("| model | tok/s | per-round ratio to fp32 (median) |\n|---|---:|---:|")
     for name, values in samples.items():

@@ -17,6 +17,7 @@ weights (`llm_weight_dtype`, default auto: the GGUF's own blocks), H2O off, and 
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import statistics
 import sys
@@ -24,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from rounds import interleaved  # this folder: the shared schedule
 
 from h2okit.clikit import setup_logging
 from h2okit.config import load_config, parse_config
@@ -84,13 +86,8 @@ def main() -> int:
     texts = load_texts()
     for p in prompts:
         prompt = token_stream(loaded.tokenizer, texts, p)
-        samples = {name: [] for name in runs}
-        for rnd in range(args.reps + 1):  # round 0: warm-up
-            for name, run in runs.items():
-                result = run(prompt)
-                if rnd:
-                    samples[name].append(result)
-            print(f"  P={p} round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+        samples = interleaved({name: functools.partial(run, prompt) for name, run in runs.items()}, args.reps,
+                              f"P={p} ")
         print(f"\nP={p} G={args.gen}, {args.threads} threads, {path.name}: medians of {args.reps} interleaved rounds")
         print("| engine | prefill tok/s | decode tok/s | decode vs llama.cpp (per-round pairs) |")
         print("|---|---:|---:|---|")

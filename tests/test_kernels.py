@@ -198,6 +198,29 @@ def test_same_attention_inputs_give_identical_plans(policy, block, per_head):
     assert plans[0] == plans[1]
 
 
+@pytest.mark.parametrize("policy", ["h2o", "tova", "window"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_score_update_in_c_is_the_scorers_numpy_update_bit_for_bit(policy, per_head):
+    """h2k_update_scores (the fused step's scoring) on the scorer's own storage gives exactly what
+    LayerPolicy.observe_blocks computes in numpy, step after step, as blocks appear."""
+    rng = np.random.default_rng(3)
+    params = PlanParams(block_tokens=4, sink_tokens=4, recent_tokens=8, keep_ratio=0.5, per_head=per_head)
+    numpy_side, c_side = (LayerPolicy(layer=1, params=params, ema_alpha=0.87, update_interval=99,
+                                      trigger_min_tokens=10**6, policy=policy) for _ in range(2))
+    kv_heads = 3
+    for length in range(30, 60):
+        mass = rng.random((kv_heads, -(-length // 4)), dtype=np.float32)
+        numpy_side.observe_blocks(mass)
+        storage, decay, gain = c_side.in_place_update(kv_heads, length)
+        lib.h2k_update_scores(kernels.ffi.cast("float *", mass.ctypes.data), kv_heads, mass.shape[1],
+                              kernels.ffi.cast("double *", storage.ctypes.data), storage.shape[0], storage.shape[1],
+                              decay, gain)
+        c_side.observed_in_place(length)
+        assert c_side.scores.shape == numpy_side.scores.shape
+        np.testing.assert_array_equal(c_side.scores, numpy_side.scores)
+    assert c_side.steps_since_eviction == numpy_side.steps_since_eviction == 30
+
+
 def test_a_missing_compiler_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setattr(kernels, "_loaded", None)

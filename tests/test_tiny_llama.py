@@ -12,6 +12,7 @@ import torch
 from h2okit.attention import ATTN_IMPLEMENTATION, register
 from h2okit.config import parse_config
 from h2okit.model import LoadedModel
+from h2okit.policy import SCORERS
 from h2okit.runtime import Engine
 
 LAYOUTS = {  # name: (query heads, KV heads, head dim)
@@ -50,12 +51,16 @@ def kv_config(policy: str, per_head: bool = False, cache_dtype: str = "float32",
                          "kv_cache_dtype": cache_dtype, **extra}).kv
 
 
-def teacher_forced(engine: Engine, ids: list[int], prompt: int):
+def teacher_forced(engine: Engine, ids: list[int], prompt: int, scores: list | None = None):
+    """(logits, plans, lengths) of teacher-forcing `ids` after a `prompt`-token prefill; `scores` gets
+    every evicting layer's final block scores."""
     cache = engine.new_cache()
     logits = [engine.forward(cache, ids[:prompt], 0)[-1]]
     for i, token in enumerate(ids[prompt:-1]):
         logits.append(engine.forward(cache, [token], prompt + i)[-1])
     plans = [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
+    if scores is not None:
+        scores.extend(layer.policy.scorer.state.copy() for layer in cache.layers if layer.policy is not None)
     return torch.stack(logits).float(), plans, cache.seq_lengths().tolist()
 
 
@@ -138,3 +143,45 @@ def test_chunked_prefill_without_eviction_is_the_same_computation():
     b = whole.forward(whole.new_cache(), ids, 0, all_logits=True)
     assert a.shape == b.shape == (100, 320)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy, per_head, extra", [
+    ("h2o", False, {"kv_h2o_value_norm": True}), ("h2o", True, {}), ("tova", True, {}), ("window", False, {}),
+    ("streaming", False, {}), ("mean", False, {}),  # mean: its step is not decay * s + gain * m, never fused
+    ("h2o", False, {"kv_lossless_enable": True, "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_mode": "full"}),
+    ("h2o", False, {"kv_lossless_enable": True, "kv_lossless_codec": "gear_delta",
+                     "kv_lossless_runtime_mode": "store"}),  # store mode: not fused
+])
+def test_one_call_per_step_is_the_per_layer_path_bit_for_bit(monkeypatch, policy, per_head, extra):
+    """The fused step (h2k_decode_step, scores updated in C) runs the per-layer kernels' arithmetic in
+    their order and numpy's score arithmetic: logits, scores, plans and lengths are identical."""
+    from h2okit.fastpath import FastDecoder
+
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    ids = np.random.default_rng(2).integers(0, 320, 90).tolist()
+    engine = Engine(loaded, kv_config(policy, per_head, **extra), decode_path="fast")
+    calls = []
+    lib = engine.fast.lib
+
+    class Counting:  # counts fused calls, passes everything through
+        def __getattr__(self, name):
+            if name == "h2k_decode_step":
+                calls.append(name)
+            return getattr(lib, name)
+
+    monkeypatch.setattr(engine.fast, "lib", Counting())
+    fused_scores, per_layer_scores = [], []
+    fused = teacher_forced(engine, ids, 40, fused_scores)
+    fused_calls = len(calls)
+    monkeypatch.setattr(FastDecoder, "fuse_steps", False)
+    per_layer = teacher_forced(engine, ids, 40, per_layer_scores)
+    assert len(calls) == fused_calls  # the switch works: no fused call without it
+    expect_fused = policy != "mean" and extra.get("kv_lossless_runtime_mode") != "store"
+    assert fused_calls == (len(ids) - 41 if expect_fused else 0)
+    assert torch.equal(fused[0], per_layer[0])
+    assert fused[1] == per_layer[1] and fused[2] == per_layer[2]
+    assert len(fused[1]) >= 3 * 3
+    assert len(fused_scores) == 3
+    for a, b in zip(fused_scores, per_layer_scores):
+        np.testing.assert_array_equal(a, b)
+        assert a.any() or not SCORERS[policy].uses_attention

@@ -61,12 +61,17 @@ class KVBuffer:
         v[:, :, :self.length] = self.v[:, :, :self.length]
         self.k, self.v = k, v
 
-    def next_slot(self) -> tuple[int, int, int]:
-        """(K address, V address, head stride in elements) of the slot the next token goes to, for a
-        kernel that writes it directly; `commit(1)` then counts it."""
+    def layout(self) -> tuple[int, int, int, int]:
+        """(K address, V address of slot 0, head stride in elements, tokens held), with room for one more
+        token, for a kernel that writes the next token itself; `commit(1)` then counts it."""
         self._reserve(self.length + 1)
-        offset = self.length * self.k.shape[-1] * self.k.element_size()
-        return self.k.data_ptr() + offset, self.v.data_ptr() + offset, self.k.stride(1)
+        return self.k.data_ptr(), self.v.data_ptr(), self.k.stride(1), self.length
+
+    def next_slot(self) -> tuple[int, int, int]:
+        """(K address, V address, head stride in elements) of the slot the next token goes to."""
+        k, v, stride, length = self.layout()
+        offset = length * self.k.shape[-1] * self.k.element_size()
+        return k + offset, v + offset, stride
 
     def commit(self, n: int) -> None:
         self.length += n
@@ -160,6 +165,26 @@ class H2OLayer(CacheLayerMixin):
         self.buffer.commit(1)
         return self._grown(1)
 
+    def decode_layout(self) -> tuple[int, int, int, int, int] | None:
+        """For a kernel that runs a whole decode step (the fast path's fused step): K and V addresses of
+        slot 0, the head stride in elements, the tokens held (the new token goes to that slot, room for
+        it is made) and the first slot the step attends to; None when the token must go through
+        `append` (nothing cached yet, or store mode). `after_fused_step` then counts the token."""
+        if not self.is_initialized:
+            return None
+        return *self.buffer.layout(), 0
+
+    def after_fused_step(self, scored: bool) -> None:
+        """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the
+        scores in place (LayerPolicy.in_place_update); the rest of `after_decode_blocks` follows."""
+        self.commit_slot()
+        if self.policy is not None:
+            if scored:
+                self.policy.observed_in_place(self.get_seq_length())
+            else:
+                self.policy.tick()
+        self._evict_and_measure()
+
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All of the layer's K/V in storage dtype."""
         return self.keys, self.values
@@ -244,6 +269,11 @@ class H2OLayer(CacheLayerMixin):
                 self.policy.observe_blocks(block_mass)
             else:
                 self.policy.tick()
+        self._evict_and_measure()
+
+    def _evict_and_measure(self) -> None:
+        """After a decode step was scored: the eviction if one is due, then the codec's cadence."""
+        if self.policy is not None:
             length = self.get_seq_length()
             norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(length) else None
             event = self.policy.maybe_plan(length, self.tokens_seen, norms)
@@ -352,6 +382,14 @@ class SlidingWindowLayer(H2OLayer):
         self.drop_outside_window(self.TRIM_SLACK)  # each new token still sees its window - 1 predecessors
         return super().append(key_states, value_states)
 
+    def decode_layout(self) -> tuple[int, int, int, int, int] | None:
+        self.drop_outside_window(self.TRIM_SLACK)
+        layout = super().decode_layout()
+        if layout is None:
+            return None
+        *addresses, length, _ = layout
+        return *addresses, length, max(0, length + 1 - self.window)
+
     def visible(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What a decode step attends to: the last `window` slots (the layer never compacts, so
         slots are consecutive positions)."""
@@ -377,6 +415,9 @@ class ColdStoreLayer(H2OLayer):
 
     def decode_slot(self) -> None:
         return None  # appends go through `append`, which re-joins the cold part
+
+    def decode_layout(self) -> None:
+        return None
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cold frames decoded, then the hot part."""

@@ -247,6 +247,8 @@ class FastDecoder:
     `Engine.forward` of one token."""
 
     _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    fuse_steps = True  # one C call per step where the cache allows it; False: always one call per kernel and
+    # layer (the same arithmetic in the same order: tests and benchmarks compare the two)
 
     @classmethod
     def for_model(cls, loaded) -> FastDecoder:
@@ -296,6 +298,12 @@ class FastDecoder:
                        _ptr(n.mlp_in), _ptr(gu.data), _ptr(down.data), opt(n.mlp_out), kind)
                       for n, qkv, o, gu, down, kind
                       in zip(arch.norms, weights.qkv, weights.o, weights.gate_up, weights.down, arch.rope_kinds)]
+        # the same pointers as one C array for the fused step (h2k_decode_step), and its per-layer cache
+        # slots, refilled before every step
+        self._layer_weights = kernels.ffi.new("h2k_layer_weights[]", [
+            {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
+             "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])
+        self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs))
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.vocab = model.lm_head.weight.shape[0]
@@ -365,9 +373,38 @@ class FastDecoder:
                             _ptr(block_mass) if block else kernels.NULL, max(block, 1), _ptr(self._partial), threads)
         layer.after_decode_blocks(block_mass.numpy() if block else None)
 
+    def _fill_layer_caches(self, cache: H2OCache, ropes: dict) -> list[bool] | None:
+        """The fused step's per-layer slots (`h2k_layer_cache`) for this step, and per layer whether the
+        step updates its scores; None when some layer needs the per-layer path (store mode, a scorer
+        whose step is not decay * scores + gain * mass, or a layer that has cached nothing)."""
+        scored, longest = [], 0
+        for slot, layer, kind in zip(self._layer_caches, cache.layers, self.arch.rope_kinds):
+            layout = layer.decode_layout()
+            if layout is None:
+                return None
+            k, v, slot.head_stride, slot.length, slot.first_visible = layout
+            slot.K, slot.V = kernels.address(k), kernels.address(v)
+            slot.kvtype = _KV_CODES[layer.store_dtype]
+            slot.cos, slot.sin = ropes[kind]
+            longest = max(longest, slot.length + 1)
+            slot.block = block = layer.mass_block
+            slot.scores = kernels.NULL
+            if block:
+                update = layer.policy.in_place_update(self.kv_heads, slot.length + 1)
+                if update is None:
+                    return None
+                scores, slot.decay, slot.gain = update
+                slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
+                slot.score_rows, slot.score_stride = scores.shape
+            scored.append(bool(block))
+        self._scratch(longest, 1)
+        return scored
+
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
-        """Feed one token at absolute `position`; returns its logits [vocab] (float32, a new tensor)."""
+        """Feed one token at absolute `position`; returns its logits [vocab] (float32, a new tensor).
+        One C call for the whole step (h2k_decode_step) when every layer allows it; the layers' scoring
+        bookkeeping and any eviction that came due follow in Python. Else one call per kernel per layer."""
         lib, dims, null = self.lib, self.dims, kernels.NULL
         ropes = {kind: self._rope_at(position, kind) for kind in self._rope_kinds}
         self.x.copy_(self.embed[token])
@@ -375,6 +412,14 @@ class FastDecoder:
             self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
         threads = self._threads()
+        scored = self._fill_layer_caches(cache, ropes) if self.fuse_steps else None
+        if scored is not None:
+            lib.h2k_decode_step(dims, self.head_dims, self._layer_weights, self._layer_caches, len(scored), x, h, qkv,
+                                attn, gate_up, _ptr(self._probs), _ptr(self._head_mass), _ptr(self._partial),
+                                threads, self._final_norm_ptr, self._head_ptr, self.vocab, self._logits_ptr)
+            for layer, layer_scored in zip(cache.layers, scored):
+                layer.after_fused_step(layer_scored)
+            return self.logits.clone()
         for layer, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in zip(cache.layers, self._ptrs):
             cos, sin = ropes[kind]

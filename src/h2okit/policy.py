@@ -26,18 +26,32 @@ import numpy as np
 BUDGET_BASES = ("current", "seen", "tokens")
 
 
+def _grown(state: np.ndarray, rows: int, nb: int) -> np.ndarray:
+    """`state` with `rows` rows (if it had no columns) and at least `nb` columns, new ones 0."""
+    if state.shape[0] != rows and state.shape[1] == 0:
+        state = np.zeros((rows, 0))
+    if nb > state.shape[1]:
+        state = np.concatenate([state, np.zeros((state.shape[0], nb - state.shape[1]))], axis=1)
+    return state
+
+
 def _take_blocks(state: np.ndarray, kept_blocks: np.ndarray) -> np.ndarray:
     """Each row's kept blocks (a shared plan's one row serves every row of a per-head state)."""
     return np.take_along_axis(state, np.broadcast_to(kept_blocks, (state.shape[0], kept_blocks.shape[1])), axis=1)
 
 
-# --- scorers -----------------------------------------------------------------------------------
+# --- scorers ---------------------------------------------------------------------------------
 class Scorer:
     """Per-block scores of one layer, `[heads, blocks]` (heads = 1 when selection is shared).
 
     `observe` gets one decode step's attention mass per block (new blocks appear at the end);
     `seed` the prompt's (opt-in); `scores` is read at plan time; `keep` re-maps the state
     after compaction (each row keeps its own blocks). Higher scores are kept first.
+
+    A scorer whose step is `scores = decay * scores + gain * mass` says so (`rule`); the fast path's
+    fused decode step then applies that rule in C to the same array (`storage`), in numpy's
+    arithmetic, so the scores do not depend on which path computed them. The array has spare
+    columns, zero beyond the scored blocks, so that new blocks start at 0 without a reallocation.
     """
 
     name: ClassVar[str] = ""
@@ -46,29 +60,59 @@ class Scorer:
 
     def __init__(self, alpha: float = 0.9, seed: int = 0, layer: int = 0):
         self.alpha, self.seed, self.layer = alpha, seed, layer
-        self.state = np.zeros((1, 0))
+        self._store = np.zeros((1, 0))  # [rows, capacity]; columns from _blocks on are 0
+        self._blocks = 0
         self.evictions = 0
 
-    def _grow(self, state: np.ndarray, heads: int, nb: int) -> np.ndarray:
-        """State with `heads` rows and `nb` blocks; new blocks start at 0."""
-        if state.shape[0] != heads and state.shape[1] == 0:
-            state = np.zeros((heads, 0))
-        if nb > state.shape[1]:
-            state = np.concatenate([state, np.zeros((heads, nb - state.shape[1]))], axis=1)
-        return state
+    @property
+    def state(self) -> np.ndarray:
+        """The scores of the blocks scored so far, [rows, blocks] (a view)."""
+        return self._store[:, :self._blocks]
+
+    @state.setter
+    def state(self, value: np.ndarray) -> None:
+        self._store = np.array(value, dtype=np.float64, ndmin=2)
+        self._blocks = self._store.shape[1]
+
+    def rule(self) -> tuple[float, float] | None:
+        """(decay, gain) of this scorer's step, or None when its step is not of that form."""
+        return None
+
+    def storage(self, rows: int, nb: int) -> np.ndarray:
+        """The scores' backing array, [rows, capacity >= nb], for an update of `nb` blocks in place."""
+        if self._store.shape[0] != rows and self._blocks == 0:
+            self._store = np.zeros((rows, 0))
+        if nb > self._store.shape[1]:
+            grown = np.zeros((self._store.shape[0], max(nb + 64, 2 * self._store.shape[1])))
+            grown[:, :self._blocks] = self.state
+            self._store = grown
+        return self._store
+
+    def updated_in_place(self, nb: int) -> None:
+        """`rule` was applied to the first `nb` blocks of `storage` (by the fused decode step)."""
+        self._blocks = max(self._blocks, nb)
+
+    def _apply(self, mass: np.ndarray, decay: float, gain: float) -> None:
+        nb = mass.shape[1]
+        scores = self.storage(mass.shape[0], nb)[:, :nb]
+        scores[...] = decay * scores + gain * mass
+        self._blocks = max(self._blocks, nb)
 
     def observe(self, mass: np.ndarray) -> None:
-        self.state = self._grow(self.state, *mass.shape)
+        rule = self.rule()
+        if rule is not None:  # (scorers that need no attention ignore it)
+            self._apply(mass, *rule)
 
     def seed_prompt(self, mass: np.ndarray) -> None:
-        self.state = np.array(mass, dtype=np.float64)
+        self.state = mass
 
     def scores(self, nb: int) -> np.ndarray:
-        return self._grow(self.state, self.state.shape[0], nb)
+        """[rows, nb] scores (a copy; blocks never observed score 0)."""
+        return np.array(self.storage(self._store.shape[0], nb)[:, :nb])
 
     def keep(self, kept_blocks: np.ndarray) -> None:
         """kept_blocks: [heads or 1, k] ascending block indices of the old layout."""
-        if self.state.shape[1]:  # (scorers that need no attention never hold state)
+        if self._blocks:  # (scorers that need no attention never hold state)
             self.state = _take_blocks(self.state, kept_blocks)
         self.evictions += 1
 
@@ -77,17 +121,16 @@ class EMAScorer(Scorer):
     name = "h2o"
     doc = "the seed's H2O: exponential moving average of attention mass (kv_h2o_ema_alpha)"
 
-    def observe(self, mass):
-        super().observe(mass)
-        self.state = self.alpha * self.state + (1.0 - self.alpha) * mass
+    def rule(self):
+        return self.alpha, 1.0 - self.alpha
 
 
 class LastStepScorer(Scorer):
     name = "tova"
     doc = "TOVA: the latest decode step's attention only"
 
-    def observe(self, mass):
-        self.state = np.array(mass, dtype=np.float64)
+    def rule(self):
+        return 0.0, 1.0
 
 
 class MeanScorer(Scorer):
@@ -102,10 +145,8 @@ class MeanScorer(Scorer):
         self.age = np.zeros((1, 0))
 
     def observe(self, mass):
-        super().observe(mass)
-        self.age = self._grow(self.age, *mass.shape)
-        self.state += mass
-        self.age += 1.0
+        self._apply(mass, 1.0, 1.0)
+        self.age = _grown(self.age, *mass.shape) + 1.0
 
     def seed_prompt(self, mass):
         super().seed_prompt(mass)
@@ -113,7 +154,7 @@ class MeanScorer(Scorer):
 
     def scores(self, nb):
         state = super().scores(nb)
-        age = self._grow(self.age, state.shape[0], nb)
+        age = _grown(self.age, state.shape[0], nb)
         return np.divide(state, age, out=np.zeros_like(state), where=age > 0)
 
     def keep(self, kept_blocks):
@@ -128,9 +169,8 @@ class WindowScorer(Scorer):
     name = "window"
     doc = "attention summed over the decode steps since the last eviction (SnapKV-like window)"
 
-    def observe(self, mass):
-        super().observe(mass)
-        self.state += mass
+    def rule(self):
+        return 1.0, 1.0
 
     def keep(self, kept_blocks):
         super().keep(kept_blocks)
@@ -396,6 +436,21 @@ class LayerPolicy:
             self.scorer.seed_prompt(rows)
             return
         self.scorer.observe(rows)
+        self.steps_since_eviction += 1
+
+    def in_place_update(self, kv_heads: int, length: int) -> tuple[np.ndarray, float, float] | None:
+        """For a decode step that folds its attention mass into the scores itself (the fast path's fused
+        step), over a layer of `length` tokens: the scores' storage, ready for its blocks, and the rule
+        (decay, gain); None when the scorer's step is not of that form (then `observe_blocks` it)."""
+        rule = self.scorer.rule()
+        if rule is None:
+            return None
+        rows = kv_heads if self.params.per_head else 1
+        return self.scorer.storage(rows, num_blocks(length, self.params.block_tokens)), *rule
+
+    def observed_in_place(self, length: int) -> None:
+        """The step `in_place_update` prepared for ran: the scores cover the layer's `length` tokens."""
+        self.scorer.updated_in_place(num_blocks(length, self.params.block_tokens))
         self.steps_since_eviction += 1
 
     def tick(self) -> None:

@@ -60,5 +60,54 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
                 int T, float *probs, float *out, float *head_mass, int block, float *partial, int slots);
 
+/* The fused decode step (h2k_decode_step): one call runs every layer and the lm_head, so Python runs
+ * between steps only. */
+
+/* One layer's decode weights and norms (NULL norms: the family has none). */
+typedef struct {
+    const float *attn_in_norm;
+    const void *qkv;             /* [q; k; v] rows */
+    const float *q_norm;
+    const float *k_norm;
+    const void *o;
+    const float *attn_out_norm;
+    const float *mlp_in_norm;
+    const void *gate_up;         /* [gate; up] rows */
+    const void *down;
+    const float *mlp_out_norm;
+} h2k_layer_weights;
+
+/* One layer's cache and scores for this step, filled by the caller before each step. */
+typedef struct {
+    void *K;                     /* slot 0 of KV head 0; head g starts head_stride elements later */
+    void *V;
+    long head_stride;
+    int kvtype;                  /* storage dtype of K/V */
+    int length;                  /* tokens held before the step: this token's k/v go to slot `length` */
+    int first_visible;           /* the first slot the query attends to (a sliding layer's window), else 0 */
+    const float *cos;            /* RoPE rows of this step's position, in the layer's table */
+    const float *sin;
+    int block;                   /* block size the attention mass is summed in; 0: no mass */
+    double *scores;              /* [score_rows, score_stride] or NULL: per block, scores = decay * scores
+                                    + gain * mass (mass per KV head, or summed over them when score_rows
+                                    is 1), as the policy's scorer would update them */
+    int score_rows;
+    long score_stride;
+    double decay;
+    double gain;
+} h2k_layer_cache;
+
+/* A whole decode step: for each layer attention input (k/v into slot `length`), attention over slots
+ * [first_visible, length] with the score update, MLP; then logits = head rmsnorm(x). x holds the
+ * token's embedding on entry. Scratch as h2k_attend's, sized for the longest layer. */
+void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
+                     const h2k_layer_cache *c, int layers, float *x, float *h, float *qkv, float *attn, float *gu,
+                     float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     const void *head, int vocab, float *logits);
+
+/* The fused step's score update alone (for tests): scores[r, b] = decay * scores[r, b] + gain * m_r[b]. */
+void h2k_update_scores(const float *head_mass, int kv_heads, int blocks, double *scores, int score_rows,
+                       long score_stride, double decay, double gain);
+
 /* Read bandwidth probe for benchmarks/roofline.py. */
 float h2k_read_sum(const float *a, long n);

@@ -680,6 +680,53 @@ void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V,
     }
 }
 
+/* The scorer's update, in the arithmetic numpy does in policy.py (so the fused step's scores are the
+ * per-layer path's, bit for bit): the mass as float64, summed over KV heads in head order when the
+ * scores are shared, then decay * s + gain * m as two rounded products and a rounded sum (no FMA
+ * contraction, which -march=native would otherwise allow). */
+__attribute__((optimize("fp-contract=off"))) void h2k_update_scores(const float *head_mass, int kv_heads, int blocks,
+                                                                     double *scores, int score_rows,
+                                                                     long score_stride, double decay, double gain) {
+    for (int r = 0; r < score_rows; r++) {
+        double *s = scores + (long)r * score_stride;
+        for (int b = 0; b < blocks; b++) {
+            double m;
+            if (score_rows == 1) {
+                m = (double)head_mass[b];
+                for (int g = 1; g < kv_heads; g++) m += (double)head_mass[(long)g * blocks + b];
+            } else {
+                m = (double)head_mass[(long)r * blocks + b];
+            }
+            double kept = decay * s[b], added = gain * m;
+            s[b] = kept + added;
+        }
+    }
+}
+
+void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
+                     const h2k_layer_cache *c, int layers, float *x, float *h, float *qkv, float *attn, float *gu,
+                     float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     const void *head, int vocab, float *logits) {
+    for (int l = 0; l < layers; l++) {
+        const h2k_layer_weights *lw = w + l;
+        const h2k_layer_cache *lc = c + l;
+        long row_bytes = (long)d->head_dim * (lc->kvtype == F32 ? 4 : 2);
+        h2k_attention_input(d, x, lw->attn_in_norm, lw->qkv, h, qkv, lw->q_norm, lw->k_norm, lc->cos, lc->sin,
+                            (char *)lc->K + lc->length * row_bytes, (char *)lc->V + lc->length * row_bytes,
+                            lc->head_stride, lc->kvtype);
+        int T = lc->length + 1 - lc->first_visible, block = lc->block > 0 ? lc->block : 1;
+        long first = lc->first_visible * row_bytes;
+        h2k_attend(d, qkv, (char *)lc->K + first, (char *)lc->V + first, lc->head_stride, lc->kvtype, T, probs, attn,
+                   lc->block > 0 ? head_mass : NULL, block, partial, slots);
+        if (lc->block > 0 && lc->scores != NULL)
+            h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, lc->scores, lc->score_rows,
+                              lc->score_stride, lc->decay, lc->gain);
+        h2k_mlp_block(d, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down, lw->mlp_out_norm,
+                      h, gu);
+    }
+    h2k_norm_gemv(head_dims, x, final_norm, head, vocab, h, logits, 0, NULL, NULL);
+}
+
 /* Machine read bandwidth probe for benchmarks/roofline.py: sums n floats across threads. */
 float h2k_read_sum(const float *a, long n) {
     float total = 0.0f;

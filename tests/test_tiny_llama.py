@@ -185,3 +185,29 @@ def test_one_call_per_step_is_the_per_layer_path_bit_for_bit(monkeypatch, policy
     for a, b in zip(fused_scores, per_layer_scores):
         np.testing.assert_array_equal(a, b)
         assert a.any() or not SCORERS[policy].uses_attention
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_batch_step_gives_each_sequence_its_own_step(monkeypatch, fuse):
+    """step_batch (fused or per layer) equals each sequence stepped alone: logits, plans and lengths."""
+    from h2okit.fastpath import FastDecoder
+
+    monkeypatch.setattr(FastDecoder, "fuse_steps", fuse)
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    engine = Engine(loaded, kv_config("h2o", False, kv_h2o_value_norm=True), decode_path="fast")
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 320, n).tolist() for n in (35, 50, 41)]
+    together, alone = [engine.new_cache() for _ in prompts], [engine.new_cache() for _ in prompts]
+    for a, b, prompt in zip(together, alone, prompts):
+        engine.forward(a, prompt, 0)
+        engine.forward(b, prompt, 0)
+    for step in range(40):
+        feed = rng.integers(0, 320, len(prompts)).tolist()
+        logits = engine.fast.step_batch(together, feed, [len(p) + step for p in prompts])
+        for i, (cache, prompt) in enumerate(zip(alone, prompts)):
+            assert torch.equal(logits[i], engine.fast.step(cache, feed[i], len(prompt) + step))
+    for a, b in zip(together, alone):
+        assert [(e.layer, e.plan.length, e.plan.runs) for e in a.events.evictions] == \
+            [(e.layer, e.plan.length, e.plan.runs) for e in b.events.evictions]
+        assert a.seq_lengths().tolist() == b.seq_lengths().tolist()
+    assert all(len(cache.events.evictions) >= 3 for cache in together)

@@ -337,6 +337,13 @@ class FastDecoder:
         cos, sin = self._rope[kind]
         return _ptr(cos[position]), _ptr(sin[position])
 
+    def _rope_rows(self, positions: list[int]) -> list[dict[str | None, tuple[object, object]]]:
+        """Per position, per RoPE table: its cos/sin row pointers (the tables grown first to the furthest
+        position, so that no pointer outlives a table it points into)."""
+        for kind in self._rope_kinds:
+            self._rope_at(max(positions), kind)
+        return [{kind: self._rope_at(p, kind) for kind in self._rope_kinds} for p in positions]
+
     def _scratch(self, tokens: int, block: int) -> tuple[object, torch.Tensor]:
         """The attention's probability rows (pointer) and a [kv_heads, blocks] per-head block-mass
         tensor (blocks of `block` tokens), grown as the cache grows."""
@@ -373,32 +380,56 @@ class FastDecoder:
                             _ptr(block_mass) if block else kernels.NULL, max(block, 1), _ptr(self._partial), threads)
         layer.after_decode_blocks(block_mass.numpy() if block else None)
 
-    def _fill_layer_caches(self, cache: H2OCache, ropes: dict) -> list[bool] | None:
-        """The fused step's per-layer slots (`h2k_layer_cache`) for this step, and per layer whether the
-        step updates its scores; None when some layer needs the per-layer path (store mode, a scorer
-        whose step is not decay * scores + gain * mass, or a layer that has cached nothing)."""
-        scored, longest = [], 0
-        for slot, layer, kind in zip(self._layer_caches, cache.layers, self.arch.rope_kinds):
-            layout = layer.decode_layout()
-            if layout is None:
-                return None
-            k, v, slot.head_stride, slot.length, slot.first_visible = layout
-            slot.K, slot.V = kernels.address(k), kernels.address(v)
-            slot.kvtype = _KV_CODES[layer.store_dtype]
-            slot.cos, slot.sin = ropes[kind]
-            longest = max(longest, slot.length + 1)
-            slot.block = block = layer.mass_block
-            slot.scores = kernels.NULL
-            if block:
-                update = layer.policy.in_place_update(self.kv_heads, slot.length + 1)
-                if update is None:
+    def _fill_layer_caches(self, caches: list[H2OCache], positions: list[int]) -> list[list[bool]] | None:
+        """The fused step's slots (`h2k_layer_cache`, [layers][batch]) for this step, and per sequence and
+        layer whether the step updates its scores; None when some layer needs the per-layer path (store
+        mode, a scorer whose step is not decay * scores + gain * mass, or a layer that has cached nothing)."""
+        batch = len(caches)
+        if len(self._layer_caches) < len(self._ptrs) * batch:
+            self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs) * batch)
+        ropes = self._rope_rows(positions)
+        scored: list[list[bool]] = [[] for _ in caches]
+        longest = 0
+        for index, kind in enumerate(self.arch.rope_kinds):
+            for s, cache in enumerate(caches):
+                layer, slot = cache.layers[index], self._layer_caches[index * batch + s]
+                layout = layer.decode_layout()
+                if layout is None:
                     return None
-                scores, slot.decay, slot.gain = update
-                slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
-                slot.score_rows, slot.score_stride = scores.shape
-            scored.append(bool(block))
+                k, v, slot.head_stride, slot.length, slot.first_visible = layout
+                slot.K, slot.V = kernels.address(k), kernels.address(v)
+                slot.kvtype = _KV_CODES[layer.store_dtype]
+                slot.cos, slot.sin = ropes[s][kind]
+                longest = max(longest, slot.length + 1)
+                slot.block = block = layer.mass_block
+                slot.scores = kernels.NULL
+                if block:
+                    update = layer.policy.in_place_update(self.kv_heads, slot.length + 1)
+                    if update is None:
+                        return None
+                    scores, slot.decay, slot.gain = update
+                    slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
+                    slot.score_rows, slot.score_stride = scores.shape
+                scored[s].append(bool(block))
         self._scratch(longest, 1)
         return scored
+
+    def _fused_step(self, caches: list[H2OCache], positions: list[int], x, h, qkv, attn, gate_up, logits) -> bool:
+        """The whole step in one C call (h2k_decode_step) when every layer of every cache allows it (False:
+        nothing ran), then each layer's bookkeeping and any eviction that came due, in Python. x holds
+        the embeddings; the other arguments are the step's buffers (pointers), as in `step_batch`."""
+        scored = self._fill_layer_caches(caches, positions) if self.fuse_steps else None
+        if scored is None:
+            return False
+        threads = self._threads()  # (before taking the scratch's pointers: it may grow them)
+        self.lib.h2k_decode_step(self.dims, self.head_dims, self._layer_weights, self._layer_caches, len(self._ptrs),
+                                 len(caches), x, h, qkv, attn, gate_up, _ptr(self._probs), _ptr(self._head_mass),
+                                 _ptr(self._partial), threads, self._final_norm_ptr, self._head_ptr, self.vocab,
+                                 logits)
+        for cache, layers_scored in zip(caches, scored):
+            for layer, layer_scored in zip(cache.layers, layers_scored):
+                layer.after_fused_step(layer_scored)
+        return True
 
     @torch.inference_mode()
     def step(self, cache: H2OCache, token: int, position: int) -> torch.Tensor:
@@ -406,20 +437,14 @@ class FastDecoder:
         One C call for the whole step (h2k_decode_step) when every layer allows it; the layers' scoring
         bookkeeping and any eviction that came due follow in Python. Else one call per kernel per layer."""
         lib, dims, null = self.lib, self.dims, kernels.NULL
-        ropes = {kind: self._rope_at(position, kind) for kind in self._rope_kinds}
         self.x.copy_(self.embed[token])
         if self.arch.embed_scale is not None:
             self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
-        threads = self._threads()
-        scored = self._fill_layer_caches(cache, ropes) if self.fuse_steps else None
-        if scored is not None:
-            lib.h2k_decode_step(dims, self.head_dims, self._layer_weights, self._layer_caches, len(scored), x, h, qkv,
-                                attn, gate_up, _ptr(self._probs), _ptr(self._head_mass), _ptr(self._partial),
-                                threads, self._final_norm_ptr, self._head_ptr, self.vocab, self._logits_ptr)
-            for layer, layer_scored in zip(cache.layers, scored):
-                layer.after_fused_step(layer_scored)
+        if self._fused_step([cache], [position], x, h, qkv, attn, gate_up, self._logits_ptr):
             return self.logits.clone()
+        ropes = self._rope_rows([position])[0]
+        threads = self._threads()
         for layer, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in zip(cache.layers, self._ptrs):
             cos, sin = ropes[kind]
@@ -446,9 +471,11 @@ class FastDecoder:
         h, qkv = torch.empty(batch, self.hidden), torch.empty(batch, self.q_dim + 2 * self.kv_dim)
         attn, gate_up = torch.empty(batch, self.q_dim), torch.empty(batch, 2 * self.inter)
         logits = torch.empty(batch, self.vocab)
-        ropes = {kind: [self._rope_at(p, kind) for p in positions] for kind in self._rope_kinds}
-        rope_ptrs = {kind: (ffi.new("float *[]", [c for c, _ in rows]), ffi.new("float *[]", [s for _, s in rows]))
-                     for kind, rows in ropes.items()}
+        if self._fused_step(caches, positions, *(_ptr(t) for t in (x, h, qkv, attn, gate_up, logits))):
+            return logits
+        rows = self._rope_rows(positions)
+        rope_ptrs = {kind: (ffi.new("float *[]", [row[kind][0] for row in rows]),
+                            ffi.new("float *[]", [row[kind][1] for row in rows])) for kind in self._rope_kinds}
         k_slots, v_slots, strides = ffi.new("void *[]", batch), ffi.new("void *[]", batch), ffi.new("long []", batch)
         threads = self._threads()
         qkv_rows = [qkv[i] for i in range(batch)]

@@ -97,12 +97,16 @@ typedef struct {
     double gain;
 } h2k_layer_cache;
 
-/* A whole decode step: for each layer attention input (k/v into slot `length`), attention over slots
- * [first_visible, length] with the score update, MLP; then logits = head rmsnorm(x). x holds the
- * token's embedding on entry. Scratch as h2k_attend's, sized for the longest layer. */
+/* A whole decode step for `batch` sequences: for each layer, attention input (each sequence's k/v into
+ * its slot `length`; the weights read once for all), per sequence attention over slots
+ * [first_visible, length] with its score update, then the MLP; then logits = head rmsnorm(x).
+ * c is [layers][batch]; x, h: [batch, hidden], qkv: [batch, (q_heads + 2 kv_heads) head_dim], attn:
+ * [batch, q_heads head_dim], gu: [batch, 2 inter], logits: [batch, vocab]; x holds the tokens'
+ * embeddings on entry. Scratch as h2k_attend's, sized for the longest layer. Each sequence gets what
+ * the per-layer kernels give it alone (batch 1 is exactly that chain). */
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
-                     const h2k_layer_cache *c, int layers, float *x, float *h, float *qkv, float *attn, float *gu,
-                     float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
+                     float *gu, float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
                      const void *head, int vocab, float *logits);
 
 /* The fused step's score update alone (for tests): scores[r, b] = decay * scores[r, b] + gain * m_r[b]. */

@@ -704,27 +704,41 @@ __attribute__((optimize("fp-contract=off"))) void h2k_update_scores(const float 
 }
 
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
-                     const h2k_layer_cache *c, int layers, float *x, float *h, float *qkv, float *attn, float *gu,
-                     float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
+                     float *gu, float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
                      const void *head, int vocab, float *logits) {
+    int q_dim = d->q_heads * d->head_dim, width = q_dim + 2 * d->kv_heads * d->head_dim;
+    const float *cos[batch], *sin[batch];
+    void *k_slot[batch], *v_slot[batch];
+    long stride[batch];
     for (int l = 0; l < layers; l++) {
         const h2k_layer_weights *lw = w + l;
-        const h2k_layer_cache *lc = c + l;
+        const h2k_layer_cache *lc = c + (long)l * batch;
         long row_bytes = (long)d->head_dim * (lc->kvtype == F32 ? 4 : 2);
-        h2k_attention_input(d, x, lw->attn_in_norm, lw->qkv, h, qkv, lw->q_norm, lw->k_norm, lc->cos, lc->sin,
-                            (char *)lc->K + lc->length * row_bytes, (char *)lc->V + lc->length * row_bytes,
-                            lc->head_stride, lc->kvtype);
-        int T = lc->length + 1 - lc->first_visible, block = lc->block > 0 ? lc->block : 1;
-        long first = lc->first_visible * row_bytes;
-        h2k_attend(d, qkv, (char *)lc->K + first, (char *)lc->V + first, lc->head_stride, lc->kvtype, T, probs, attn,
-                   lc->block > 0 ? head_mass : NULL, block, partial, slots);
-        if (lc->block > 0 && lc->scores != NULL)
-            h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, lc->scores, lc->score_rows,
-                              lc->score_stride, lc->decay, lc->gain);
-        h2k_mlp_block(d, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down, lw->mlp_out_norm,
-                      h, gu);
+        for (int s = 0; s < batch; s++) {
+            cos[s] = lc[s].cos;
+            sin[s] = lc[s].sin;
+            k_slot[s] = (char *)lc[s].K + lc[s].length * row_bytes;
+            v_slot[s] = (char *)lc[s].V + lc[s].length * row_bytes;
+            stride[s] = lc[s].head_stride;
+        }
+        h2k_attention_input_batch(d, batch, x, lw->attn_in_norm, lw->qkv, h, qkv, lw->q_norm, lw->k_norm, cos, sin,
+                                  k_slot, v_slot, stride, lc->kvtype);
+        for (int s = 0; s < batch; s++) {
+            const h2k_layer_cache *sc = lc + s;
+            int T = sc->length + 1 - sc->first_visible, block = sc->block > 0 ? sc->block : 1;
+            long first = sc->first_visible * row_bytes;
+            h2k_attend(d, qkv + (long)s * width, (char *)sc->K + first, (char *)sc->V + first, sc->head_stride,
+                       sc->kvtype, T, probs, attn + (long)s * q_dim, sc->block > 0 ? head_mass : NULL, block, partial,
+                       slots);
+            if (sc->block > 0 && sc->scores != NULL)
+                h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, sc->scores, sc->score_rows,
+                                  sc->score_stride, sc->decay, sc->gain);
+        }
+        h2k_mlp_block_batch(d, batch, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down,
+                            lw->mlp_out_norm, h, gu);
     }
-    h2k_norm_gemv(head_dims, x, final_norm, head, vocab, h, logits, 0, NULL, NULL);
+    h2k_norm_gemv_batch(head_dims, batch, x, final_norm, head, vocab, h, logits);
 }
 
 /* Machine read bandwidth probe for benchmarks/roofline.py: sums n floats across threads. */

@@ -110,18 +110,20 @@ def test_attention_input_matches_torch(qk_norm):
     assert not k_cache[:, 0].any() and not k_cache[:, 2].any()
 
 
-def attend(q, keys, values, scaling, threads=2, block=1):
-    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows);
-    (out, mass [Hkv, ceil(T / block)])."""
+def attend(q, keys, values, scaling, threads=2, block=1, parts=None):
+    """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows) on `threads` threads,
+    the tokens in `parts` ranges (default: one per thread); (out, mass [Hkv, ceil(T / block)])."""
+    parts = parts or threads
     q_heads, head_dim = q.shape[1], q.shape[-1]
     kv_heads, tokens = keys.shape[1], keys.shape[2]
     probs, out = torch.empty(q_heads * tokens), torch.empty(q_heads * head_dim)
     mass = torch.empty(kv_heads, -(-tokens // block))
-    partial = torch.empty(threads * q_heads * head_dim)
+    partial = torch.empty(parts * q_heads * head_dim)
     code = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}[keys.dtype]
-    lib.h2k_attend(dims(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, scale=scaling), P(q.contiguous()),
-                   P(keys), P(values), keys.stride(1), code, tokens, P(probs), P(out), P(mass), block, P(partial),
-                   threads)
+    layer_dims = dims(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, scale=scaling)
+    layer_dims.threads = threads
+    lib.h2k_attend(layer_dims, P(q.contiguous()), P(keys), P(values), keys.stride(1), code, tokens, P(probs), P(out),
+                   P(mass), block, P(partial), parts)
     return out.view(1, q_heads, 1, head_dim), mass
 
 
@@ -165,6 +167,19 @@ def test_attend_is_the_same_with_one_or_two_threads():
     two, mass_two = attend(q, keys, values, 0.125, threads=2)
     torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
     assert torch.equal(mass_one, mass_two)
+
+
+@pytest.mark.parametrize("head_dim", [64, 32])  # the AVX-512 path and the generic one
+def test_attend_depends_on_its_parts_not_on_its_threads(head_dim):
+    """One thread doing both parts of the tokens gives exactly what two threads give (the decode step
+    may drop to one thread under load, threads.py); a different split is only close."""
+    torch.manual_seed(4)
+    q, keys, values = torch.randn(1, 9, 1, head_dim), torch.randn(1, 3, 301, head_dim), torch.randn(1, 3, 301, head_dim)
+    one, mass_one = attend(q, keys, values, 0.125, threads=1, parts=2)
+    two, mass_two = attend(q, keys, values, 0.125, threads=2, parts=2)
+    assert torch.equal(one, two) and torch.equal(mass_one, mass_two)
+    three, _ = attend(q, keys, values, 0.125, threads=2, parts=3)
+    torch.testing.assert_close(three, two, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy,block,per_head", [("h2o", 16, False), ("tova", 1, True), ("mean", 4, True)])

@@ -35,6 +35,8 @@ this path is slightly *more* precise than transformers' bf16 forward.
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from .arch import Architecture, ArchitectureUnsupported, architecture_of
 from .cache import H2OCache
 from .config import ConfigError
 from .model import head_dim_of
+from .threads import ThreadChooser
 
 _FLOAT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -318,6 +321,13 @@ class FastDecoder:
         self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (arch.final_norm,
                                                                                        weights.head.data, self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
+        self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
+        # fused steps run on the faster of the configured threads and one (threads.py); H2OKIT_ADAPT_THREADS=0:
+        # always the configured count (benchmarks/under_load.py compares the two)
+        adapt = os.environ.get("H2OKIT_ADAPT_THREADS", "1")
+        if adapt not in ("0", "1"):
+            raise ConfigError(f"H2OKIT_ADAPT_THREADS={adapt!r} is not allowed; allowed: 0 (off) or 1 (on, the default)")
+        self.adapt_threads = adapt == "1"
         self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_kinds = sorted(set(arch.rope_kinds), key=str)
 
@@ -353,6 +363,10 @@ class FastDecoder:
             self._head_mass = torch.empty(self.kv_heads * n)
         blocks = -(-tokens // max(block, 1))
         return _ptr(self._probs), self._head_mass[:self.kv_heads * blocks].view(self.kv_heads, blocks)
+
+    def _use_threads(self, threads: int) -> None:
+        """The thread count of the kernels' parallel loops from now on."""
+        self.dims.threads = self.head_dims.threads = threads
 
     def _threads(self) -> int:
         """The threads the attention kernel may use (its per-thread partial sums grown to match)."""
@@ -421,11 +435,16 @@ class FastDecoder:
         scored = self._fill_layer_caches(caches, positions) if self.fuse_steps else None
         if scored is None:
             return False
-        threads = self._threads()  # (before taking the scratch's pointers: it may grow them)
+        most = self._threads()  # (before taking the scratch's pointers: it may grow them)
+        chooser = self._choosers.setdefault((most, len(caches)), ThreadChooser(most))
+        threads = chooser.next() if self.adapt_threads else most
+        self._use_threads(threads)
+        started = time.perf_counter()
         self.lib.h2k_decode_step(self.dims, self.head_dims, self._layer_weights, self._layer_caches, len(self._ptrs),
                                  len(caches), x, h, qkv, attn, gate_up, _ptr(self._probs), _ptr(self._head_mass),
-                                 _ptr(self._partial), threads, self._final_norm_ptr, self._head_ptr, self.vocab,
-                                 logits)
+                                 _ptr(self._partial), most, self._final_norm_ptr, self._head_ptr, self.vocab,
+                                 logits)  # (attention splits its tokens into `most` parts whatever the threads)
+        chooser.record(threads, time.perf_counter() - started)
         for cache, layers_scored in zip(caches, scored):
             for layer, layer_scored in zip(cache.layers, layers_scored):
                 layer.after_fused_step(layer_scored)
@@ -445,6 +464,7 @@ class FastDecoder:
             return self.logits.clone()
         ropes = self._rope_rows([position])[0]
         threads = self._threads()
+        self._use_threads(threads)
         for layer, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in zip(cache.layers, self._ptrs):
             cos, sin = ropes[kind]
@@ -478,6 +498,7 @@ class FastDecoder:
                             ffi.new("float *[]", [row[kind][1] for row in rows])) for kind in self._rope_kinds}
         k_slots, v_slots, strides = ffi.new("void *[]", batch), ffi.new("void *[]", batch), ffi.new("long []", batch)
         threads = self._threads()
+        self._use_threads(threads)
         qkv_rows = [qkv[i] for i in range(batch)]
         for index, (in_norm, w_qkv, q_norm, k_norm, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm,
                     kind) in enumerate(self._ptrs):

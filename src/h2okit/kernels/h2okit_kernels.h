@@ -21,6 +21,7 @@ typedef struct {
     float eps;    /* RMSNorm epsilon */
     float scale;  /* attention logit scale */
     int act;      /* MLP activation: H2K_SILU or H2K_GELU_TANH */
+    int threads;  /* threads of the GEMVs' parallel loops; 0: OpenMP's default (attention takes its own) */
 } h2k_dims;
 
 /* h = rmsnorm(x); y = W h ([rows, hidden] row-major); RoPE on the first rope_heads heads of y. */
@@ -58,7 +59,7 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
 /* One query per head over T cached tokens; head_mass [kv_heads, ceil(T / block)] block sums or NULL
  * (see llama_decode.c). */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
-                int T, float *probs, float *out, float *head_mass, int block, float *partial, int slots);
+                int T, float *probs, float *out, float *head_mass, int block, float *partial, int parts);
 
 /* The fused decode step (h2k_decode_step): one call runs every layer and the lm_head, so Python runs
  * between steps only. */
@@ -102,11 +103,12 @@ typedef struct {
  * [first_visible, length] with its score update, then the MLP; then logits = head rmsnorm(x).
  * c is [layers][batch]; x, h: [batch, hidden], qkv: [batch, (q_heads + 2 kv_heads) head_dim], attn:
  * [batch, q_heads head_dim], gu: [batch, 2 inter], logits: [batch, vocab]; x holds the tokens'
- * embeddings on entry. Scratch as h2k_attend's, sized for the longest layer. Each sequence gets what
- * the per-layer kernels give it alone (batch 1 is exactly that chain). */
+ * embeddings on entry. Scratch as h2k_attend's, sized for the longest layer; attention splits its
+ * tokens into `parts` (h2k_attend), the loops run on d->threads. Each sequence gets what the per-layer
+ * kernels give it alone (batch 1 is exactly that chain), on any number of threads. */
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
                      const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
-                     float *gu, float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     float *gu, float *probs, float *head_mass, float *partial, int parts, const float *final_norm,
                      const void *head, int vocab, float *logits);
 
 /* The fused step's score update alone (for tests): scores[r, b] = decay * scores[r, b] + gain * m_r[b]. */

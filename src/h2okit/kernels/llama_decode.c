@@ -100,40 +100,61 @@ static float exp_shifted(float *p, int n, float m) {
     return s;
 }
 
-/* Dot products of one weight row with up to MULTI inputs (x_j = x + j * xstride), one accumulator per
- * input: the row is loaded once per 16 columns for all of them, and the independent accumulators keep
+/* Dot products of FROWS weight rows (row r at w + r * row_stride elements) with up to MULTI inputs
+ * (x_j = x + j * xstride), one accumulator per row and input: the rows are loaded once per 16 columns
+ * for all inputs and each input's 16 columns once for all rows, and the independent accumulators keep
  * the FMA units busy (one input alone is a single latency-bound chain, hidden behind memory in a
- * one-sequence GEMV; a batch would be compute-bound on it). The result for input j does not depend on
- * how many inputs ride along, so a batch gives each sequence what it gets alone, bit for bit. */
-enum { MULTI = 8 };
+ * one-sequence GEMV; a batch would be compute-bound on it). out[r * MULTI + j]. The result for row r
+ * and input j does not depend on how many rows or inputs ride along, so a batch gives each sequence
+ * what it gets alone, bit for bit. */
+enum { MULTI = 8, FROWS = 2 };
 
-/* w is float32 or bf16 (`bf16`); always inlined, so each call site (a literal type) gets its own loop. */
-static inline __attribute__((always_inline)) void dot_float_multi(const void *w, int bf16, const float *x,
-                                                                   long xstride, int m, int n, float *out) {
-    const float *wf = (const float *)w;
-    const uint16_t *wh = (const uint16_t *)w;
+/* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
+ * gets its own loop with the unused accumulators gone. */
+static inline __attribute__((always_inline)) void dot_float_multi(const void *w, long row_stride, int rows, int bf16,
+                                                                   const float *x, long xstride, int m, int n,
+                                                                   float *out) {
 #ifdef __AVX512F__
     if (n % 16 == 0) {
-        __m512 acc[MULTI];
-        for (int j = 0; j < MULTI; j++) acc[j] = _mm512_setzero_ps();
+        __m512 acc[FROWS][MULTI];
+        for (int r = 0; r < FROWS; r++)
+            for (int j = 0; j < MULTI; j++) acc[r][j] = _mm512_setzero_ps();
         for (int c = 0; c < n; c += 16) {
-            __m512 wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
-                             : _mm512_loadu_ps(wf + c);
+            __m512 wv[FROWS];
+            for (int r = 0; r < FROWS; r++) {
+                wv[r] = _mm512_setzero_ps();
+                if (r < rows) {
+                    const float *wf = (const float *)w + r * row_stride;
+                    const uint16_t *wh = (const uint16_t *)w + r * row_stride;
+                    wv[r] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
+                                 : _mm512_loadu_ps(wf + c);
+                }
+            }
 #pragma GCC unroll 8
-            for (int j = 0; j < MULTI; j++)
-                if (j < m) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * xstride + c), acc[j]);
+            for (int j = 0; j < MULTI; j++) {
+                if (j < m) {
+                    __m512 xv = _mm512_loadu_ps(x + j * xstride + c);
+                    for (int r = 0; r < FROWS; r++)
+                        if (r < rows) acc[r][j] = _mm512_fmadd_ps(wv[r], xv, acc[r][j]);
+                }
+            }
         }
-        for (int j = 0; j < m; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < m; j++) out[r * MULTI + j] = _mm512_reduce_add_ps(acc[r][j]);
         return;
     }
 #endif
-    for (int j = 0; j < m; j++) {
-        float acc = 0.0f;
-        const float *xj = x + j * xstride;
+    for (int r = 0; r < rows; r++) {
+        const float *wf = (const float *)w + r * row_stride;
+        const uint16_t *wh = (const uint16_t *)w + r * row_stride;
+        for (int j = 0; j < m; j++) {
+            float acc = 0.0f;
+            const float *xj = x + j * xstride;
 #pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < n; c++) acc += (bf16 ? bf16_to_f32(wh[c]) : wf[c]) * xj[c];
-        out[j] = acc;
+            for (int c = 0; c < n; c++) acc += (bf16 ? bf16_to_f32(wh[c]) : wf[c]) * xj[c];
+            out[r * MULTI + j] = acc;
+        }
     }
 }
 
@@ -291,11 +312,18 @@ static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const fl
     }
 }
 
+/* Threads of the kernels' parallel loops: the caller's choice (d->threads, e.g. one while another
+ * process holds a core), else OpenMP's default. */
+static inline int team_size(const h2k_dims *d) {
+    return d->threads > 0 ? d->threads : omp_get_max_threads();
+}
+
 /* y_b[r] (+)= W[r, :] . x_b for r < rows and each of `batch` inputs (x_b = x + b * cols, y_b = y + b * rows;
  * quantized types: cols is a multiple of 32). Each group of rows is read from memory once and dotted with
  * every input while it is in cache: a batch costs the weight bytes of one sequence. */
-static void gemv_batch(int wtype, const void *W, const float *x, float *y, int rows, int cols, int accumulate,
+static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *y, int rows, int cols, int accumulate,
                        int batch) {
+    int wtype = d->wtype, threads = team_size(d);
     if (wtype == Q4_1 || wtype == Q8_0) {
         int nb = cols / QBLOCK;
         long row_bytes = (long)nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
@@ -308,7 +336,7 @@ static void gemv_batch(int wtype, const void *W, const float *x, float *y, int r
                 xsum[i][b] = s;
             }
         const float *sums = &xsum[0][0];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
         for (int r0 = 0; r0 < rows; r0 += ROWS) {
             int n = rows - r0 < ROWS ? rows - r0 : ROWS;
             float v[ROWS * QMULTI];
@@ -324,19 +352,29 @@ static void gemv_batch(int wtype, const void *W, const float *x, float *y, int r
             }
         }
     } else {
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < rows; r++) {
-            float v[MULTI];
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int r0 = 0; r0 < rows; r0 += FROWS) {
+            int n = rows - r0 < FROWS ? rows - r0 : FROWS;
+            float v[FROWS * MULTI];
             for (int i0 = 0; i0 < batch; i0 += MULTI) {
                 int m = batch - i0 < MULTI ? batch - i0 : MULTI;
-                if (wtype == BF16)
-                    dot_float_multi((const uint16_t *)W + (long)r * cols, 1, x + (long)i0 * cols, cols, m, cols, v);
-                else
-                    dot_float_multi((const float *)W + (long)r * cols, 0, x + (long)i0 * cols, cols, m, cols, v);
-                for (int j = 0; j < m; j++) {
-                    float *yi = y + (long)(i0 + j) * rows;
-                    yi[r] = accumulate ? yi[r] + v[j] : v[j];
+                const float *xi = x + (long)i0 * cols;
+                if (wtype == BF16) {
+                    const uint16_t *w = (const uint16_t *)W + (long)r0 * cols;
+                    if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, 1, xi, cols, 1, cols, v);
+                    else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, 1, xi, cols, MULTI, cols, v);
+                    else dot_float_multi(w, cols, n, 1, xi, cols, m, cols, v);
+                } else {
+                    const float *w = (const float *)W + (long)r0 * cols;
+                    if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, 0, xi, cols, 1, cols, v);
+                    else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, 0, xi, cols, MULTI, cols, v);
+                    else dot_float_multi(w, cols, n, 0, xi, cols, m, cols, v);
                 }
+                for (int k = 0; k < n; k++)
+                    for (int j = 0; j < m; j++) {
+                        float *yi = y + (long)(i0 + j) * rows + r0 + k;
+                        *yi = accumulate ? *yi + v[k * MULTI + j] : v[k * MULTI + j];
+                    }
             }
         }
     }
@@ -368,7 +406,7 @@ static void rope(float *v, int heads, int head_dim, const float *cos, const floa
 void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
                    float *y, int rope_heads, const float *cos, const float *sin) {
     rms_norm(x, norm_w, d->eps, h, d->hidden);
-    gemv_batch(d->wtype, W, h, y, rows, d->hidden, 0, 1);
+    gemv_batch(d, W, h, y, rows, d->hidden, 0, 1);
     if (rope_heads > 0) rope(y, rope_heads, d->head_dim, cos, sin);
 }
 
@@ -377,7 +415,7 @@ void h2k_norm_gemv_batch(const h2k_dims *d, int batch, const float *x, const flo
                          float *h, float *y) {
     for (int i = 0; i < batch; i++)
         rms_norm(x + (long)i * d->hidden, norm_w, d->eps, h + (long)i * d->hidden, d->hidden);
-    gemv_batch(d->wtype, W, h, y, rows, d->hidden, 0, batch);
+    gemv_batch(d, W, h, y, rows, d->hidden, 0, batch);
 }
 
 /* float32 -> storage dtype, rounding as torch does (nearest-even; bf16 NaN -> 0x7FC0). */
@@ -435,13 +473,14 @@ void h2k_attention_input(const h2k_dims *d, const float *x, const float *norm_w,
 
 /* y_i (+)= out_norm(W v_i) when out_norm_w is given (computed in h first), else y_i (+)= W v_i directly;
  * v [batch, cols], y and h [batch, rows]. */
-static void gemv_normed_add(int wtype, const void *W, const float *v, const float *out_norm_w, float eps, float *y,
+static void gemv_normed_add(const h2k_dims *d, const void *W, const float *v, const float *out_norm_w, float *y,
                             float *h, int rows, int cols, int batch) {
+    float eps = d->eps;
     if (out_norm_w == NULL) {
-        gemv_batch(wtype, W, v, y, rows, cols, 1, batch);
+        gemv_batch(d, W, v, y, rows, cols, 1, batch);
         return;
     }
-    gemv_batch(wtype, W, v, h, rows, cols, 0, batch);
+    gemv_batch(d, W, v, h, rows, cols, 0, batch);
     for (int i = 0; i < batch; i++) {
         float *hi = h + (long)i * rows, *yi = y + (long)i * rows;
         rms_norm(hi, out_norm_w, eps, hi, rows);
@@ -456,11 +495,11 @@ static void gemv_normed_add(int wtype, const void *W, const float *v, const floa
 void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *attn, const void *Wo,
                          const float *attn_out_norm_w, const float *post_norm_w, const void *Wgu, const void *Wd,
                          const float *mlp_out_norm_w, float *h, float *gu) {
-    int wtype = d->wtype, hidden = d->hidden, inter = d->inter;
+    int hidden = d->hidden, inter = d->inter;
     float eps = d->eps;
-    gemv_normed_add(wtype, Wo, attn, attn_out_norm_w, eps, x, h, hidden, d->q_heads * d->head_dim, batch);
+    gemv_normed_add(d, Wo, attn, attn_out_norm_w, x, h, hidden, d->q_heads * d->head_dim, batch);
     for (int i = 0; i < batch; i++) rms_norm(x + (long)i * hidden, post_norm_w, eps, h + (long)i * hidden, hidden);
-    gemv_batch(wtype, Wgu, h, gu, 2 * inter, hidden, 0, batch);
+    gemv_batch(d, Wgu, h, gu, 2 * inter, hidden, 0, batch);
     for (int s = 0; s < batch; s++) {
         float *g_row = gu + (long)s * 2 * inter, *up = g_row + inter;
         if (d->act == H2K_GELU_TANH) {
@@ -481,7 +520,7 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
     }
     /* the activations sit in the first half of each gu row: pack them to [batch, inter] in place */
     for (int s = 1; s < batch; s++) memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);
-    gemv_normed_add(wtype, Wd, gu, mlp_out_norm_w, eps, x, h, hidden, inter, batch);
+    gemv_normed_add(d, Wd, gu, mlp_out_norm_w, x, h, hidden, inter, batch);
 }
 
 /* One sequence: h2k_mlp_block_batch with batch 1. */
@@ -585,29 +624,34 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
  *   head_mass   [kv_heads, ceil(T / block)] or NULL: per KV head g and block of `block` tokens, the
  *               sum over the block's tokens t of (the sum over g's query heads of p[h, t]) / q_heads
  *               (summed over g: H2O's score signal; per g: per-head selection's). block 1: per token
- *   partial     scratch [slots, q_heads * head_dim]; at most `slots` threads run
- * head_dim <= 256. Tokens are split across threads, so K and V are read once per step. One
- * parallel region: its phases are separated by the barriers of the `omp for`s. */
+ *   partial     scratch [parts, q_heads * head_dim]
+ * head_dim <= 256. The tokens are split into `parts` consecutive ranges, each summed into its own
+ * partial and the partials added in order, so the result depends on `parts` only, not on how many
+ * threads (team_size(d), at most `parts`) share them: a step on one thread while another process
+ * holds a core gives what two threads give. K and V are read once per step. One parallel region:
+ * its phases are separated by barriers. */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
-                int T, float *probs, float *out, float *head_mass, int block, float *partial, int slots) {
+                int T, float *probs, float *out, float *head_mass, int block, float *partial, int parts) {
     int q_heads = d->q_heads, kv_heads = d->kv_heads, head_dim = d->head_dim;
     float scale = d->scale;
     int group = q_heads / kv_heads;
     int width = q_heads * head_dim;
     float heads = (float)q_heads;
-    int used = 1;
-#pragma omp parallel num_threads(slots)
+    int threads = team_size(d) < parts ? team_size(d) : parts;
+    int chunk = (T + parts - 1) / parts;
+    int fast64 = 0;
+#ifdef __AVX512F__
+    fast64 = head_dim == 64 && group <= 4;
+#endif
+#pragma omp parallel num_threads(threads)
     {
         float row[256];
-#pragma omp single
-        used = omp_get_num_threads();
-        int fast64 = 0;
+        int used = omp_get_num_threads(), tid = omp_get_thread_num();
 #ifdef __AVX512F__
-        fast64 = head_dim == 64 && group <= 4;
-        int chunk = (T + used - 1) / used, t0 = omp_get_thread_num() * chunk;
-        int t1 = t0 + chunk < T ? t0 + chunk : T;
-        t0 = t0 < T ? t0 : T;
-        if (fast64) attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
+        for (int part = tid; fast64 && part < parts; part += used) {
+            int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
+            attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
+        }
 #pragma omp barrier
 #endif
 #pragma omp for schedule(static)
@@ -649,17 +693,18 @@ void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V,
                 }
             }
         }
-        /* out[h] = sum_t p[h, t] V[g(h), t], each thread over its tokens into its own partial */
-        float *acc = partial + (long)omp_get_thread_num() * width;
+        /* out[h] = sum_t p[h, t] V[g(h), t]: each part of the tokens into its own partial */
+        for (int part = tid; part < parts; part += used) {
+            int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
+            float *acc = partial + (long)part * width;
 #ifdef __AVX512F__
-        if (fast64) {
-            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
-        } else
+            if (fast64) {
+                attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
+                continue;
+            }
 #endif
-        {
             memset(acc, 0, sizeof(float) * width);
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
+            for (int t = t0; t < t1; t++) {
                 for (int g = 0; g < kv_heads; g++) {
                     const float *v = kv_row(V, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
                     for (int j = 0; j < group; j++) {
@@ -667,15 +712,15 @@ void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V,
                         float p = probs[(long)h * T + t];
                         float *a = acc + h * head_dim;
 #pragma omp simd
-                        for (int d = 0; d < head_dim; d++) a[d] += p * v[d];
+                        for (int e = 0; e < head_dim; e++) a[e] += p * v[e];
                     }
                 }
             }
         }
     }
-    for (int i = 0; i < width; i++) { /* partials added in thread order: deterministic */
+    for (int i = 0; i < width; i++) { /* partials added in part order: deterministic */
         float s = 0.0f;
-        for (int tid = 0; tid < used; tid++) s += partial[(long)tid * width + i];
+        for (int part = 0; part < parts; part++) s += partial[(long)part * width + i];
         out[i] = s;
     }
 }
@@ -705,7 +750,7 @@ __attribute__((optimize("fp-contract=off"))) void h2k_update_scores(const float 
 
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
                      const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
-                     float *gu, float *probs, float *head_mass, float *partial, int slots, const float *final_norm,
+                     float *gu, float *probs, float *head_mass, float *partial, int parts, const float *final_norm,
                      const void *head, int vocab, float *logits) {
     int q_dim = d->q_heads * d->head_dim, width = q_dim + 2 * d->kv_heads * d->head_dim;
     const float *cos[batch], *sin[batch];
@@ -730,7 +775,7 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
             long first = sc->first_visible * row_bytes;
             h2k_attend(d, qkv + (long)s * width, (char *)sc->K + first, (char *)sc->V + first, sc->head_stride,
                        sc->kvtype, T, probs, attn + (long)s * q_dim, sc->block > 0 ? head_mass : NULL, block, partial,
-                       slots);
+                       parts);
             if (sc->block > 0 && sc->scores != NULL)
                 h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, sc->scores, sc->score_rows,
                                   sc->score_stride, sc->decay, sc->gain);

@@ -1,0 +1,62 @@
+"""How many threads a fused decode step runs on: chosen by measurement, step after step.
+
+A decode step has ~150 parallel loops, and OpenMP's threads spin between them. On a quiet machine
+spinning is the fastest way to wait (sleeping instead cost 61 % here: waking a vCPU is slow), but
+when another process wants one of the two cores, the spinning thread keeps the core it needs, and
+decode fell to 0.27 of its quiet speed (README, "Decode next to a busy process"). One thread never
+waits for another. So the fast path times each step and keeps the faster of the configured thread
+count and one thread; every `probe_every` steps it runs one step with the other count, to notice
+when the machine changed. Quiet, the cost is one slower step per `probe_every`; under load, one
+step with the full count.
+
+Pure logic (no torch, no clock): the caller times the steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ThreadChooser:
+    """`next()` is the thread count for the next step, `record(threads, seconds)` what it took."""
+
+    most: int  # the configured thread count
+    probe_every: int = 32  # steps between two probes of the other count
+    samples: int = 3  # recent step times kept per count; their median decides
+    _times: dict[int, deque] = field(init=False, repr=False)
+    _current: int = field(init=False)
+    _since_probe: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        if self.most < 1:
+            raise ValueError(f"thread count must be >= 1, got {self.most}")
+        self._times = {n: deque(maxlen=self.samples) for n in self.candidates}
+        self._current = self.most
+
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        return (self.most, 1) if self.most > 1 else (1,)
+
+    @property
+    def current(self) -> int:
+        """The count steps run on between probes."""
+        return self._current
+
+    def next(self) -> int:
+        untried = [n for n in self.candidates if not self._times[n]]
+        if untried:
+            return untried[0]
+        if len(self.candidates) > 1 and self._since_probe >= self.probe_every:
+            return next(n for n in self.candidates if n != self._current)
+        return self._current
+
+    def record(self, threads: int, seconds: float) -> None:
+        if threads not in self._times:
+            raise ValueError(f"{threads} threads is not one of {self.candidates}")
+        self._times[threads].append(seconds)
+        self._since_probe = 0 if threads != self._current else self._since_probe + 1
+        if all(self._times.values()):
+            self._current = min(self.candidates, key=lambda n: statistics.median(self._times[n]))

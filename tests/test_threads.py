@@ -1,0 +1,62 @@
+"""The decode thread chooser: pure logic, driven by simulated step times."""
+
+import pytest
+
+from h2okit.threads import ThreadChooser
+
+
+def run(chooser: ThreadChooser, step_seconds, steps: int) -> list[int]:
+    """Drive `steps` steps; step_seconds(step, threads) is what a step takes. Returns the counts used."""
+    used = []
+    for step in range(steps):
+        threads = chooser.next()
+        chooser.record(threads, step_seconds(step, threads))
+        used.append(threads)
+    return used
+
+
+def quiet(step, threads):
+    return 0.010 if threads == 2 else 0.015  # two threads 1.5x faster
+
+
+def busy(step, threads):
+    return 0.037 if threads == 2 else 0.016  # a spinning partner waits for a core the other process holds
+
+
+def test_quiet_machine_runs_all_threads_but_for_one_probe_per_interval():
+    used = run(ThreadChooser(2, probe_every=32), quiet, 330)
+    assert used[:2] == [2, 1]  # each count tried once
+    ones = [i for i, n in enumerate(used) if n == 1]
+    assert len(ones) == 1 + (330 - 2) // 33  # then one probe after every 32 steps on the faster count
+    assert all(b - a == 33 for a, b in zip(ones[1:], ones[2:]))
+
+
+def test_under_load_it_moves_to_one_thread_and_back_when_the_load_goes():
+    def load_in_the_middle(step, threads):
+        return busy(step, threads) if 100 <= step < 300 else quiet(step, threads)
+
+    chooser = ThreadChooser(2, probe_every=32)
+    used = run(chooser, load_in_the_middle, 400)
+    assert used[90:100].count(2) == 10
+    assert used[103:295].count(2) <= 200 // 33 + 1  # one thread, but for probes, within 3 steps of the load
+    assert used[300 + 3 * 33:].count(1) <= 1  # back on two threads within 3 probes of the load going
+    assert chooser.current == 2
+
+
+def test_a_single_slow_step_does_not_switch():
+    def one_hiccup(step, threads):
+        return 0.2 if step == 50 else quiet(step, threads)
+
+    used = run(ThreadChooser(2, probe_every=32), one_hiccup, 60)
+    assert used[51:60] == [2] * 9
+
+
+def test_one_configured_thread_never_probes():
+    assert run(ThreadChooser(1), quiet, 100) == [1] * 100
+
+
+def test_bad_counts_are_refused():
+    with pytest.raises(ValueError):
+        ThreadChooser(0)
+    with pytest.raises(ValueError):
+        ThreadChooser(2).record(3, 0.01)

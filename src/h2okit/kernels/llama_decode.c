@@ -107,7 +107,7 @@ static float exp_shifted(float *p, int n, float m) {
  * one-sequence GEMV; a batch would be compute-bound on it). out[r * MULTI + j]. The result for row r
  * and input j does not depend on how many rows or inputs ride along, so a batch gives each sequence
  * what it gets alone, bit for bit. */
-enum { MULTI = 8, FROWS = 2 };
+enum { MULTI = 8, FROWS = 2, PREFETCH = 4096 }; /* PREFETCH: bytes ahead of the block being read (below) */
 
 /* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
  * gets its own loop with the unused accumulators gone. */
@@ -126,6 +126,10 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
                 if (r < rows) {
                     const float *wf = (const float *)w + r * row_stride;
                     const uint16_t *wh = (const uint16_t *)w + r * row_stride;
+                    /* the row's bytes PREFETCH ahead: with a batch, each line takes long enough to use
+                       that the hardware prefetcher alone left memory idle (B=8 cost load + compute) */
+                    _mm_prefetch(bf16 ? (const char *)(wh + c) + PREFETCH : (const char *)(wf + c) + PREFETCH,
+                                 _MM_HINT_T0);
                     wv[r] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
                                  : _mm512_loadu_ps(wf + c);
@@ -196,7 +200,7 @@ static inline float f16_at(const uint8_t *p) {
  * (/tmp microbenchmark, the kernel as built here), every other block at 2880 B vs every block at
  * 4096 B: Q8_0 262144 x 640 10.5 -> 16.7 GB/s, Q8_0 122880 x 640 10.8 -> 18.8, Q4_1 122880 x 640
  * 10.1 -> 13.1 (benchmarks/gemv.py measures the kernels on the models' matrices). */
-enum { ROWS = 4, PREFETCH = 4096 };
+enum { ROWS = 4 };
 
 #ifdef __AVX512F__
 /* Each row's bytes PREFETCH ahead of the block being read. */

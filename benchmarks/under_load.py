@@ -1,14 +1,16 @@
-"""Decode speed with and without one competing busy process, per OpenMP thread-waiting policy.
+"""Decode speed with and without one competing busy process, per thread policy.
 
     .venv/bin/python benchmarks/under_load.py [--rounds 3] [--prompt 512] [--gen 64] [--config C]
 
-Each setting is one `llm_bench -o json` process (the waiting policy must be in the environment
-before libgomp starts): the default (libgomp spins ~300k iterations before sleeping),
-OMP_WAIT_POLICY=PASSIVE (sleep at once), GOMP_SPINCOUNT=1000, and one thread. Every setting runs
-quiet and then next to a busy process (a pure-Python spin loop: one core), settings interleaved,
-rounds repeated; the figure per setting is the median over rounds of busy / quiet decode tok/s
-(paired within the round) and the median quiet tok/s relative to the default's. The machine's
-read bandwidth drifts within minutes, so only these within-round ratios are compared.
+Each setting is one `llm_bench -o json` process (a waiting policy must be in the environment
+before libgomp starts): h2okit's default (fused steps on the faster of 2 threads and 1, measured
+step by step: threads.py), the configured 2 threads always (H2OKIT_ADAPT_THREADS=0; libgomp spins
+~300k iterations before sleeping), the same with OMP_WAIT_POLICY=PASSIVE (sleep at once), and
+`-t 1`. Every setting runs quiet and then next to a busy process (a pure-Python spin loop: one
+core), settings interleaved, rounds repeated; the figures per setting are medians over rounds of
+busy / quiet decode tok/s (paired within the round) and of quiet tok/s relative to the fixed
+2 threads' quiet. The machine's read bandwidth drifts within minutes, so only these within-round
+ratios are compared.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name -> (extra environment, threads)
-    "default (active spin)": ({}, 2),
-    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
-    "GOMP_SPINCOUNT=1000": ({"GOMP_SPINCOUNT": "1000"}, 2),
-    "1 thread": ({}, 1),
+    "default (adaptive: 2 threads or 1)": ({}, 2),
+    "2 threads always (H2OKIT_ADAPT_THREADS=0)": ({"H2OKIT_ADAPT_THREADS": "0"}, 2),
+    "2 threads always, OMP_WAIT_POLICY=PASSIVE": ({"H2OKIT_ADAPT_THREADS": "0", "OMP_WAIT_POLICY": "PASSIVE"}, 2),
+    "-t 1 (one thread)": ({}, 1),
 }
+BASE = "2 threads always (H2OKIT_ADAPT_THREADS=0)"  # the quiet speed the others are compared with
 
 
 def decode_tps(config: str, env: dict, threads: int, prompt: int, gen: int) -> float:
@@ -57,10 +60,10 @@ def main() -> int:
                 spinner.wait()
             print(f"  round {rnd + 1}/{args.rounds} {name}: quiet {quiet[name][-1]:.1f}, busy {busy[name][-1]:.1f} "
                   f"tok/s", flush=True)
-    base = "default (active spin)"
+    base = BASE
     print(f"\nP={args.prompt} G={args.gen}, {args.rounds} interleaved rounds, medians of per-round ratios")
-    print("| waiting policy | quiet tok/s | busy tok/s | busy / own quiet | busy / default quiet "
-          "| quiet / default quiet |")
+    print("| thread policy | quiet tok/s | busy tok/s | busy / own quiet | busy / fixed-2 quiet "
+          "| quiet / fixed-2 quiet |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in SETTINGS:
         q, b, d = quiet[name], busy[name], quiet[base]

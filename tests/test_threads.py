@@ -60,3 +60,16 @@ def test_bad_counts_are_refused():
         ThreadChooser(0)
     with pytest.raises(ValueError):
         ThreadChooser(2).record(3, 0.01)
+
+
+def test_the_environment_switch_takes_0_or_1_only(monkeypatch):
+    from h2okit.config import ConfigError
+    from h2okit.fastpath import adapt_threads_setting
+
+    monkeypatch.delenv("H2OKIT_ADAPT_THREADS", raising=False)
+    assert adapt_threads_setting() is True
+    monkeypatch.setenv("H2OKIT_ADAPT_THREADS", "0")
+    assert adapt_threads_setting() is False
+    monkeypatch.setenv("H2OKIT_ADAPT_THREADS", "yes")
+    with pytest.raises(ConfigError, match="allowed: 0 .* or 1"):
+        adapt_threads_setting()

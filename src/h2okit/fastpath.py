@@ -245,6 +245,15 @@ def decode_weights(loaded) -> DecodeWeights:
     return _block_weights(loaded, mode)
 
 
+def adapt_threads_setting() -> bool:
+    """Whether fused steps run on the faster of the configured threads and one (threads.py): yes unless
+    the environment says H2OKIT_ADAPT_THREADS=0 (benchmarks/under_load.py compares the two)."""
+    value = os.environ.get("H2OKIT_ADAPT_THREADS", "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"H2OKIT_ADAPT_THREADS={value!r} is not allowed; allowed: 0 (off) or 1 (on, the default)")
+    return value == "1"
+
+
 class FastDecoder:
     """Decode steps for one loaded model of a supported family (arch.py); `step` matches
     `Engine.forward` of one token."""
@@ -269,7 +278,9 @@ class FastDecoder:
             except kernels.KernelBuildError as exc:
                 raise FastPathUnavailable(str(exc)) from None
             decoders[loaded.weight_dtype] = cls(model, lib, decode_weights(loaded), architecture_of(model))
-        return decoders[loaded.weight_dtype]
+        decoder = decoders[loaded.weight_dtype]
+        decoder.adapt_threads = adapt_threads_setting()
+        return decoder
 
     def __init__(self, model, lib, weights: DecodeWeights, arch: Architecture):
         """Use `for_model`: it checks the model and builds the kernels first."""
@@ -322,12 +333,7 @@ class FastDecoder:
                                                                                        weights.head.data, self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
-        # fused steps run on the faster of the configured threads and one (threads.py); H2OKIT_ADAPT_THREADS=0:
-        # always the configured count (benchmarks/under_load.py compares the two)
-        adapt = os.environ.get("H2OKIT_ADAPT_THREADS", "1")
-        if adapt not in ("0", "1"):
-            raise ConfigError(f"H2OKIT_ADAPT_THREADS={adapt!r} is not allowed; allowed: 0 (off) or 1 (on, the default)")
-        self.adapt_threads = adapt == "1"
+        self.adapt_threads = adapt_threads_setting()
         self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_kinds = sorted(set(arch.rope_kinds), key=str)
 

@@ -167,6 +167,8 @@ CASES = [
     ("cfg-basis", BENCH, lambda f: bench_args(f.config(kv_h2o_budget_basis="all")), "allowed: current, seen"),
     ("cfg-basis-tokens-without-count", BENCH, lambda f: bench_args(f.config(kv_h2o_budget_basis="tokens")),
      "kv_h2o_budget_tokens' must be >= 1"),
+    ("cfg-score-pool-even", BENCH, lambda f: bench_args(f.config(kv_h2o_score_pool=4)),
+     "kv_h2o_score_pool' must be odd"),
     ("cfg-codec", BENCH, lambda f: bench_args(f.config(kv_lossless_codec="lz4")), "allowed: none, gear_delta"),
     ("cfg-scope", BENCH, lambda f: bench_args(f.config(kv_lossless_scope="all")), "allowed: none, front_n"),
     ("cfg-runtime-mode", BENCH, lambda f: bench_args(f.config(kv_lossless_runtime_mode="fast")),

@@ -233,3 +233,23 @@ def test_prefill_observation_seeds_scores_without_ticking_the_clock():
     assert pol.maybe_plan(8) is None  # the clock has not ticked: no decode step yet
     pol.observe(np.zeros(9))
     assert pol.scores[0].tolist() == pytest.approx([0.36, 0.54, 0.0]) and pol.steps_since_eviction == 1
+
+
+def test_score_pooling_takes_each_blocks_neighbourhood_max():
+    from h2okit.policy import max_pool
+
+    scores = np.array([[0.0, 5.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    assert max_pool(scores, 1) is scores
+    np.testing.assert_array_equal(max_pool(scores, 3), [[5, 5, 5, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(max_pool(scores, 5), [[5, 5, 5, 5, 1, 1, 1]])
+    with pytest.raises(ValueError, match="odd"):
+        PlanParams(block_tokens=1, sink_tokens=0, recent_tokens=0, keep_ratio=0.5, score_pool=2)
+
+
+def test_pooled_scores_keep_a_heavy_hitters_neighbours():
+    params = PlanParams(block_tokens=1, sink_tokens=0, recent_tokens=1, keep_ratio=0.4, budget_basis="tokens",
+                        budget_tokens=4, score_pool=3)
+    pol = LayerPolicy(layer=0, params=params, ema_alpha=0.0, update_interval=1, trigger_min_tokens=1)
+    pol.observe(np.array([0.0, 0.1, 0.0, 0.9, 0.0, 0.2, 0.15, 0.0, 0.0, 0.0]))
+    kept = pol.maybe_plan(10).plan.kept_blocks[0].tolist()
+    assert kept == [2, 3, 4, 9]  # 3 and both neighbours, and the write head (unpooled: 3, 5, 6, 9)

@@ -507,7 +507,8 @@ class H2OCache(Cache):
                                     recent_tokens=kv.h2o_recent_tokens, keep_ratio=min(1.0, kv.keep_ratio * w),
                                     budget_basis=kv.h2o_budget_basis,
                                     budget_tokens=max(1, round(kv.h2o_budget_tokens * w)),
-                                    per_head=kv.h2o_per_head, value_norm=kv.h2o_value_norm)
+                                    per_head=kv.h2o_per_head, value_norm=kv.h2o_value_norm,
+                                    score_pool=kv.h2o_score_pool)
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,

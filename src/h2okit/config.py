@@ -140,6 +140,9 @@ class KVConfig:
     h2o_budget_tokens: int = _kv(0, _clamp(0), doc="basis 'tokens': kept tokens per layer")
     h2o_per_head: bool = _kv(False, doc="each KV head keeps its own tokens (same count per head)")
     h2o_value_norm: bool = _kv(False, doc="weigh scores by the values' L2 norm")
+    h2o_score_pool: int = _kv(1, _clamp(1), doc="at plan time each block scores the max over this many blocks "
+                                                "centred on it (SnapKV's pooling: neighbours of a heavy hitter "
+                                                "stay with it); 1: off")
     h2o_layer_budget_slope: float = _kv(0.0, _clamp(-1.0, 1.0),
                                         doc="budget x (1 + slope) at the first evicting layer .. (1 - slope) at the "
                                             "last; same total")
@@ -272,6 +275,9 @@ def _check_budget(kv: KVConfig, warnings: list[str]) -> None:
     if kv.h2o_budget_basis == "tokens" and kv.h2o_budget_tokens < 1:
         raise ConfigError("config key 'kv_h2o_budget_tokens' must be >= 1 with kv_h2o_budget_basis 'tokens' "
                           f"(got {kv.h2o_budget_tokens})")
+    if kv.h2o_score_pool % 2 == 0:
+        raise ConfigError(f"config key 'kv_h2o_score_pool' must be odd (a window centred on each block; 1: off), "
+                          f"got {kv.h2o_score_pool}")
     if kv.h2o_enable and kv.h2o_layer_end >= 0 and kv.h2o_layer_end < kv.h2o_layer_start:
         warnings.append(f"kv_h2o_layer_end {kv.h2o_layer_end} < kv_h2o_layer_start {kv.h2o_layer_start}: H2O is on "
                         f"but evicts in no layer")

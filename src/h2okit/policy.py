@@ -212,10 +212,13 @@ class PlanParams:
     budget_tokens: int = 0  # basis "tokens": the fixed number of kept tokens
     per_head: bool = False
     value_norm: bool = False  # weigh each block's score by its values' mean L2 norm (per head or pooled)
+    score_pool: int = 1  # plan-time max pooling of the scores over this many blocks (odd; 1: off)
 
     def __post_init__(self):
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        if self.score_pool < 1 or self.score_pool % 2 == 0:
+            raise ValueError(f"score_pool must be an odd number >= 1, got {self.score_pool}")
         if self.budget_basis not in BUDGET_BASES:
             raise ValueError(f"unknown budget basis {self.budget_basis!r}; allowed: {', '.join(BUDGET_BASES)}")
 
@@ -360,6 +363,16 @@ def _runs(kept_blocks: np.ndarray, sizes: np.ndarray, b: int) -> tuple[tuple[int
     return tuple((begin, length) for begin, length in runs)
 
 
+def max_pool(scores: np.ndarray, width: int) -> np.ndarray:
+    """[rows, blocks] -> each block's max over the `width` blocks centred on it (odd width; the ends see
+    fewer), as SnapKV pools its observation window's scores so that a kept token keeps its neighbours."""
+    if width <= 1 or scores.shape[1] == 0:
+        return scores
+    half = width // 2
+    padded = np.pad(scores, ((0, 0), (half, half)), constant_values=-np.inf)
+    return np.lib.stride_tricks.sliding_window_view(padded, width, axis=1).max(axis=2)
+
+
 def layer_budget_weights(layers: int, slope: float) -> np.ndarray:
     """Per-layer multipliers of the budget, mean 1 (the same total): 1 + slope at the first evicting
     layer falling linearly to 1 - slope at the last (slope > 0: more for lower layers, as PyramidKV)."""
@@ -477,6 +490,7 @@ class LayerPolicy:
         scores = self.scorer.scores(num_blocks(length, self.params.block_tokens))
         if self.params.value_norm and value_norms is not None:
             scores = scores * self._rows(value_norms)
+        scores = max_pool(scores, self.params.score_pool)
         plan = build_plan(length, scores, self.params, seen)
         plan_us = (time.perf_counter() - started) * 1e6
         return None if plan is None else EvictionEvent(self.layer, plan, plan_us)

@@ -5,7 +5,12 @@
 llama.cpp comes from the PyPI sdist of `llama-cpp-python`, which vendors it; it is not a dependency
 of h2okit (building it takes ~15 min on 2 cores):
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python==0.3.36
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+      -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF" .venv/bin/pip install llama-cpp-python==0.3.36
+
+(~5 min here). On 2026-12-02 the machine reported AMX, and a `-DGGML_NATIVE=ON` build (which then
+compiles ggml's AMX path) crashed in its first llama_decode; with AMX off it runs.
 
 Without it the benchmark says so in one line and exits 0. Per round and prompt length, each engine
 prefills P tokens of Austen and then decodes --gen tokens greedily, one after the other (never two

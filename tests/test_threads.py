@@ -23,23 +23,24 @@ def busy(step, threads):
     return 0.037 if threads == 2 else 0.016  # a spinning partner waits for a core the other process holds
 
 
-def test_quiet_machine_runs_all_threads_but_for_one_probe_per_interval():
-    used = run(ThreadChooser(2, probe_every=32), quiet, 330)
+def test_quiet_machine_runs_all_threads_probing_less_and_less():
+    used = run(ThreadChooser(2, probe_every=32, longest_wait=128), quiet, 1000)
     assert used[:2] == [2, 1]  # each count tried once
     ones = [i for i, n in enumerate(used) if n == 1]
-    assert len(ones) == 1 + (330 - 2) // 33  # then one probe after every 32 steps on the faster count
-    assert all(b - a == 33 for a, b in zip(ones[1:], ones[2:]))
+    gaps = [b - a for a, b in zip(ones, ones[1:])]
+    assert gaps[:2] == [65, 129] and set(gaps[2:]) == {129}  # each lost probe (the first try too) doubles the
+    # wait, up to the cap
 
 
 def test_under_load_it_moves_to_one_thread_and_back_when_the_load_goes():
     def load_in_the_middle(step, threads):
-        return busy(step, threads) if 100 <= step < 300 else quiet(step, threads)
+        return busy(step, threads) if 100 <= step < 600 else quiet(step, threads)
 
-    chooser = ThreadChooser(2, probe_every=32)
-    used = run(chooser, load_in_the_middle, 400)
+    chooser = ThreadChooser(2, probe_every=32, longest_wait=128)
+    used = run(chooser, load_in_the_middle, 1000)
     assert used[90:100].count(2) == 10
-    assert used[103:295].count(2) <= 200 // 33 + 1  # one thread, but for probes, within 3 steps of the load
-    assert used[300 + 3 * 33:].count(1) <= 1  # back on two threads within 3 probes of the load going
+    assert used[103:600].count(2) <= 1 + 500 // 64  # one thread within 3 steps, probes ever rarer
+    assert used[600 + 3 * 129:].count(1) <= 3  # back on two threads within 3 probes of the load going
     assert chooser.current == 2
 
 

@@ -5,9 +5,10 @@ spinning is the fastest way to wait (sleeping instead cost 61 % here: waking a v
 when another process wants one of the two cores, the spinning thread keeps the core it needs, and
 decode fell to 0.27 of its quiet speed (README, "Decode next to a busy process"). One thread never
 waits for another. So the fast path times each step and keeps the faster of the configured thread
-count and one thread; every `probe_every` steps it runs one step with the other count, to notice
-when the machine changed. Quiet, the cost is one slower step per `probe_every`; under load, one
-step with the full count.
+count and one thread; after `probe_every` steps it runs one step with the other count, to notice
+when the machine changed. A probe that loses doubles the wait before the next one (up to
+`longest_wait`), a switch resets it: a probe next to a busy process costs ~10 one-thread steps, so
+a fixed interval of 32 lost ~15 % of the busy speed. Quiet, the cost is one slower step per wait.
 
 Pure logic (no torch, no clock): the caller times the steps.
 """
@@ -24,17 +25,20 @@ class ThreadChooser:
     """`next()` is the thread count for the next step, `record(threads, seconds)` what it took."""
 
     most: int  # the configured thread count
-    probe_every: int = 32  # steps between two probes of the other count
+    probe_every: int = 32  # steps before the first probe of the other count, and after every switch
+    longest_wait: int = 512  # the most steps between two probes (the wait doubles after each lost probe)
     samples: int = 3  # recent step times kept per count; their median decides
     _times: dict[int, deque] = field(init=False, repr=False)
     _current: int = field(init=False)
     _since_probe: int = field(init=False, default=0)
+    _wait: int = field(init=False)
 
     def __post_init__(self):
         if self.most < 1:
             raise ValueError(f"thread count must be >= 1, got {self.most}")
         self._times = {n: deque(maxlen=self.samples) for n in self.candidates}
         self._current = self.most
+        self._wait = self.probe_every
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -49,7 +53,7 @@ class ThreadChooser:
         untried = [n for n in self.candidates if not self._times[n]]
         if untried:
             return untried[0]
-        if len(self.candidates) > 1 and self._since_probe >= self.probe_every:
+        if len(self.candidates) > 1 and self._since_probe >= self._wait:
             return next(n for n in self.candidates if n != self._current)
         return self._current
 
@@ -57,6 +61,11 @@ class ThreadChooser:
         if threads not in self._times:
             raise ValueError(f"{threads} threads is not one of {self.candidates}")
         self._times[threads].append(seconds)
-        self._since_probe = 0 if threads != self._current else self._since_probe + 1
+        probed = threads != self._current
+        self._since_probe = 0 if probed else self._since_probe + 1
         if all(self._times.values()):
-            self._current = min(self.candidates, key=lambda n: statistics.median(self._times[n]))
+            best = min(self.candidates, key=lambda n: statistics.median(self._times[n]))
+            if best != self._current:
+                self._current, self._wait = best, self.probe_every
+            elif probed:
+                self._wait = min(2 * self._wait, self.longest_wait)

@@ -25,7 +25,7 @@ def busy(step, threads):
 
 def test_quiet_machine_runs_all_threads_probing_less_and_less():
     used = run(ThreadChooser(2, probe_every=32, longest_wait=128), quiet, 1000)
-    assert used[:2] == [2, 1]  # each count tried once
+    assert used[:3] == [2, 2, 1]  # each count tried once after a first (cold, unrecorded) step
     ones = [i for i, n in enumerate(used) if n == 1]
     gaps = [b - a for a, b in zip(ones, ones[1:])]
     assert gaps[:2] == [65, 129] and set(gaps[2:]) == {129}  # each lost probe (the first try too) doubles the
@@ -42,6 +42,13 @@ def test_under_load_it_moves_to_one_thread_and_back_when_the_load_goes():
     assert used[103:600].count(2) <= 1 + 500 // 64  # one thread within 3 steps, probes ever rarer
     assert used[600 + 3 * 129:].count(1) <= 3  # back on two threads within 3 probes of the load going
     assert chooser.current == 2
+
+
+def test_a_cold_first_step_does_not_make_one_thread_win():
+    def cold_start(step, threads):
+        return 0.05 if step == 0 else quiet(step, threads)
+
+    assert run(ThreadChooser(2, probe_every=32), cold_start, 30)[3:] == [2] * 27
 
 
 def test_a_single_slow_step_does_not_switch():

@@ -32,6 +32,7 @@ class ThreadChooser:
     _current: int = field(init=False)
     _since_probe: int = field(init=False, default=0)
     _wait: int = field(init=False)
+    _warm: bool = field(init=False, default=False)
 
     def __post_init__(self):
         if self.most < 1:
@@ -60,6 +61,9 @@ class ThreadChooser:
     def record(self, threads: int, seconds: float) -> None:
         if threads not in self._times:
             raise ValueError(f"{threads} threads is not one of {self.candidates}")
+        if not self._warm:  # the first step is cold (caches, first-touch pages): it was up to 3x slower here and
+            self._warm = True  # could make one thread win for a whole probe interval
+            return
         self._times[threads].append(seconds)
         probed = threads != self._current
         self._since_probe = 0 if probed else self._since_probe + 1

@@ -3,8 +3,9 @@
 
 A decode step reads every weight once, so its speed is memory bandwidth. The transformers
 forward of one token reads weights at ~10-20 GB/s on this CPU (F.linear's single-row GEMM,
-plus ~20 small torch ops per layer); these kernels read them at ~30+ GB/s, three calls per
-layer. It is the same math as the reference path:
+plus ~20 small torch ops per layer); these kernels read them at ~30+ GB/s, in one C call per
+step (h2k_decode_step; three kernels per layer inside it). It is the same math as the reference
+path:
 
     x = embed[token] (* embed_scale)
     per layer:  qkv = W_qkv · rmsnorm(x), [q/k norms], RoPE on q and k,
@@ -13,10 +14,13 @@ layer. It is the same math as the reference path:
                                                              sliding layer: its last `window` slots);
                                                              mass summed per KV head and H2O block
                                                              (h2k_attend)
-                layer.after_decode_blocks(mass)              the same H2O scoring, plans, compaction
+                scores = decay * scores + gain * mass        the scorer's own step, in place (h2k_update_scores)
                 x += [norm](W_o a);  h = rmsnorm(x);
                 x += [norm](W_down (act(W_gate h) * W_up h)) (h2k_mlp_block)
     logits = W_head · rmsnorm(x)                             (h2k_norm_gemv)
+    then, in Python, per layer: count the token, tick the policy clock, and plan and compact where
+    an eviction is due (H2OLayer.after_fused_step: the same code as the reference path's). Layers
+    the fused step cannot serve (store mode, the `mean` scorer) take one call per kernel and layer.
 
 The cache objects and the policy are shared with the reference path, so eviction decisions
 come from the same code; only the floating-point summation order differs (logits agree to

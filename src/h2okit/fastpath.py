@@ -336,6 +336,7 @@ class FastDecoder:
         self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (arch.final_norm,
                                                                                        weights.head.data, self.logits))
         self._probs = self._head_mass = self._partial = torch.empty(0)
+        self._scratch_tokens = self._scratch_copies = 0
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
         self.adapt_threads = adapt_threads_setting()
         self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -364,13 +365,15 @@ class FastDecoder:
             self._rope_at(max(positions), kind)
         return [{kind: self._rope_at(p, kind) for kind in self._rope_kinds} for p in positions]
 
-    def _scratch(self, tokens: int, block: int) -> tuple[object, torch.Tensor]:
+    def _scratch(self, tokens: int, block: int, copies: int = 1) -> tuple[object, torch.Tensor]:
         """The attention's probability rows (pointer) and a [kv_heads, blocks] per-head block-mass
-        tensor (blocks of `block` tokens), grown as the cache grows."""
-        if self._probs.numel() < self.q_heads * tokens:
-            n = max(tokens, 2 * self._probs.numel() // self.q_heads, 1024)
-            self._probs = torch.empty(self.q_heads * n)
-            self._head_mass = torch.empty(self.kv_heads * n)
+        tensor (blocks of `block` tokens), grown as the cache grows; `copies` of each, `_scratch_tokens`
+        tokens apart (the fused step gives each thread its own copy). Returns copy 0."""
+        if self._scratch_tokens < tokens or self._scratch_copies < copies:
+            self._scratch_tokens = max(tokens, 2 * self._scratch_tokens, 1024)
+            self._scratch_copies = max(copies, self._scratch_copies)
+            self._probs = torch.empty(self._scratch_copies * self.q_heads * self._scratch_tokens)
+            self._head_mass = torch.empty(self._scratch_copies * self.kv_heads * self._scratch_tokens)
         blocks = -(-tokens // max(block, 1))
         return _ptr(self._probs), self._head_mass[:self.kv_heads * blocks].view(self.kv_heads, blocks)
 
@@ -379,10 +382,11 @@ class FastDecoder:
         self.dims.threads = self.head_dims.threads = threads
 
     def _threads(self) -> int:
-        """The threads the attention kernel may use (its per-thread partial sums grown to match)."""
+        """The threads the attention kernel may use, which is also how many parts it splits the tokens
+        into; its partial sums grown to match (a set of `threads` parts per thread, for the fused step)."""
         threads = torch.get_num_threads()
-        if self._partial.numel() < threads * self.q_dim:
-            self._partial = torch.empty(threads * self.q_dim)
+        if self._partial.numel() < threads * threads * self.q_dim:
+            self._partial = torch.empty(threads * threads * self.q_dim)
         return threads
 
     def _attend(self, layer, slot, qkv_row: torch.Tensor, attn_out, threads: int) -> None:
@@ -404,7 +408,8 @@ class FastDecoder:
                             _ptr(block_mass) if block else kernels.NULL, max(block, 1), _ptr(self._partial), threads)
         layer.after_decode_blocks(block_mass.numpy() if block else None)
 
-    def _fill_layer_caches(self, caches: list[H2OCache], positions: list[int]) -> list[list[bool]] | None:
+    def _fill_layer_caches(self, caches: list[H2OCache], positions: list[int],
+                           copies: int) -> list[list[bool]] | None:
         """The fused step's slots (`h2k_layer_cache`, [layers][batch]) for this step, and per sequence and
         layer whether the step updates its scores; None when some layer needs the per-layer path (store
         mode, a scorer whose step is not decay * scores + gain * mass, or a layer that has cached nothing)."""
@@ -435,25 +440,25 @@ class FastDecoder:
                     slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
                     slot.score_rows, slot.score_stride = scores.shape
                 scored[s].append(bool(block))
-        self._scratch(longest, 1)
+        self._scratch(longest, 1, copies)  # a copy of the attention's scratch per thread
         return scored
 
     def _fused_step(self, caches: list[H2OCache], positions: list[int], x, h, qkv, attn, gate_up, logits) -> bool:
         """The whole step in one C call (h2k_decode_step) when every layer of every cache allows it (False:
         nothing ran), then each layer's bookkeeping and any eviction that came due, in Python. x holds
         the embeddings; the other arguments are the step's buffers (pointers), as in `step_batch`."""
-        scored = self._fill_layer_caches(caches, positions) if self.fuse_steps else None
+        most = self._threads()  # (before taking the scratch's pointers: it may grow them)
+        scored = self._fill_layer_caches(caches, positions, most) if self.fuse_steps else None
         if scored is None:
             return False
-        most = self._threads()  # (before taking the scratch's pointers: it may grow them)
         chooser = self._choosers.setdefault((most, len(caches)), ThreadChooser(most))
         threads = chooser.next() if self.adapt_threads else most
         self._use_threads(threads)
-        started = time.perf_counter()
+        started = time.perf_counter()  # (attention splits its tokens into `most` parts whatever the threads)
         self.lib.h2k_decode_step(self.dims, self.head_dims, self._layer_weights, self._layer_caches, len(self._ptrs),
                                  len(caches), x, h, qkv, attn, gate_up, _ptr(self._probs), _ptr(self._head_mass),
-                                 _ptr(self._partial), most, self._final_norm_ptr, self._head_ptr, self.vocab,
-                                 logits)  # (attention splits its tokens into `most` parts whatever the threads)
+                                 _ptr(self._partial), most, self._scratch_tokens, self._final_norm_ptr,
+                                 self._head_ptr, self.vocab, logits)
         chooser.record(threads, time.perf_counter() - started)
         for cache, layers_scored in zip(caches, scored):
             for layer, layer_scored in zip(cache.layers, layers_scored):

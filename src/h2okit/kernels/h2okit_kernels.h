@@ -108,8 +108,8 @@ typedef struct {
  * kernels give it alone (batch 1 is exactly that chain), on any number of threads. */
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
                      const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
-                     float *gu, float *probs, float *head_mass, float *partial, int parts, const float *final_norm,
-                     const void *head, int vocab, float *logits);
+                     float *gu, float *probs, float *head_mass, float *partial, int parts, long scratch_tokens,
+                     const float *final_norm, const void *head, int vocab, float *logits);
 
 /* The fused step's score update alone (for tests): scores[r, b] = decay * scores[r, b] + gain * m_r[b]. */
 void h2k_update_scores(const float *head_mass, int kv_heads, int blocks, double *scores, int score_rows,

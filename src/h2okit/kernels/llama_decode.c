@@ -552,6 +552,10 @@ static inline const float *kv_row(const void *kv, int kvtype, long base, int hea
 /* Head_dim 64 and groups of up to 4 query heads per KV head: K/V rows are widened straight into
  * registers (no float copy for bf16/fp16 rows) and each row is loaded once for the whole group. */
 static inline void load_row64(const void *kv, int kvtype, long base, __m512 r[4]) {
+    /* the row PREFETCH bytes ahead, every line of it: one thread streaming its own K/V (a batch's
+       sequences run one per thread) left memory idle on the hardware prefetcher alone */
+    const char *ahead = (const char *)kv + base * (kvtype == F32 ? 4 : 2) + PREFETCH;
+    for (int line = 0; line < (kvtype == F32 ? 4 : 2); line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     if (kvtype == F32) {
         const float *p = (const float *)kv + base;
         for (int d = 0; d < 4; d++) r[d] = _mm512_loadu_ps(p + 16 * d);
@@ -620,6 +624,110 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
 }
 #endif
 
+/* One attention's work on this thread's share: thread `tid` of `used`. With used > 1 the whole team
+ * runs it together, separated by barriers between the phases; with used == 1 one thread does it all
+ * (each thread does so for its own sequences of a batch). Every value is computed the same way
+ * whatever the share: the split of the work never changes the arithmetic. Arguments as h2k_attend's;
+ * the partials are left for sum_partials. */
+static void attend_share(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride,
+                         int kvtype, int T, float *probs, float *head_mass, int block, float *partial, int parts,
+                         int tid, int used) {
+    int q_heads = d->q_heads, kv_heads = d->kv_heads, head_dim = d->head_dim;
+    float scale = d->scale;
+    int group = q_heads / kv_heads;
+    int width = q_heads * head_dim;
+    float heads = (float)q_heads;
+    int chunk = (T + parts - 1) / parts;
+    float row[256];
+    int fast64 = 0;
+#ifdef __AVX512F__
+    fast64 = head_dim == 64 && group <= 4;
+    for (int part = tid; fast64 && part < parts; part += used) {
+        int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
+        attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
+    }
+#endif
+    if (!fast64) {
+        int share = (T + used - 1) / used;
+        int t1 = (tid + 1) * share < T ? (tid + 1) * share : T;
+        for (int t = tid * share; t < t1; t++) {
+            for (int g = 0; g < kv_heads; g++) {
+                const float *k = kv_row(K, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
+                for (int j = 0; j < group; j++) {
+                    int h = g * group + j;
+                    probs[(long)h * T + t] = dot_short(k, q + h * head_dim, head_dim) * scale;
+                }
+            }
+        }
+    }
+    if (used > 1) {
+#pragma omp barrier
+    }
+    for (int h = tid; h < q_heads; h += used) { /* softmax per head */
+        float *restrict p = probs + (long)h * T;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int t = 0; t < T; t++) m = p[t] > m ? p[t] : m;
+        float inv = 1.0f / exp_shifted(p, T, m);
+#pragma omp simd
+        for (int t = 0; t < T; t++) p[t] *= inv;
+    }
+    if (used > 1) {
+#pragma omp barrier
+    }
+    if (head_mass != NULL) { /* per token: the group's probabilities added in head order, then / q_heads
+                                (torch's order); then summed per block, in token order */
+        int nb = (T + block - 1) / block;
+        for (int g = tid; g < kv_heads; g += used) {
+            const float *p0 = probs + (long)g * group * T;
+            float *restrict m = head_mass + (long)g * nb;
+            for (int b = 0; b < nb; b++) {
+                int t1 = (b + 1) * block < T ? (b + 1) * block : T;
+                float sum = 0.0f;
+                for (int t = b * block; t < t1; t++) {
+                    float v = p0[t];
+                    for (int j = 1; j < group; j++) v += p0[(long)j * T + t];
+                    sum += v / heads;
+                }
+                m[b] = sum;
+            }
+        }
+    }
+    /* out[h] = sum_t p[h, t] V[g(h), t]: each part of the tokens into its own partial */
+    for (int part = tid; part < parts; part += used) {
+        int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
+        float *acc = partial + (long)part * width;
+#ifdef __AVX512F__
+        if (fast64) {
+            attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
+            continue;
+        }
+#endif
+        memset(acc, 0, sizeof(float) * width);
+        for (int t = t0; t < t1; t++) {
+            for (int g = 0; g < kv_heads; g++) {
+                const float *v = kv_row(V, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
+                for (int j = 0; j < group; j++) {
+                    int h = g * group + j;
+                    float p = probs[(long)h * T + t];
+                    float *a = acc + h * head_dim;
+#pragma omp simd
+                    for (int e = 0; e < head_dim; e++) a[e] += p * v[e];
+                }
+            }
+        }
+    }
+}
+
+/* out = the partials added in part order: deterministic. */
+static void sum_partials(const float *partial, int parts, int width, float *out) {
+    for (int i = 0; i < width; i++) {
+        float s = 0.0f;
+        for (int part = 0; part < parts; part++) s += partial[(long)part * width + i];
+        out[i] = s;
+    }
+}
+
 /* One query per head over T cached tokens, grouped-query layout.
  *   q           [q_heads, head_dim] (already roped; scaled here)
  *   K, V        [kv_heads, T] rows of head_dim, head h at K + h * head_stride elements
@@ -636,97 +744,11 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
  * its phases are separated by barriers. */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
                 int T, float *probs, float *out, float *head_mass, int block, float *partial, int parts) {
-    int q_heads = d->q_heads, kv_heads = d->kv_heads, head_dim = d->head_dim;
-    float scale = d->scale;
-    int group = q_heads / kv_heads;
-    int width = q_heads * head_dim;
-    float heads = (float)q_heads;
     int threads = team_size(d) < parts ? team_size(d) : parts;
-    int chunk = (T + parts - 1) / parts;
-    int fast64 = 0;
-#ifdef __AVX512F__
-    fast64 = head_dim == 64 && group <= 4;
-#endif
 #pragma omp parallel num_threads(threads)
-    {
-        float row[256];
-        int used = omp_get_num_threads(), tid = omp_get_thread_num();
-#ifdef __AVX512F__
-        for (int part = tid; fast64 && part < parts; part += used) {
-            int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
-            attend_logits64(q, scale, T, K, kvtype, head_stride, kv_heads, group, t0, t1, probs);
-        }
-#pragma omp barrier
-#endif
-#pragma omp for schedule(static)
-        for (int t = 0; t < (fast64 ? 0 : T); t++) {
-            for (int g = 0; g < kv_heads; g++) {
-                const float *k = kv_row(K, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
-                for (int j = 0; j < group; j++) {
-                    int h = g * group + j;
-                    probs[(long)h * T + t] = dot_short(k, q + h * head_dim, head_dim) * scale;
-                }
-            }
-        }
-#pragma omp for schedule(static)
-        for (int h = 0; h < q_heads; h++) { /* softmax per head */
-            float *restrict p = probs + (long)h * T;
-            float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-            for (int t = 0; t < T; t++) m = p[t] > m ? p[t] : m;
-            float inv = 1.0f / exp_shifted(p, T, m);
-#pragma omp simd
-            for (int t = 0; t < T; t++) p[t] *= inv;
-        }
-        if (head_mass != NULL) { /* per token: the group's probabilities added in head order, then / q_heads
-                                    (torch's order); then summed per block, in token order */
-            int nb = (T + block - 1) / block;
-#pragma omp for schedule(static) nowait
-            for (int g = 0; g < kv_heads; g++) {
-                const float *p0 = probs + (long)g * group * T;
-                float *restrict m = head_mass + (long)g * nb;
-                for (int b = 0; b < nb; b++) {
-                    int t1 = (b + 1) * block < T ? (b + 1) * block : T;
-                    float sum = 0.0f;
-                    for (int t = b * block; t < t1; t++) {
-                        float v = p0[t];
-                        for (int j = 1; j < group; j++) v += p0[(long)j * T + t];
-                        sum += v / heads;
-                    }
-                    m[b] = sum;
-                }
-            }
-        }
-        /* out[h] = sum_t p[h, t] V[g(h), t]: each part of the tokens into its own partial */
-        for (int part = tid; part < parts; part += used) {
-            int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
-            float *acc = partial + (long)part * width;
-#ifdef __AVX512F__
-            if (fast64) {
-                attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
-                continue;
-            }
-#endif
-            memset(acc, 0, sizeof(float) * width);
-            for (int t = t0; t < t1; t++) {
-                for (int g = 0; g < kv_heads; g++) {
-                    const float *v = kv_row(V, kvtype, g * head_stride + (long)t * head_dim, head_dim, row);
-                    for (int j = 0; j < group; j++) {
-                        int h = g * group + j;
-                        float p = probs[(long)h * T + t];
-                        float *a = acc + h * head_dim;
-#pragma omp simd
-                        for (int e = 0; e < head_dim; e++) a[e] += p * v[e];
-                    }
-                }
-            }
-        }
-    }
-    for (int i = 0; i < width; i++) { /* partials added in part order: deterministic */
-        float s = 0.0f;
-        for (int part = 0; part < parts; part++) s += partial[(long)part * width + i];
-        out[i] = s;
-    }
+    attend_share(d, q, K, V, head_stride, kvtype, T, probs, head_mass, block, partial, parts, omp_get_thread_num(),
+                 omp_get_num_threads());
+    sum_partials(partial, parts, d->q_heads * d->head_dim, out);
 }
 
 /* The scorer's update, in the arithmetic numpy does in policy.py (so the fused step's scores are the
@@ -752,10 +774,60 @@ __attribute__((optimize("fp-contract=off"))) void h2k_update_scores(const float 
     }
 }
 
+/* One sequence's attention in a layer of the fused step (thread `tid` of `used`, as attend_share) and,
+ * when the layer scores, its score update (by thread 0, after the team's share). */
+static void attend_cached(const h2k_dims *d, const h2k_layer_cache *sc, const float *q, float *attn, float *probs,
+                          float *head_mass, float *partial, int parts, int tid, int used) {
+    long row_bytes = (long)d->head_dim * (sc->kvtype == F32 ? 4 : 2);
+    int T = sc->length + 1 - sc->first_visible, block = sc->block > 0 ? sc->block : 1;
+    long first = sc->first_visible * row_bytes;
+    attend_share(d, q, (char *)sc->K + first, (char *)sc->V + first, sc->head_stride, sc->kvtype, T, probs,
+                 sc->block > 0 ? head_mass : NULL, block, partial, parts, tid, used);
+    if (used > 1) {
+#pragma omp barrier
+    }
+    if (tid == 0) {
+        sum_partials(partial, parts, d->q_heads * d->head_dim, attn);
+        if (sc->block > 0 && sc->scores != NULL)
+            h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, sc->scores, sc->score_rows,
+                              sc->score_stride, sc->decay, sc->gain);
+    }
+    if (used > 1) { /* the scratch is the team's next sequence's */
+#pragma omp barrier
+    }
+}
+
+/* A layer's attention for `batch` sequences. With at least as many sequences as threads, each thread
+ * takes whole sequences (round robin), each with its own scratch copy (scratch_tokens tokens per copy):
+ * no barriers, and every thread streams its own K/V. The rest (fewer sequences than threads) are
+ * shared by the team one at a time. Each sequence's arithmetic is the same either way (attend_share). */
+static void attend_batch(const h2k_dims *d, const h2k_layer_cache *lc, int batch, const float *qkv, int width,
+                         float *attn, float *probs, float *head_mass, float *partial, int parts,
+                         long scratch_tokens) {
+    int q_dim = d->q_heads * d->head_dim, threads = team_size(d) < parts ? team_size(d) : parts;
+    int whole = threads > 1 ? batch - batch % threads : 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), used = omp_get_num_threads();
+        float *my_probs = probs + tid * d->q_heads * scratch_tokens;
+        float *my_mass = head_mass + tid * d->kv_heads * scratch_tokens;
+        float *my_partial = partial + (long)tid * parts * q_dim;
+        for (int s = tid; s < whole; s += used)
+            attend_cached(d, lc + s, qkv + (long)s * width, attn + (long)s * q_dim, my_probs, my_mass, my_partial,
+                          parts, 0, 1);
+        if (whole > 0 && used > 1) {
+#pragma omp barrier
+        }
+        for (int s = whole; s < batch; s++)
+            attend_cached(d, lc + s, qkv + (long)s * width, attn + (long)s * q_dim, probs, head_mass, partial, parts,
+                          tid, used);
+    }
+}
+
 void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_layer_weights *w,
                      const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
-                     float *gu, float *probs, float *head_mass, float *partial, int parts, const float *final_norm,
-                     const void *head, int vocab, float *logits) {
+                     float *gu, float *probs, float *head_mass, float *partial, int parts, long scratch_tokens,
+                     const float *final_norm, const void *head, int vocab, float *logits) {
     int q_dim = d->q_heads * d->head_dim, width = q_dim + 2 * d->kv_heads * d->head_dim;
     const float *cos[batch], *sin[batch];
     void *k_slot[batch], *v_slot[batch];
@@ -773,17 +845,7 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
         }
         h2k_attention_input_batch(d, batch, x, lw->attn_in_norm, lw->qkv, h, qkv, lw->q_norm, lw->k_norm, cos, sin,
                                   k_slot, v_slot, stride, lc->kvtype);
-        for (int s = 0; s < batch; s++) {
-            const h2k_layer_cache *sc = lc + s;
-            int T = sc->length + 1 - sc->first_visible, block = sc->block > 0 ? sc->block : 1;
-            long first = sc->first_visible * row_bytes;
-            h2k_attend(d, qkv + (long)s * width, (char *)sc->K + first, (char *)sc->V + first, sc->head_stride,
-                       sc->kvtype, T, probs, attn + (long)s * q_dim, sc->block > 0 ? head_mass : NULL, block, partial,
-                       parts);
-            if (sc->block > 0 && sc->scores != NULL)
-                h2k_update_scores(head_mass, d->kv_heads, (T + block - 1) / block, sc->scores, sc->score_rows,
-                                  sc->score_stride, sc->decay, sc->gain);
-        }
+        attend_batch(d, lc, batch, qkv, width, attn, probs, head_mass, partial, parts, scratch_tokens);
         h2k_mlp_block_batch(d, batch, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down,
                             lw->mlp_out_norm, h, gu);
     }

@@ -118,6 +118,32 @@ class H2OLayer(CacheLayerMixin):
         self.on_size = None  # the cache's callback: (layer index, physical bytes) after every size change
         self.tokens_seen = 0
 
+    # `keys` and `values` (transformers' attributes) are views of the buffer's live tokens, sliced again
+    # on the first read after the buffer grew: a fused decode step grows every layer of every sequence,
+    # and slicing two views each time was a visible share of a batched step's Python time.
+    def _fresh_views(self) -> None:
+        if self._views_stale:
+            self._keys, self._values = self.buffer.views()
+            self._views_stale = False
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        self._fresh_views()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys, self._views_stale = value, False
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        self._fresh_views()
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values = value
+
     # --- transformers' CacheLayerMixin interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -143,11 +169,14 @@ class H2OLayer(CacheLayerMixin):
         return self._grown(key_states.shape[-2])
 
     def _grown(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffer holds `n` more tokens: refresh the views and the count; all K/V as `full_kv`."""
-        self.keys, self.values = self.buffer.views()  # the hot (raw) tokens, as views of the buffer
+        """The buffer holds `n` more tokens: the count and size follow; all K/V as `full_kv`."""
+        self._count_grown(n)
+        return self.full_kv()
+
+    def _count_grown(self, n: int) -> None:
+        self._views_stale = True  # the views are sliced again when next read
         self.tokens_seen += n
         self._report_size()
-        return self.full_kv()
 
     def _report_size(self) -> None:
         if self.on_size is not None:
@@ -177,7 +206,8 @@ class H2OLayer(CacheLayerMixin):
     def after_fused_step(self, scored: bool) -> None:
         """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the
         scores in place (LayerPolicy.in_place_update); the rest of `after_decode_blocks` follows."""
-        self.commit_slot()
+        self.buffer.commit(1)
+        self._count_grown(1)
         if self.policy is not None:
             if scored:
                 self.policy.observed_in_place(self.get_seq_length())
@@ -201,7 +231,7 @@ class H2OLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self._keys is None else self.buffer.length
 
     def get_max_length(self) -> int:
         return -1
@@ -326,23 +356,24 @@ class H2OLayer(CacheLayerMixin):
     @property
     def physical_bytes(self) -> int:
         """Bytes of the live raw tokens plus the cold frames."""
-        if self.keys is None:
+        if self._keys is None:
             return 0
-        return (self.keys.numel() + self.values.numel()) * self.keys.element_size() + self._cold_bytes
+        return self.buffer.length * self.bytes_per_token + self._cold_bytes
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes reserved by the raw buffers (live tokens plus free slots) and cold frames."""
-        return 0 if self.keys is None else self.buffer.allocated_bytes + self._cold_bytes
+        return 0 if self._keys is None else self.buffer.allocated_bytes + self._cold_bytes
 
     @property
     def logical_bytes(self) -> int:
-        return 0 if self.keys is None else self.tokens_seen * self.bytes_per_token
+        return 0 if self._keys is None else self.tokens_seen * self.bytes_per_token
 
     @property
     def bytes_per_token(self) -> int:
         """SPEC §6 Bpt = kv_heads * head_dim * dtype_bytes * 2 (K and V)."""
-        return 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
+        k = self.buffer.k
+        return 2 * k.shape[1] * k.shape[-1] * k.element_size()
 
 
 class SlidingWindowLayer(H2OLayer):
@@ -400,7 +431,7 @@ class SlidingWindowLayer(H2OLayer):
 
     @property
     def logical_bytes(self) -> int:
-        return 0 if self.keys is None else min(self.tokens_seen, self.window) * self.bytes_per_token
+        return 0 if self._keys is None else min(self.tokens_seen, self.window) * self.bytes_per_token
 
 
 class ColdStoreLayer(H2OLayer):
@@ -432,7 +463,7 @@ class ColdStoreLayer(H2OLayer):
         return self._step_kv if self._step_kv is not None else self.full_kv()
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2] + self.codec.cold_tokens
+        return 0 if self._keys is None else self.buffer.length + self.codec.cold_tokens
 
     def reset(self) -> None:
         super().reset()

@@ -17,6 +17,8 @@ prefills P tokens of Austen and then decodes --gen tokens greedily, one after th
 at once), 2 threads, flash attention off for llama.cpp; round 0 is a warm-up; medians of the rest,
 and the per-round h2okit / llama.cpp ratio. h2okit runs the config's model with its decode path and
 weights (`llm_weight_dtype`, default auto: the GGUF's own blocks), H2O off, and with the seed config.
+`--weights bf16|fp32` compares float weights instead: llama.cpp reads a BF16 or F32 copy of the GGUF
+(written once into the h2okit cache by `float_gguf`), h2okit the same values as its bf16 or fp32 weights.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,8 +39,51 @@ from h2okit.clikit import setup_logging
 from h2okit.config import load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
+from h2okit.paths import cache_root
 from h2okit.resources import find
 from h2okit.runtime import Engine
+
+
+# --weights: (the h2okit weights, the tensor type of llama.cpp's GGUF); "gguf" gives llama.cpp the file as
+# shipped and h2okit the config's llm_weight_dtype (default auto: the file's own blocks)
+WEIGHTS = {"gguf": (None, None), "bf16": ("bf16", "BF16"), "fp32": ("fp32", "F32")}
+
+
+def float_gguf(src: Path, kind: str) -> Path:
+    """A copy of the GGUF with its matrices dequantized and stored as `kind` (BF16 or F32; the 1-D norm
+    weights stay F32, as llama.cpp's own converter writes them), so that llama.cpp reads the same
+    values h2okit's float weights hold (h2okit dequantizes the same blocks to float32, then rounds
+    to bf16). Written once into the h2okit cache (atomically), then reused."""
+    import gguf
+
+    out = cache_root() / "models" / "converted" / f"{src.stem}-{kind}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    qtype = gguf.GGMLQuantizationType[kind]
+    reader = gguf.GGUFReader(src)
+    tmp = out.with_suffix(".partial")
+    writer = gguf.GGUFWriter(tmp, reader.fields["general.architecture"].contents())
+    file_type = gguf.LlamaFileType.MOSTLY_BF16 if kind == "BF16" else gguf.LlamaFileType.ALL_F32
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # the writer's own
+        vtype = field.types[0]
+        value = int(file_type) if field.name == "general.file_type" else field.contents()
+        writer.add_key_value(field.name, value, vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if data.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return out
 
 
 def llama_cpp_run(llm, prompt: list[int], gen: int) -> tuple[float, float]:
@@ -58,6 +104,12 @@ def h2okit_run(engine: Engine, prompt: list[int], gen: int) -> tuple[float, floa
     return result.prefill_tps, result.decode_tps
 
 
+def versus(values: list[tuple[float, float]], base: list[tuple[float, float]], i: int) -> str:
+    """Median of the per-round ratios of field i (0 prefill, 1 decode) to the base engine's, and the ratios."""
+    ratios = [v[i] / b[i] for v, b in zip(values, base)]
+    return f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
+
+
 def main() -> int:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +118,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="smollm2-135m-seed", help="the model, and the H2O settings of the +h2o row")
+    ap.add_argument("--weights", default="gguf", choices=tuple(WEIGHTS),
+                    help="gguf: the file as shipped (h2okit: the config's llm_weight_dtype); bf16 / fp32: "
+                         "llama.cpp reads a float copy of the GGUF, h2okit the same values as its bf16 / fp32 "
+                         "weights (its prefill computes in float32 either way)")
     args = ap.parse_args()
     try:
         import llama_cpp
@@ -78,9 +134,11 @@ def main() -> int:
     if not path.is_file():
         print(f"vs_llamacpp: {path} is not a GGUF file; llama.cpp needs one")
         return 2
-    loaded = load_model(path, weight_dtype=config.model["llm_weight_dtype"])
+    h2okit_weights, llama_type = WEIGHTS[args.weights]
+    loaded = load_model(path, weight_dtype=h2okit_weights or config.model["llm_weight_dtype"])
+    llama_path = float_gguf(path, llama_type) if llama_type else path
     prompts = [int(p) for p in args.prompts.split(",")]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(prompts) + args.gen + 8, n_threads=args.threads,
+    llm = llama_cpp.Llama(model_path=str(llama_path), n_ctx=max(prompts) + args.gen + 8, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, flash_attn=False, logits_all=False,
                           verbose=False)
     engines = {"h2okit fast": Engine(loaded, parse_config({}).kv),
@@ -93,15 +151,15 @@ def main() -> int:
         prompt = token_stream(loaded.tokenizer, texts, p)
         samples = interleaved({name: functools.partial(run, prompt) for name, run in runs.items()}, args.reps,
                               f"P={p} ")
-        print(f"\nP={p} G={args.gen}, {args.threads} threads, {path.name}: medians of {args.reps} interleaved rounds")
-        print("| engine | prefill tok/s | decode tok/s | decode vs llama.cpp (per-round pairs) |")
-        print("|---|---:|---:|---|")
-        base = samples["llama.cpp"]
+        print(f"\nP={p} G={args.gen}, {args.threads} threads, llama.cpp on {llama_path.name}: medians of "
+              f"{args.reps} interleaved rounds")
+        print("| engine | prefill tok/s | prefill vs llama.cpp (per-round pairs) | decode tok/s "
+              "| decode vs llama.cpp (per-round pairs) |")
+        print("|---|---:|---|---:|---|")
         for name, values in samples.items():
-            ratios = [v[1] / b[1] for v, b in zip(values, base)]
             print(f"| {name} | {statistics.median(v[0] for v in values):.1f} | "
-                  f"{statistics.median(v[1] for v in values):.1f} | {statistics.median(ratios):.2f}x "
-                  f"({', '.join(f'{r:.2f}' for r in ratios)}) |")
+                  f"{versus(values, samples['llama.cpp'], 0)} | {statistics.median(v[1] for v in values):.1f} | "
+                  f"{versus(values, samples['llama.cpp'], 1)} |")
     return 0
 
 

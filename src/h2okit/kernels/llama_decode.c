@@ -107,7 +107,10 @@ static float exp_shifted(float *p, int n, float m) {
  * one-sequence GEMV; a batch would be compute-bound on it). out[r * MULTI + j]. The result for row r
  * and input j does not depend on how many rows or inputs ride along, so a batch gives each sequence
  * what it gets alone, bit for bit. */
-enum { MULTI = 8, FROWS = 2, PREFETCH = 4096 }; /* PREFETCH: bytes ahead of the block being read (below) */
+/* PREFETCH: bytes ahead of the block being read that are fetched into L1 (below); PREFETCH_L2: further
+ * ahead, into L2, so that memory stays busy while a batch's arithmetic holds the core (interleaved A/B
+ * on fused steps at P=512: fp32 1.06x at B=1 and 1.09x at B=8, bf16 1.06x, Q4_1 1.015x). */
+enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384 };
 
 /* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
  * gets its own loop with the unused accumulators gone. */
@@ -128,8 +131,9 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
                     const uint16_t *wh = (const uint16_t *)w + r * row_stride;
                     /* the row's bytes PREFETCH ahead: with a batch, each line takes long enough to use
                        that the hardware prefetcher alone left memory idle (B=8 cost load + compute) */
-                    _mm_prefetch(bf16 ? (const char *)(wh + c) + PREFETCH : (const char *)(wf + c) + PREFETCH,
-                                 _MM_HINT_T0);
+                    const char *at = bf16 ? (const char *)(wh + c) : (const char *)(wf + c);
+                    _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
+                    _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
                     wv[r] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
                                  : _mm512_loadu_ps(wf + c);
@@ -203,9 +207,12 @@ static inline float f16_at(const uint8_t *p) {
 enum { ROWS = 4 };
 
 #ifdef __AVX512F__
-/* Each row's bytes PREFETCH ahead of the block being read. */
+/* Each row's bytes PREFETCH ahead of the block being read (PREFETCH_L2 ahead into L2). */
 static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset) {
-    for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH), _MM_HINT_T0);
+    for (int r = 0; r < ROWS; r++) {
+        _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH_L2), _MM_HINT_T1);
+    }
 }
 #endif
 
@@ -552,10 +559,13 @@ static inline const float *kv_row(const void *kv, int kvtype, long base, int hea
 /* Head_dim 64 and groups of up to 4 query heads per KV head: K/V rows are widened straight into
  * registers (no float copy for bf16/fp16 rows) and each row is loaded once for the whole group. */
 static inline void load_row64(const void *kv, int kvtype, long base, __m512 r[4]) {
-    /* the row PREFETCH bytes ahead, every line of it: one thread streaming its own K/V (a batch's
-       sequences run one per thread) left memory idle on the hardware prefetcher alone */
-    const char *ahead = (const char *)kv + base * (kvtype == F32 ? 4 : 2) + PREFETCH;
-    for (int line = 0; line < (kvtype == F32 ? 4 : 2); line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    /* the row PREFETCH bytes ahead (and PREFETCH_L2 into L2), every line of it: one thread streaming its
+       own K/V (a batch's sequences run one per thread) left memory idle on the hardware prefetcher alone */
+    const char *row = (const char *)kv + base * (kvtype == F32 ? 4 : 2);
+    for (int line = 0; line < (kvtype == F32 ? 4 : 2); line++) {
+        _mm_prefetch(row + PREFETCH + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(row + PREFETCH_L2 + 64 * line, _MM_HINT_T1);
+    }
     if (kvtype == F32) {
         const float *p = (const float *)kv + base;
         for (int d = 0; d < 4; d++) r[d] = _mm512_loadu_ps(p + 16 * d);

@@ -211,3 +211,22 @@ def test_a_batch_step_gives_each_sequence_its_own_step(monkeypatch, fuse):
             [(e.layer, e.plan.length, e.plan.runs) for e in b.events.evictions]
         assert a.seq_lengths().tolist() == b.seq_lengths().tolist()
     assert all(len(cache.events.evictions) >= 3 for cache in together)
+
+
+def test_the_fused_step_keeps_no_finished_cache_alive():
+    """The decoder remembers which layer each of its slots last served (to skip re-casting pointers), by
+    weak reference: a cache dropped after its request is freed."""
+    import gc
+    import weakref
+
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    engine = Engine(loaded, kv_config("h2o", False), decode_path="fast")
+    cache = engine.new_cache()
+    engine.forward(cache, list(range(40)), 0)
+    for step in range(3):
+        engine.forward(cache, [step], 40 + step)
+    assert any(source is not None for source in engine.fast._slot_sources)  # the fused step ran
+    layer = weakref.ref(cache.layers[0])
+    del cache
+    gc.collect()
+    assert layer() is None

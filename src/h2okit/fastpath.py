@@ -322,6 +322,7 @@ class FastDecoder:
             {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
              "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])
         self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs))
+        self._slot_sources: list[tuple | None] = [None] * len(self._ptrs)  # whose fields each slot holds
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.vocab = model.lm_head.weight.shape[0]
@@ -416,29 +417,41 @@ class FastDecoder:
         batch = len(caches)
         if len(self._layer_caches) < len(self._ptrs) * batch:
             self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs) * batch)
+            self._slot_sources = [None] * len(self._layer_caches)
         ropes = self._rope_rows(positions)
         scored: list[list[bool]] = [[] for _ in caches]
         longest = 0
         for index, kind in enumerate(self.arch.rope_kinds):
             for s, cache in enumerate(caches):
-                layer, slot = cache.layers[index], self._layer_caches[index * batch + s]
+                i = index * batch + s
+                layer, slot = cache.layers[index], self._layer_caches[i]
                 layout = layer.decode_layout()
                 if layout is None:
                     return None
-                k, v, slot.head_stride, slot.length, slot.first_visible = layout
-                slot.K, slot.V = kernels.address(k), kernels.address(v)
-                slot.kvtype = _KV_CODES[layer.store_dtype]
+                k, v, stride, length, slot.first_visible = layout
+                slot.length = length
                 slot.cos, slot.sin = ropes[s][kind]
-                longest = max(longest, slot.length + 1)
-                slot.block = block = layer.mass_block
-                slot.scores = kernels.NULL
+                longest = max(longest, length + 1)
+                block, scores = layer.mass_block, None
                 if block:
-                    update = layer.policy.in_place_update(self.kv_heads, slot.length + 1)
+                    update = layer.policy.in_place_update(self.kv_heads, length + 1)
                     if update is None:
                         return None
                     scores, slot.decay, slot.gain = update
-                    slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
-                    slot.score_rows, slot.score_stride = scores.shape
+                # the fields below change only when the layer's buffers or scores are reallocated (or the
+                # slot serves another layer): set again only then (casting pointers is most of the cost).
+                # Weak references: a finished request's cache must not be kept alive by its old slots.
+                known = self._slot_sources[i]
+                if (known is None or known[0]() is not layer or known[1] != k or known[2] != v or known[3] != stride
+                        or known[4] != block or (known[5] and known[5]()) is not scores):
+                    slot.K, slot.V, slot.head_stride = kernels.address(k), kernels.address(v), stride
+                    slot.kvtype = _KV_CODES[layer.store_dtype]
+                    slot.block = block
+                    slot.scores = kernels.NULL if scores is None else kernels.ffi.cast("double *", scores.ctypes.data)
+                    if scores is not None:
+                        slot.score_rows, slot.score_stride = scores.shape
+                    self._slot_sources[i] = (weakref.ref(layer), k, v, stride, block,
+                                             None if scores is None else weakref.ref(scores))
                 scored[s].append(bool(block))
         self._scratch(longest, 1, copies)  # a copy of the attention's scratch per thread
         return scored

@@ -142,3 +142,37 @@ def test_a_second_sweep_on_the_same_out_dir_is_refused(tmp_path):
     assert second.returncode == 2 and "in use by another sweep" in second.stderr
     assert sum("error" in line for line in second.stderr.splitlines()) == 1
     assert first.wait(timeout=120) == 0
+
+
+def test_a_ctrl_c_that_python_swallowed_during_a_fork_still_stops_the_run(monkeypatch):
+    """Python prints and drops a KeyboardInterrupt raised in an at-fork callback (filelock registers one,
+    and every llm_bench start forks): the sweep's handler remembers the Ctrl-C, so the run that was
+    starting is killed and the interrupt goes on (CI once saw a sweep finish, exit 0, after Ctrl-C)."""
+    from h2okit.kit import sweep
+
+    real_popen, started = subprocess.Popen, []
+
+    def popen_then_swallowed_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        try:  # what Python does with an exception raised inside an at-fork callback
+            sweep._on_sigint(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        return proc
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen_then_swallowed_ctrl_c)
+    spec = sweep.RunSpec("r", [str(FAKE)], ["-m", "{config}", "-p", "8", "-n", "2", "-rep", "1", "-fp", "{log}"],
+                         "{}", threads=1)
+    monkeypatch.setenv("FAKE_SLEEP", "30")
+    try:
+        started_at = time.time()
+        try:
+            sweep.execute_run(spec)
+            raise AssertionError("the run went on after Ctrl-C")
+        except KeyboardInterrupt:
+            pass
+        assert time.time() - started_at < 10  # killed, not waited for
+        assert started and started[0].poll() is not None
+    finally:
+        sweep._interrupt_requested.clear()

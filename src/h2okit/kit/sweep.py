@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +64,24 @@ class RunOutcome:
 
 
 SCRATCH_PREFIX = "h2okit-run-"
+
+
+# Ctrl-C during a sweep, remembered (see _on_sigint)
+_interrupt_requested = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: remember it, then raise KeyboardInterrupt as Python's own handler does. Remembering is
+    what makes it stick: a KeyboardInterrupt raised while an at-fork callback runs (filelock registers
+    one; every llm_bench start forks) is printed as "Exception ignored" and swallowed by Python, and
+    the sweep went on to the end with exit 0."""
+    _interrupt_requested.set()
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _interrupt_requested.is_set():
+        raise KeyboardInterrupt
 
 
 def _die_with_parent() -> None:
@@ -114,6 +133,7 @@ def execute_run(spec: RunSpec, timeout: float | None = None) -> RunOutcome:
             return RunOutcome(spec.run_id, 127, "", "", time.perf_counter() - started, f"cannot start: {exc}",
                               spec.round)
         try:
+            _raise_if_interrupted()  # a Ctrl-C that arrived while the child was being forked
             stdout, stderr = proc.communicate(timeout=timeout)
         except BaseException:  # KeyboardInterrupt or timeout: do not leave llm_bench running
             os.killpg(proc.pid, signal.SIGKILL)
@@ -375,6 +395,7 @@ def _run_rounds(todo: dict[int, list[RunSpec]], records: dict[str, dict], out_di
     total = sum(len(specs) for specs in todo.values())
     with SweepProgress(total + (1 if total else 0)) as progress:
         def on_start(spec: RunSpec):
+            _raise_if_interrupted()
             if spec.round:
                 records[spec.run_id]["status"] = "running"
             progress.start(spec.run_id if spec.round else f"warm-up ({spec.run_id})",
@@ -391,6 +412,9 @@ def _run_rounds(todo: dict[int, list[RunSpec]], records: dict[str, dict], out_di
             progress.done(f"{outcome.run_id} round {outcome.round}", records[outcome.run_id]["rounds"][
                 outcome.round - 1]["status"], outcome.seconds)
 
+        _interrupt_requested.clear()
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, _on_sigint) if in_main else None
         try:
             if total:  # one shared warm-up (page cache, kernels, CPU clocks), so round 1 is like the others
                 first = next(iter(todo.values()))[0]
@@ -398,12 +422,16 @@ def _run_rounds(todo: dict[int, list[RunSpec]], records: dict[str, dict], out_di
                              on_start, on_done)
             for specs in todo.values():
                 executor.run(specs, on_start, on_done)
+            _raise_if_interrupted()  # one swallowed during the last run's fork
         except KeyboardInterrupt:
             for rec in records.values():
                 if rec["status"] == "running":
                     rec["status"] = "interrupted"
             save()
             result.interrupted = True
+        finally:
+            if in_main:  # (None: the previous handler was not Python's; give back Python's default)
+                signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _continuing_table(log_path: Path, table: str) -> str:

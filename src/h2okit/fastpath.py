@@ -447,8 +447,10 @@ class FastDecoder:
                     slot.K, slot.V, slot.head_stride = kernels.address(k), kernels.address(v), stride
                     slot.kvtype = _KV_CODES[layer.store_dtype]
                     slot.block = block
-                    slot.scores = kernels.NULL if scores is None else kernels.ffi.cast("double *", scores.ctypes.data)
-                    if scores is not None:
+                    if scores is None:
+                        slot.scores = kernels.NULL
+                    else:
+                        slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
                         slot.score_rows, slot.score_stride = scores.shape
                     self._slot_sources[i] = (weakref.ref(layer), k, v, stride, block,
                                              None if scores is None else weakref.ref(scores))

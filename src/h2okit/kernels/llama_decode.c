@@ -108,8 +108,8 @@ static float exp_shifted(float *p, int n, float m) {
  * and input j does not depend on how many rows or inputs ride along, so a batch gives each sequence
  * what it gets alone, bit for bit. */
 /* PREFETCH: bytes ahead of the block being read that are fetched into L1 (below); PREFETCH_L2: further
- * ahead, into L2, so that memory stays busy while a batch's arithmetic holds the core (interleaved A/B
- * on fused steps at P=512: fp32 1.06x at B=1 and 1.09x at B=8, bf16 1.06x, Q4_1 1.015x). */
+ * ahead, into L2, so that memory stays busy while a batch's arithmetic holds the core
+ * (benchmarks/kernel_ab.py against the build without it, P=512: fp32 1.04x at B=1, 1.09x at B=8). */
 enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384 };
 
 /* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
@@ -634,6 +634,11 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
 }
 #endif
 
+/* Threads of an attention split into `parts`: at most one per part. */
+static inline int attend_team(const h2k_dims *d, int parts) {
+    return team_size(d) < parts ? team_size(d) : parts;
+}
+
 /* One attention's work on this thread's share: thread `tid` of `used`. With used > 1 the whole team
  * runs it together, separated by barriers between the phases; with used == 1 one thread does it all
  * (each thread does so for its own sequences of a batch). Every value is computed the same way
@@ -754,8 +759,7 @@ static void sum_partials(const float *partial, int parts, int width, float *out)
  * its phases are separated by barriers. */
 void h2k_attend(const h2k_dims *d, const float *q, const void *K, const void *V, long head_stride, int kvtype,
                 int T, float *probs, float *out, float *head_mass, int block, float *partial, int parts) {
-    int threads = team_size(d) < parts ? team_size(d) : parts;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(attend_team(d, parts))
     attend_share(d, q, K, V, head_stride, kvtype, T, probs, head_mass, block, partial, parts, omp_get_thread_num(),
                  omp_get_num_threads());
     sum_partials(partial, parts, d->q_heads * d->head_dim, out);
@@ -814,7 +818,7 @@ static void attend_cached(const h2k_dims *d, const h2k_layer_cache *sc, const fl
 static void attend_batch(const h2k_dims *d, const h2k_layer_cache *lc, int batch, const float *qkv, int width,
                          float *attn, float *probs, float *head_mass, float *partial, int parts,
                          long scratch_tokens) {
-    int q_dim = d->q_heads * d->head_dim, threads = team_size(d) < parts ? team_size(d) : parts;
+    int q_dim = d->q_heads * d->head_dim, threads = attend_team(d, parts);
     int whole = threads > 1 ? batch - batch % threads : 0;
 #pragma omp parallel num_threads(threads)
     {

@@ -42,8 +42,9 @@ def revision_text(rev: str, path: Path) -> str:
     relative = path.resolve().relative_to(ROOT)
     proc = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{relative}"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"kernel_ab: error: cannot read {relative} at revision '{rev}': "
-                         f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'git failed'}")
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "git failed"
+        print(f"kernel_ab: error: cannot read {relative} at revision '{rev}': {reason}", file=sys.stderr)
+        raise SystemExit(2)
     return proc.stdout
 
 

@@ -1,5 +1,6 @@
 """The fast decode path against the reference (transformers) path on the real model and real text."""
 
+import copy
 import dataclasses
 import functools
 import types
@@ -16,10 +17,16 @@ from conftest import DEFAULT_CONFIG, SEED_CONFIG
 pytestmark = pytest.mark.model
 
 
-def teacher_forced(engine, tokens, prompt_len):
-    """Logits of every step after the prompt, and the cache (same inputs whatever the path)."""
+def prefilled(engine, tokens, prompt_len):
     cache = engine.new_cache()
     engine.forward(cache, tokens[:prompt_len], 0)
+    return cache
+
+
+def teacher_forced(engine, tokens, prompt_len, prefill=None):
+    """Logits of every step after the prompt, and the cache (same inputs whatever the path). `prefill`:
+    decode from a copy of this prefilled cache instead of prefilling here."""
+    cache = copy.deepcopy(prefill) if prefill is not None else prefilled(engine, tokens, prompt_len)
     rows = [engine.forward(cache, [t], prompt_len + i)[-1].float() for i, t in enumerate(tokens[prompt_len:])]
     return torch.stack(rows), cache
 
@@ -32,19 +39,38 @@ def evicting_kv():
                                h2o_target_mode="static", h2o_target_keep_ratio=0.7)
 
 
+def eviction_plans(cache):
+    return [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
+
+
+def first_difference(a, b):
+    """The index of the first entry where the lists differ (None: equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
 def test_fast_logits_and_eviction_plans_match_the_reference(loaded_model, texts):
+    """Both paths decode from one prefill (a copy each): the prefill is the transformers forward either way,
+    and the first one of a freshly loaded model was seen to differ from the next identical one (logits by
+    7e-4, layer 0's keys by 1e-3, its values not at all; in ~1 of 5 processes after the earlier test files,
+    never in a fresh one), which is not what this test is about."""
     from h2okit.corpus import token_stream
 
     tokens = token_stream(loaded_model.tokenizer, texts, 400)
     kv = evicting_kv()
-    fast, fast_cache = teacher_forced(Engine(loaded_model, kv, decode_path="fast"), tokens, 320)
-    ref, ref_cache = teacher_forced(Engine(loaded_model, kv, decode_path="reference"), tokens, 320)
-    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-3)  # float32 summation order only (seen: 5e-5)
-    assert (fast.argmax(-1) == ref.argmax(-1)).all()
-    events = [(e.layer, e.plan.length, e.plan.runs) for e in fast_cache.events.evictions]
-    assert len(events) >= 100  # 28 H2O layers, several rounds
-    assert events == [(e.layer, e.plan.length, e.plan.runs) for e in ref_cache.events.evictions]
+    reference = Engine(loaded_model, kv, decode_path="reference")
+    prefill = prefilled(reference, tokens, 320)
+    fast, fast_cache = teacher_forced(Engine(loaded_model, kv, decode_path="fast"), tokens, 320, prefill)
+    ref, ref_cache = teacher_forced(reference, tokens, 320, prefill)
+    fast_plans, ref_plans = eviction_plans(fast_cache), eviction_plans(ref_cache)
+    assert len(ref_plans) >= 100  # 28 H2O layers, several rounds
+    first = first_difference(fast_plans, ref_plans)
+    assert first is None, (f"eviction plans differ from event {first}: fast {fast_plans[first:first + 1]}, "
+                           f"reference {ref_plans[first:first + 1]}")
     assert fast_cache.seq_lengths().tolist() == ref_cache.seq_lengths().tolist()
+    worst = (fast - ref).abs().amax(dim=1)
+    assert worst.max() <= 1e-3, (f"max |dlogit| {worst.max():.3g} at step {int(worst.argmax())}; per step: "
+                                 f"{[round(v, 6) for v in worst.tolist()]}")  # float32 summation order only (seen: 5e-5)
+    assert (fast.argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_fast_greedy_equals_reference_greedy_with_store_mode(loaded_model, texts):

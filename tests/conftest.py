@@ -1,5 +1,7 @@
 import functools
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "smollm2-135m.json"
 SEED_CONFIG = ROOT / "configs" / "smollm2-135m-seed.json"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The machine, printed after the results (also under -q, as CI runs), so that a failure seen only in
+    CI can be matched to its CPU (the kernels are built with -march=native)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    terminalreporter.write_line(f"machine: {platform.machine()}, {model}, {os.cpu_count()} CPUs, "
+                                f"{' '.join(isa) or 'no AVX2'}")
 
 
 @functools.lru_cache(maxsize=1)

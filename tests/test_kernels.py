@@ -1,5 +1,7 @@
 """The fast path's C kernels against the torch math they replace (no model needed)."""
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -251,6 +253,16 @@ def test_the_library_is_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
     first = kernels.library_path("cc")
     source.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
     assert kernels.library_path("cc") != first
+
+
+def test_the_library_is_rebuilt_on_another_kind_of_cpu(tmp_path, monkeypatch):
+    """-march=native: a build for one CPU may not run (or not run the same code) on another that shares
+    the user cache."""
+    monkeypatch.setenv("H2OKIT_CACHE", str(tmp_path))
+    here = kernels.library_path("cc")
+    assert kernels.cpu_signature().startswith(platform.machine())
+    monkeypatch.setattr(kernels, "cpu_signature", lambda: "x86_64 sse2")
+    assert kernels.library_path("cc") != here
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16),

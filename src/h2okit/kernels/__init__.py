@@ -2,7 +2,8 @@
 
 `llama_decode.c` is compiled with the system C compiler (`$CC`, else `cc`) for this CPU
 (`-march=native`) into the user cache folder, keyed by a hash of the source, its header, the
-flags and the compiler's version, so an edit or a new compiler rebuilds it. It links OpenMP from
+flags, the compiler's version and the CPU's instruction sets, so an edit, a new compiler or a user
+cache shared with another kind of CPU rebuilds it. It links OpenMP from
 the same libgomp torch has loaded, so the kernels share torch's threads (`torch.set_num_threads`).
 
 The interface is declared once, in `h2okit_kernels.h`: the C source includes it and cffi (ABI
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,13 +63,26 @@ def _compiler() -> str:
     return cc
 
 
+def cpu_signature() -> str:
+    """What `-march=native` depends on: the machine type and the CPU's feature flags (Linux's
+    /proc/cpuinfo; elsewhere the processor name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):  # x86, ARM
+                return f"{platform.machine()} {' '.join(sorted(value.split()))}"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def library_path(cc: str) -> Path:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise KernelBuildError(f"cannot run C compiler '{cc}': {exc}") from None
     digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS).encode()
-                            + version.encode()).hexdigest()
+                            + version.encode() + cpu_signature().encode()).hexdigest()
     return cache_root() / "kernels" / f"llama_decode-{digest[:16]}.so"
 
 

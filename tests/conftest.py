@@ -16,19 +16,16 @@ SEED_CONFIG = ROOT / "configs" / "smollm2-135m-seed.json"
 def pytest_terminal_summary(terminalreporter):
     """The machine, printed after the results (also under -q, as CI runs), so that a failure seen only in
     CI can be matched to its CPU (the kernels are built with -march=native)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
-    terminalreporter.write_line(f"machine: {platform.machine()}, {model}, {os.cpu_count()} CPUs, "
+    from h2okit.cpu import cpu_flags, cpu_model
+
+    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in cpu_flags()]
+    terminalreporter.write_line(f"machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPUs, "
                                 f"{' '.join(isa) or 'no AVX2'}")
+
+
+def eviction_plans(cache):
+    """Every eviction of a cache, comparable across runs: (layer, length, kept runs)."""
+    return [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
 
 
 @functools.lru_cache(maxsize=1)

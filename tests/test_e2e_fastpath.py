@@ -12,7 +12,7 @@ from h2okit.config import load_config, parse_config
 from h2okit.fastpath import FastPathUnavailable, unsupported_reason
 from h2okit.runtime import Engine
 
-from conftest import DEFAULT_CONFIG, SEED_CONFIG
+from conftest import DEFAULT_CONFIG, SEED_CONFIG, eviction_plans
 
 pytestmark = pytest.mark.model
 
@@ -37,10 +37,6 @@ def evicting_kv():
     kv = load_config(SEED_CONFIG).kv
     return dataclasses.replace(kv, lossless_enable=False, h2o_trigger_min_tokens=128, h2o_update_interval=8,
                                h2o_target_mode="static", h2o_target_keep_ratio=0.7)
-
-
-def eviction_plans(cache):
-    return [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
 
 
 def first_difference(a, b):
@@ -280,8 +276,7 @@ def test_batched_decode_gives_each_sequence_its_own_decode(loaded_model, texts, 
         for i, (twin, prompt) in enumerate(zip(alone, prompts)):
             assert torch.equal(together[i], engine.fast.step(twin, feed[i], len(prompt) + step))
     for cache, twin in zip(caches, alone):
-        assert [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions] == \
-            [(e.layer, e.plan.length, e.plan.runs) for e in twin.events.evictions]
+        assert eviction_plans(cache) == eviction_plans(twin)
         assert cache.seq_lengths().tolist() == twin.seq_lengths().tolist()
     assert sum(len(c.events.evictions) for c in caches) > 0
     result = engine.generate_batch(prompts, 6)

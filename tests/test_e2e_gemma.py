@@ -10,7 +10,7 @@ import torch
 from h2okit.config import load_config, parse_config
 from h2okit.runtime import Engine
 
-from conftest import ROOT
+from conftest import ROOT, eviction_plans
 
 pytestmark = pytest.mark.model
 GEMMA = ROOT / "configs" / "gemma3-270m.json"
@@ -96,9 +96,9 @@ def test_fast_logits_and_eviction_plans_match_the_reference(gemma, tokens):
     ref, ref_cache = teacher_forced(Engine(gemma, kv, decode_path="reference"), tokens, 560)
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-3)
     assert (fast.argmax(-1) == ref.argmax(-1)).all()
-    events = [(e.layer, e.plan.length, e.plan.runs) for e in fast_cache.events.evictions]
+    events = eviction_plans(fast_cache)
     assert len(events) >= 9
-    assert events == [(e.layer, e.plan.length, e.plan.runs) for e in ref_cache.events.evictions]
+    assert events == eviction_plans(ref_cache)
     assert fast_cache.seq_lengths().tolist() == ref_cache.seq_lengths().tolist()
 
 

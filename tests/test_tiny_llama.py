@@ -15,6 +15,8 @@ from h2okit.model import LoadedModel
 from h2okit.policy import SCORERS
 from h2okit.runtime import Engine
 
+from conftest import eviction_plans
+
 LAYOUTS = {  # name: (query heads, KV heads, head dim)
     "mha-d32": (4, 4, 32),
     "gqa3-d64": (9, 3, 64),  # SmolLM2's layout (the AVX-512 attention path)
@@ -58,7 +60,7 @@ def teacher_forced(engine: Engine, ids: list[int], prompt: int, scores: list | N
     logits = [engine.forward(cache, ids[:prompt], 0)[-1]]
     for i, token in enumerate(ids[prompt:-1]):
         logits.append(engine.forward(cache, [token], prompt + i)[-1])
-    plans = [(e.layer, e.plan.length, e.plan.runs) for e in cache.events.evictions]
+    plans = eviction_plans(cache)
     if scores is not None:
         scores.extend(layer.policy.scorer.state.copy() for layer in cache.layers if layer.policy is not None)
     return torch.stack(logits).float(), plans, cache.seq_lengths().tolist()
@@ -207,8 +209,7 @@ def test_a_batch_step_gives_each_sequence_its_own_step(monkeypatch, fuse):
         for i, (cache, prompt) in enumerate(zip(alone, prompts)):
             assert torch.equal(logits[i], engine.fast.step(cache, feed[i], len(prompt) + step))
     for a, b in zip(together, alone):
-        assert [(e.layer, e.plan.length, e.plan.runs) for e in a.events.evictions] == \
-            [(e.layer, e.plan.length, e.plan.runs) for e in b.events.evictions]
+        assert eviction_plans(a) == eviction_plans(b)
         assert a.seq_lengths().tolist() == b.seq_lengths().tolist()
     assert all(len(cache.events.evictions) >= 3 for cache in together)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from . import __version__, table
 from .clikit import guard, setup_logging
 from .config import DECODE_PATHS, ConfigError, emit_warnings, load_config
+from .cpu import cpu_model
 from .resources import find
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
@@ -183,7 +184,7 @@ def metadata(config_path: str, kv: dict) -> dict:
     from . import kernels
 
     return {"h2okit": __version__, "git_sha": _git_sha(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "cpu": _cpu_model(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_model(),
             "cores": os.cpu_count(), "kernel_build": kernels.build_id(), "config": str(config_path), "kv": kv,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -195,16 +196,6 @@ def _git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def check_configs(paths: list[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import cffi
 from filelock import FileLock
 
+from ..cpu import cpu_flags
 from ..paths import cache_root
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
@@ -64,16 +65,10 @@ def _compiler() -> str:
 
 
 def cpu_signature() -> str:
-    """What `-march=native` depends on: the machine type and the CPU's feature flags (Linux's
-    /proc/cpuinfo; elsewhere the processor name)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):  # x86, ARM
-                return f"{platform.machine()} {' '.join(sorted(value.split()))}"
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
+    """What `-march=native` depends on: the machine type and the CPU's feature flags (the processor
+    name where the flags are unknown)."""
+    flags = cpu_flags()
+    return f"{platform.machine()} {' '.join(sorted(flags)) if flags else platform.processor()}"
 
 
 def library_path(cc: str) -> Path:

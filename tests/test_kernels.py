@@ -5,6 +5,7 @@ import platform
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from h2okit import kernels
 from h2okit.attention import attention_with_mass
@@ -311,9 +312,9 @@ def test_block_gemv_matches_the_dequantised_weights(type_name, code, cols):
     weight = torch.from_numpy(m.dequantize())
     assert weight.shape == (rows, cols)
     x, norm_w = torch.randn(cols), torch.rand(cols) + 0.5
-    h, y = torch.empty(cols), torch.empty(rows)
-    lib.h2k_norm_gemv(dims(hidden=cols, wtype=code), P(x), P(norm_w), P(torch.from_numpy(m.blocks)), rows, P(h),
-                      P(y), 0, kernels.NULL, kernels.NULL)
+    h, y, blocks = torch.empty(cols), torch.empty(rows), torch.from_numpy(m.kernel_layout())
+    lib.h2k_norm_gemv(dims(hidden=cols, wtype=code), P(x), P(norm_w), P(blocks), rows, P(h), P(y), 0, kernels.NULL,
+                      kernels.NULL)
     expected = (weight.double() @ rms_norm(x, norm_w, 1e-5).double()).float()
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4 * cols ** 0.5)
 
@@ -330,10 +331,50 @@ def test_q4_1_dequantisation_is_exact_in_float32():
     assert np.array_equal((d * q + mins).reshape(4, 64), m.dequantize())
 
 
+@given(rows=st.integers(1, 40), blocks=st.integers(1, 4), type_name=st.sampled_from(["Q4_1", "Q8_0"]))
+@settings(max_examples=40, deadline=None)
+def test_kernel_layout_puts_every_field_where_the_kernels_read_it(rows, blocks, type_name):
+    """QuantMatrix.kernel_layout: per group of QGROUP rows (n in the last), the scales [block][row], for Q4_1
+    the minima [block][row], then the quants [block][row]; the same bytes as the GGUF's blocks."""
+    m = random_blocks(type_name, rows, 32 * blocks, seed=rows * 7 + blocks)
+    layout = m.kernel_layout()
+    assert layout.shape == m.blocks.shape and layout.dtype == np.uint8
+    flat, size = layout.reshape(-1), m.blocks.shape[1] // blocks  # bytes per block
+    fields = [(0, 2), (2, 4), (4, size)] if type_name == "Q4_1" else [(0, 2), (2, size)]
+    for r in range(rows):
+        group, i = divmod(r, kernels.QGROUP)
+        n = min(kernels.QGROUP, rows - group * kernels.QGROUP)
+        start = group * kernels.QGROUP * blocks * size
+        for b in range(blocks):
+            stored = m.blocks[r, b * size:(b + 1) * size]
+            offset = start
+            for lo, hi in fields:
+                width = hi - lo
+                at = offset + (b * n + i) * width
+                assert np.array_equal(flat[at:at + width], stored[lo:hi]), (r, b, lo)
+                offset += blocks * n * width
+
+
+@pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
+def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(type_name, code):
+    """9 inputs (passes of 4, 4 and 1 over each group) and 40 rows (two full groups and a short one): every
+    input's outputs are those of a GEMV with it alone."""
+    rows, cols, batch = 40, 96, 9
+    blocks = torch.from_numpy(random_blocks(type_name, rows, cols, seed=5).kernel_layout())
+    x, norm_w = torch.randn(batch, cols), torch.rand(cols) + 0.5
+    h, y = torch.empty(batch, cols), torch.empty(batch, rows)
+    d = dims(hidden=cols, wtype=code)
+    lib.h2k_norm_gemv_batch(d, batch, P(x), P(norm_w), P(blocks), rows, P(h), P(y))
+    for i in range(batch):
+        alone, h1 = torch.empty(rows), torch.empty(cols)
+        lib.h2k_norm_gemv(d, P(x[i]), P(norm_w), P(blocks), rows, P(h1), P(alone), 0, kernels.NULL, kernels.NULL)
+        assert torch.equal(y[i], alone), i
+
+
 def _weights(kind, rows, cols, seed):
     """(the kernels' weight tensor, its code) for a weight kind."""
     if kind in ("Q4_1", "Q8_0"):
-        return torch.from_numpy(random_blocks(kind, rows, cols, seed).blocks), getattr(kernels, kind)
+        return torch.from_numpy(random_blocks(kind, rows, cols, seed).kernel_layout()), getattr(kernels, kind)
     torch.manual_seed(seed)
     w = torch.randn(rows, cols) * 0.2
     return (w.to(torch.bfloat16), kernels.BF16) if kind == "bf16" else (w, kernels.F32)

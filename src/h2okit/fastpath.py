@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import kernels
@@ -81,8 +79,8 @@ _ptr = kernels.ptr
 @dataclass
 class Matrix:
     """One decode weight matrix as the kernels read it: `data` is float32/bf16 [rows, cols] or uint8
-    GGML blocks [rows, block bytes per row]; `code` the kernels' dtype (kept alive here: the kernels
-    get pointers)."""
+    GGML blocks [rows, block bytes per row] regrouped for the kernels (gguf_blocks.QuantMatrix.kernel_layout);
+    `code` the kernels' dtype (kept alive here: the kernels get pointers)."""
 
     data: torch.Tensor
     code: int
@@ -137,9 +135,8 @@ def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | N
 
 
 def _block_matrix(q) -> Matrix:
-    with warnings.catch_warnings():  # the file's own read-only pages (shared between processes): kernels only read
-        warnings.simplefilter("ignore", UserWarning)
-        return Matrix(torch.from_numpy(np.ascontiguousarray(q.blocks)), q.code)
+    """A QuantMatrix as the kernels read it (its blocks regrouped: a copy, not the file's pages)."""
+    return Matrix(torch.from_numpy(q.kernel_layout()), q.code)
 
 
 HEAD_CHECK_ROWS = 256  # rows of a stored lm_head checked against the model (all 262k of Gemma's take ~2 s)

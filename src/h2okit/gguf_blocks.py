@@ -5,7 +5,8 @@ The default model ships as a Q4_1 GGUF: 20 bytes per 32 weights (fp16 scale d, f
 fp16 d, 32 int8; w = d q). The transformers model h2okit prefills with holds these weights
 dequantised to float32, so it *is* the reference: dequantising a block gives the same float32
 values bit for bit, and the fast path's kernels read the blocks themselves (3-6x fewer bytes
-than fp32/bf16). `QuantMatrix.dequantize` is that reference, used by the tests.
+than fp32/bf16), regrouped by 16 rows (`QuantMatrix.kernel_layout`: the same bytes in the order
+the kernels unpack them fastest). `QuantMatrix.dequantize` is that reference, used by the tests.
 
 Llama GGUFs store attn_q and attn_k rows permuted for llama.cpp's interleaved RoPE; transformers
 un-permutes them on load, and `_llama_rope_rows` applies the same row permutation here (whole
@@ -54,6 +55,21 @@ class QuantMatrix:
         from gguf.quants import dequantize
 
         return dequantize(self.blocks, GGMLQuantizationType[self.type_name]).reshape(-1, self.cols)
+
+    def kernel_layout(self) -> np.ndarray:
+        """The blocks as the kernels read them (kernels/llama_decode.c, "regrouped"): uint8 [rows, row bytes]
+        holding, per group of kernels.QGROUP rows (the last may be shorter), the group's fp16 scales
+        [blocks][rows], for Q4_1 its fp16 minima [blocks][rows], then its quants [blocks][rows][bytes]."""
+        rows, nb = self.blocks.shape[0], self.cols // BLOCK
+        blocks = self.blocks.reshape(rows, nb, -1)
+        head = 4 if self.type_name == "Q4_1" else 2  # d (and m) ahead of each block's quants
+        groups = []
+        for start in range(0, rows, kernels.QGROUP):
+            group = blocks[start:start + kernels.QGROUP].swapaxes(0, 1)  # [blocks][rows][block bytes]
+            fields = [group[..., 0:2], group[..., 2:4], group[..., 4:]] if head == 4 else [group[..., 0:2],
+                                                                                           group[..., 2:]]
+            groups.extend(np.ascontiguousarray(f).reshape(-1) for f in fields)
+        return np.concatenate(groups).reshape(self.blocks.shape)
 
     @classmethod
     def quantize(cls, weights: np.ndarray, type_name: str) -> QuantMatrix:

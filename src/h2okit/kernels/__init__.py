@@ -35,6 +35,7 @@ ffi.cdef(HEADER.read_text())
 _DTYPES = ffi.typeof("enum h2k_dtype").relements
 F32, BF16, F16 = _DTYPES["H2K_F32"], _DTYPES["H2K_BF16"], _DTYPES["H2K_F16"]
 Q4_1, Q8_0 = _DTYPES["H2K_Q4_1"], _DTYPES["H2K_Q8_0"]
+QGROUP = ffi.typeof("enum h2k_layout").relements["H2K_QGROUP"]  # rows per group of a quantized matrix's blocks
 _ACTS = ffi.typeof("enum h2k_act").relements
 SILU, GELU_TANH = _ACTS["H2K_SILU"], _ACTS["H2K_GELU_TANH"]
 NULL = ffi.NULL

@@ -2,10 +2,11 @@
  * kernels/__init__.py hands it to cffi (ABI mode), so Python and C cannot disagree about an
  * argument. Keep it to plain declarations (no macros): cffi parses it as it is. */
 
-/* F32/BF16/F16: plain elements. Q4_1 and Q8_0: GGML's blocks of 32 weights, stored as in a GGUF file
- * (Q4_1: fp16 scale d, fp16 minimum m, 16 bytes of nibbles, w = d q + m; Q8_0: fp16 d, 32 int8, w = d q);
- * weights only. */
+/* F32/BF16/F16: plain elements. Q4_1 and Q8_0: GGML's blocks of 32 weights (Q4_1: fp16 scale d, fp16
+ * minimum m, 16 bytes of nibbles, w = d q + m; Q8_0: fp16 d, 32 int8, w = d q), weights only, with the
+ * rows' blocks regrouped by H2K_QGROUP rows (llama_decode.c; gguf_blocks.QuantMatrix.kernel_layout). */
 enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2, H2K_Q4_1 = 3, H2K_Q8_0 = 4 };
+enum h2k_layout { H2K_QGROUP = 16 };
 
 /* The MLP's gate activation: SiLU (Llama) or GELU with the tanh approximation (Gemma 3). */
 enum h2k_act { H2K_SILU = 0, H2K_GELU_TANH = 1 };

@@ -192,133 +192,165 @@ static inline float f16_at(const uint8_t *p) {
     return f16_to_f32(h);
 }
 
-/* Q4_1 rows (nb blocks each) against x, ROWS rows at a time (out[r] for r < ROWS): per block,
- * sum_b d_b (q_b . x_b) + m_b xsum_b, where xsum_b is the sum of x over block b, computed once per
- * GEMV. The same value as dequantising w = d q + m (exact in float32: d q has at most 15
- * significant bits) and taking the dot; only the summation order differs.
- * Decode reads these blocks from memory, where one core alone reaches only ~5 GB/s (too few
- * misses in flight): four rows at once (each x block loaded once for four rows) and a software
- * prefetch 4 KB ahead in every row at every block. Prefetching at every other block only (one
- * request per 40-68 bytes) skipped cache lines of Q8_0 rows (34-byte blocks) and left GB/s on the
- * table for both types: interleaved, medians of 5 passes from memory, 2 threads, 2026-11-28
- * (/tmp microbenchmark, the kernel as built here), every other block at 2880 B vs every block at
- * 4096 B: Q8_0 262144 x 640 10.5 -> 16.7 GB/s, Q8_0 122880 x 640 10.8 -> 18.8, Q4_1 122880 x 640
- * 10.1 -> 13.1 (benchmarks/gemv.py measures the kernels on the models' matrices). */
-enum { ROWS = 4 };
+/* Quantized matrices (Q4_1, Q8_0) in the kernels' layout (gguf_blocks.QuantMatrix.kernel_layout): the
+ * rows in groups of QGROUP (the last group may be shorter); a group of n rows with nb blocks per row
+ * holds the blocks' fp16 scales d [nb][n], for Q4_1 then their fp16 minima m [nb][n], then their
+ * quants [nb][n][16 bytes of nibbles | 32 int8]. These are the GGUF's bytes, regrouped: a row's
+ * dot is sum_b d_b (q_b . x_b) (+ m_b xsum_b for Q4_1, xsum_b the sum of x over block b, computed once
+ * per GEMV), the same value as dequantising w = d q (+ m) and taking the dot (exact in float32: d q
+ * has at most 15 significant bits); only the summation order differs.
+ * Why regrouped: unpacking 32 weights to floats takes ~7 vector operations, so the GGUF's own
+ * layout (20- or 34-byte blocks, one row at a time) read Q4_1 at ~9 GB/s per core even from cache.
+ * Here a group's 16 scales of a block convert in one instruction and are broadcast from memory for
+ * free, the minima's term is one vector per group, the 16 rows' accumulators are summed by one
+ * transposing reduction instead of 16, and the quants of a block column are 4 (Q4_1) or 8 (Q8_0)
+ * aligned cache lines: 18.8 GB/s per core from cache, 1.7x (benchmarks/gemv.py measures the
+ * kernels on the model's matrices from memory). */
+/* Inputs per pass over a group's blocks (a batch takes several passes, each from cache). */
+enum { QGROUP = H2K_QGROUP, QMULTI = 4 };
+
+static inline int scale_bytes(int wtype) { return wtype == Q4_1 ? 4 : 2; } /* per block and row: d (and m) */
+static inline int quant_bytes(int wtype) { return wtype == Q4_1 ? 16 : 32; }
 
 #ifdef __AVX512F__
-/* Each row's bytes PREFETCH ahead of the block being read (PREFETCH_L2 ahead into L2). */
-static inline void prefetch_rows(const uint8_t *row, long row_bytes, long offset) {
-    for (int r = 0; r < ROWS; r++) {
-        _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(row + r * row_bytes + offset + PREFETCH_L2), _MM_HINT_T1);
+/* Each of the next `lines` cache lines at p, PREFETCH ahead into L1 and PREFETCH_L2 ahead into L2. Always
+ * inlined: gcc deems a function that only prefetches free of effects and deletes calls to it. */
+static inline __attribute__((always_inline)) void prefetch_lines(const uint8_t *p, int lines) {
+    for (int l = 0; l < lines; l++) {
+        _mm_prefetch((const char *)(p + 64 * l + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + 64 * l + PREFETCH_L2), _MM_HINT_T1);
+    }
+}
+
+/* One row's block (its quants at q) as two float vectors: weights 0..15 and 16..31 (before d and m).
+ * Q4_1's nibbles become floats by a table lookup (vpermps reads the low 4 bits of each lane). */
+static inline __attribute__((always_inline)) void unpack_block(int wtype, const uint8_t *q, __m512 nibble_values,
+                                                                __m512 *lo, __m512 *hi) {
+    if (wtype == Q4_1) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        *lo = _mm512_permutexvar_ps(bytes, nibble_values);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), nibble_values);
+    } else {
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+    }
+}
+
+/* The 16 lane sums of a[0..15] as one vector (lane r: the sum of a[r]), by a transposing tree; each
+ * row's sum takes the same path whatever the other rows hold. */
+static inline __m512 sum_rows16(const __m512 *a) {
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of rows a, b = 2i, 2i+1 */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane k: rows 4i..4i+3, each summed over lane k */
+        __m512d p = _mm512_castps_pd(t[2 * i]), q = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    }
+    for (int i = 0; i < 2; i++) /* [u(2i) lanes 0+1, 2+3; u(2i+1) lanes 0+1, 2+3] */
+        v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+
+/* A full group (QGROUP rows) against m <= QMULTI inputs: out[j * QGROUP + r]. Per row and input the
+ * operations are the same, in the same order, for any m: a batch gives each sequence what it gets
+ * alone, bit for bit. Always inlined per weight type. */
+static inline __attribute__((always_inline)) void dot_group16(int wtype, const uint8_t *grp, int nb, const float *x,
+                                                               long xstride, const float *xsum, int m, float *out) {
+    const uint16_t *d16 = (const uint16_t *)grp;
+    const uint8_t *quants = grp + (long)nb * QGROUP * scale_bytes(wtype);
+    const int qbytes = quant_bytes(wtype), lines = QGROUP * qbytes / 64;
+    const __m512 nibble_values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    float scales[nb * QGROUP] __attribute__((aligned(64)));
+    __m512 tails[QMULTI];
+    for (int j = 0; j < QMULTI; j++) tails[j] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        _mm512_store_ps(scales + b * QGROUP, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + b * QGROUP))));
+        if (wtype == Q4_1) { /* the minima's term for every row at once: sum_b m_b xsum_b */
+            __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d16 + (nb + b) * QGROUP)));
+            for (int j = 0; j < m; j++) tails[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xsum[j * nb + b]), tails[j]);
+        }
+    }
+    if (m == 1) { /* one input: all 16 rows per block column, their accumulators in registers */
+        __m512 acc[QGROUP];
+        for (int r = 0; r < QGROUP; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+            prefetch_lines(column, lines);
+            __m512 x0 = _mm512_loadu_ps(x + b * QBLOCK), x1 = _mm512_loadu_ps(x + b * QBLOCK + 16);
+#pragma GCC unroll 16
+            for (int r = 0; r < QGROUP; r++) {
+                __m512 lo, hi;
+                unpack_block(wtype, column + r * qbytes, nibble_values, &lo, &hi);
+                __m512 s = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[b * QGROUP + r]), s, acc[r]);
+            }
+        }
+        _mm512_storeu_ps(out, _mm512_add_ps(sum_rows16(acc), tails[0]));
+        return;
+    }
+    { /* several inputs: 4 rows at a time, each block unpacked once for all inputs */
+        __m512 acc[QMULTI][QGROUP];
+        for (int r0 = 0; r0 < QGROUP; r0 += 4) {
+            __m512 part[4][QMULTI];
+            for (int r = 0; r < 4; r++)
+                for (int j = 0; j < QMULTI; j++) part[r][j] = _mm512_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+                if (r0 == 0) prefetch_lines(column, lines);
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    __m512 lo, hi;
+                    unpack_block(wtype, column + (r0 + r) * qbytes, nibble_values, &lo, &hi);
+                    __m512 scale = _mm512_set1_ps(scales[b * QGROUP + r0 + r]);
+#pragma GCC unroll 4
+                    for (int j = 0; j < QMULTI; j++) {
+                        if (j < m) {
+                            const float *xj = x + j * xstride + b * QBLOCK;
+                            __m512 s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xj + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xj)));
+                            part[r][j] = _mm512_fmadd_ps(scale, s, part[r][j]);
+                        }
+                    }
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int j = 0; j < m; j++) acc[j][r0 + r] = part[r][j];
+        }
+        for (int j = 0; j < m; j++) _mm512_storeu_ps(out + j * QGROUP, _mm512_add_ps(sum_rows16(acc[j]), tails[j]));
     }
 }
 #endif
 
-/* The quantized rows against up to QMULTI inputs (x_j = x + j * xstride, xsum_j = xsum + j * nb): each
- * block is unpacked once for all of them; out[r * QMULTI + j]. Per input the operations are those of a
- * single input, in the same order. */
-enum { QMULTI = 4 };
-
-static void dot_q4_1_rows(const uint8_t *row, long row_bytes, int rows, const float *x, long xstride,
-                          const float *xsum, int m, int nb, float *out) {
+/* A group of n rows (the layout above) against m <= QMULTI inputs x_j = x + j * xstride (xsum_j =
+ * xsum + j * nb: Q4_1's block sums of x_j): out[j * QGROUP + r]. */
+static void dot_group(int wtype, const uint8_t *grp, int n, int nb, const float *x, long xstride, const float *xsum,
+                      int m, float *out) {
 #ifdef __AVX512F__
-    if (rows == ROWS) {
-        const __m512i low = _mm512_set1_epi32(0x0F);
-        __m512 acc[ROWS][QMULTI];
-        float tail[ROWS][QMULTI] = {{0}};
-        for (int r = 0; r < ROWS; r++)
-            for (int j = 0; j < QMULTI; j++) acc[r][j] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            prefetch_rows(row, row_bytes, (long)b * Q4_1_BYTES);
-#pragma GCC unroll 4
-            for (int r = 0; r < ROWS; r++) {
-                const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
-                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-                __m512 qa = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));  /* 0..15 */
-                __m512 qb = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));   /* 16..31 */
-                uint32_t dm;
-                memcpy(&dm, blk, 4);
-                __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* [d, m, 0, 0] */
-                __m512 d = _mm512_broadcastss_ps(dmf);
-                float mval = _mm_cvtss_f32(_mm_movehdup_ps(dmf));
-#pragma GCC unroll 4
-                for (int j = 0; j < QMULTI; j++) {
-                    if (j < m) {
-                        const float *xj = x + j * xstride + b * QBLOCK;
-                        __m512 s = _mm512_mul_ps(qa, _mm512_loadu_ps(xj));
-                        s = _mm512_fmadd_ps(qb, _mm512_loadu_ps(xj + 16), s);
-                        acc[r][j] = _mm512_fmadd_ps(d, s, acc[r][j]);
-                        tail[r][j] += mval * xsum[j * nb + b];
-                    }
-                }
-            }
-        }
-        for (int r = 0; r < ROWS; r++)
-            for (int j = 0; j < m; j++) out[r * QMULTI + j] = _mm512_reduce_add_ps(acc[r][j]) + tail[r][j];
+    if (n == QGROUP) {
+        if (wtype == Q4_1) dot_group16(Q4_1, grp, nb, x, xstride, xsum, m, out);
+        else dot_group16(Q8_0, grp, nb, x, xstride, xsum, m, out);
         return;
     }
 #endif
-    for (int r = 0; r < rows; r++) {
+    const uint8_t *d16 = grp, *quants = grp + (long)nb * n * scale_bytes(wtype);
+    const int qbytes = quant_bytes(wtype);
+    for (int r = 0; r < n; r++) {
         for (int j = 0; j < m; j++) {
             float total = 0.0f;
             for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = row + r * row_bytes + (long)b * Q4_1_BYTES;
+                const uint8_t *q = quants + ((long)b * n + r) * qbytes;
                 const float *xb = x + j * xstride + b * QBLOCK;
                 float s = 0.0f;
-                for (int i = 0; i < QBLOCK / 2; i++)
-                    s += (float)(blk[4 + i] & 0x0F) * xb[i] + (float)(blk[4 + i] >> 4) * xb[i + 16];
-                total += f16_at(blk) * s + f16_at(blk + 2) * xsum[j * nb + b];
-            }
-            out[r * QMULTI + j] = total;
-        }
-    }
-}
-
-/* Q8_0 rows against up to QMULTI inputs, as dot_q4_1_rows: sum_b d_b (q_b . x_b). */
-static void dot_q8_0_rows(const uint8_t *row, long row_bytes, int rows, const float *x, long xstride, int m, int nb,
-                          float *out) {
-#ifdef __AVX512F__
-    if (rows == ROWS) {
-        __m512 acc[ROWS][QMULTI];
-        for (int r = 0; r < ROWS; r++)
-            for (int j = 0; j < QMULTI; j++) acc[r][j] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            prefetch_rows(row, row_bytes, (long)b * Q8_0_BYTES);
-#pragma GCC unroll 4
-            for (int r = 0; r < ROWS; r++) {
-                const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
-                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-                __m512 d = _mm512_set1_ps(f16_at(blk));
-#pragma GCC unroll 4
-                for (int j = 0; j < QMULTI; j++) {
-                    if (j < m) {
-                        const float *xj = x + j * xstride + b * QBLOCK;
-                        __m512 s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xj + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xj)));
-                        acc[r][j] = _mm512_fmadd_ps(d, s, acc[r][j]);
-                    }
+                if (wtype == Q4_1) {
+                    for (int i = 0; i < QBLOCK / 2; i++) s += (float)(q[i] & 0x0F) * xb[i] + (float)(q[i] >> 4) * xb[i + 16];
+                    total += f16_at(d16 + 2 * ((long)b * n + r)) * s
+                             + f16_at(d16 + 2 * ((long)(nb + b) * n + r)) * xsum[j * nb + b];
+                } else {
+                    for (int i = 0; i < QBLOCK; i++) s += (float)(int8_t)q[i] * xb[i];
+                    total += f16_at(d16 + 2 * ((long)b * n + r)) * s;
                 }
             }
-        }
-        for (int r = 0; r < ROWS; r++)
-            for (int j = 0; j < m; j++) out[r * QMULTI + j] = _mm512_reduce_add_ps(acc[r][j]);
-        return;
-    }
-#endif
-    for (int r = 0; r < rows; r++) {
-        for (int j = 0; j < m; j++) {
-            float total = 0.0f;
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = row + r * row_bytes + (long)b * Q8_0_BYTES;
-                const int8_t *q = (const int8_t *)(blk + 2);
-                const float *xb = x + j * xstride + b * QBLOCK;
-                float s = 0.0f;
-                for (int i = 0; i < QBLOCK; i++) s += (float)q[i] * xb[i];
-                total += f16_at(blk) * s;
-            }
-            out[r * QMULTI + j] = total;
+            out[j * QGROUP + r] = total;
         }
     }
 }
@@ -337,7 +369,7 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
     int wtype = d->wtype, threads = team_size(d);
     if (wtype == Q4_1 || wtype == Q8_0) {
         int nb = cols / QBLOCK;
-        long row_bytes = (long)nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+        long group_bytes = (long)QGROUP * nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
         const uint8_t *w = (const uint8_t *)W;
         float xsum[batch][nb > 0 ? nb : 1];
         for (int i = 0; wtype == Q4_1 && i < batch; i++)
@@ -347,18 +379,17 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
                 xsum[i][b] = s;
             }
         const float *sums = &xsum[0][0];
+        int groups = (rows + QGROUP - 1) / QGROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int r0 = 0; r0 < rows; r0 += ROWS) {
-            int n = rows - r0 < ROWS ? rows - r0 : ROWS;
-            float v[ROWS * QMULTI];
-            const uint8_t *row = w + r0 * row_bytes;
+        for (int g = 0; g < groups; g++) {
+            int r0 = g * QGROUP, n = rows - r0 < QGROUP ? rows - r0 : QGROUP;
+            float v[QMULTI * QGROUP];
             for (int i0 = 0; i0 < batch; i0 += QMULTI) {
                 int m = batch - i0 < QMULTI ? batch - i0 : QMULTI;
-                if (wtype == Q4_1) dot_q4_1_rows(row, row_bytes, n, x + (long)i0 * cols, cols, sums + i0 * nb, m, nb, v);
-                else dot_q8_0_rows(row, row_bytes, n, x + (long)i0 * cols, cols, m, nb, v);
+                dot_group(wtype, w + g * group_bytes, n, nb, x + (long)i0 * cols, cols, sums + i0 * nb, m, v);
                 for (int j = 0; j < m; j++) {
                     float *yi = y + (long)(i0 + j) * rows + r0;
-                    for (int k = 0; k < n; k++) yi[k] = accumulate ? yi[k] + v[k * QMULTI + j] : v[k * QMULTI + j];
+                    for (int k = 0; k < n; k++) yi[k] = accumulate ? yi[k] + v[j * QGROUP + k] : v[j * QGROUP + k];
                 }
             }
         }

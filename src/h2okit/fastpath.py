@@ -29,10 +29,11 @@ come from the same code; only the floating-point summation order differs (logits
 model and weight type (`FastDecoder.for_model`), however many engines use it.
 
 Which weights a step reads is `llm_weight_dtype` (`decode_weights`). By default, a GGUF that
-stores its matrices as Q4_1/Q8_0 blocks is read as stored (gguf_blocks.py): the model h2okit
-prefills with holds exactly those weights dequantised, so this is the same model in 3-6x fewer
-bytes than fp32/bf16 copies. Layers stored in other types (Gemma 3's Q4_K_M file mixes four) are
-read as the model's floats, and its lm_head still as stored when that is Q4_1/Q8_0. Activations
+stores its matrices as Q4_1/Q8_0 blocks is read as stored (gguf_blocks.py; the same bytes,
+regrouped by 16 rows for the kernels): the model h2okit prefills with holds exactly those weights
+dequantised, so this is the same model in 3-6x fewer bytes than fp32/bf16 copies. Layers stored
+in other types (Gemma 3's Q4_K_M file mixes four) are read as the model's floats, and its lm_head
+still as stored when that is Q4_1/Q8_0. Activations
 are float32 in every weight type; bf16 weights are widened as they are read, so a bf16 model on
 this path is slightly *more* precise than transformers' bf16 forward.
 """

@@ -43,6 +43,8 @@ class KVBuffer:
         self.length = 0
         self.k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=dtype)
         self.v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtype)
+        self.bytes_per_token = 2 * self.k.shape[1] * self.k.shape[-1] * self.k.element_size()  # K and V
+        self._addresses: tuple[int, int, int] | None = None  # (K, V, head stride) until the buffers move
 
     @property
     def capacity(self) -> int:
@@ -60,12 +62,16 @@ class KVBuffer:
         k[:, :, :self.length] = self.k[:, :, :self.length]
         v[:, :, :self.length] = self.v[:, :, :self.length]
         self.k, self.v = k, v
+        self._addresses = None
 
     def layout(self) -> tuple[int, int, int, int]:
         """(K address, V address of slot 0, head stride in elements, tokens held), with room for one more
-        token, for a kernel that writes the next token itself; `commit(1)` then counts it."""
+        token, for a kernel that writes the next token itself; `commit(1)` then counts it. The addresses
+        are kept until the buffers move (asking torch for them was a visible share of a batched step)."""
         self._reserve(self.length + 1)
-        return self.k.data_ptr(), self.v.data_ptr(), self.k.stride(1), self.length
+        if self._addresses is None:
+            self._addresses = (self.k.data_ptr(), self.v.data_ptr(), self.k.stride(1))
+        return *self._addresses, self.length
 
     def next_slot(self) -> tuple[int, int, int]:
         """(K address, V address, head stride in elements) of the slot the next token goes to."""
@@ -372,8 +378,7 @@ class H2OLayer(CacheLayerMixin):
     @property
     def bytes_per_token(self) -> int:
         """SPEC §6 Bpt = kv_heads * head_dim * dtype_bytes * 2 (K and V)."""
-        k = self.buffer.k
-        return 2 * k.shape[1] * k.shape[-1] * k.element_size()
+        return self.buffer.bytes_per_token
 
 
 class SlidingWindowLayer(H2OLayer):

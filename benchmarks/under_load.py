@@ -4,13 +4,14 @@
 
 Each setting is one `llm_bench -o json` process (a waiting policy must be in the environment
 before libgomp starts): h2okit's default (fused steps on the faster of 2 threads and 1, measured
-step by step: threads.py), the configured 2 threads always (H2OKIT_ADAPT_THREADS=0; libgomp spins
-~300k iterations before sleeping), the same with OMP_WAIT_POLICY=PASSIVE (sleep at once), and
-`-t 1`. Every setting runs quiet and then next to a busy process (a pure-Python spin loop: one
-core), settings interleaved, rounds repeated; the figures per setting are medians over rounds of
-busy / quiet decode tok/s (paired within the round) and of quiet tok/s relative to the fixed
-2 threads' quiet. The machine's read bandwidth drifts within minutes, so only these within-round
-ratios are compared.
+step by step, and idle OpenMP threads sleeping after GOMP_SPINCOUNT=1000 spins: threads.py), the
+same chooser with libgomp's own spin count (300,000), the configured 2 threads always
+(H2OKIT_ADAPT_THREADS=0) with libgomp's spin count, the same with OMP_WAIT_POLICY=PASSIVE (sleep
+at once), and `-t 1`. Every setting runs quiet and then next to a busy process (a pure-Python spin
+loop: one core), settings interleaved, rounds repeated; the figures per setting are medians over
+rounds of busy / quiet decode tok/s (paired within the round) and of quiet tok/s relative to the
+fixed 2 threads' quiet. The machine's read bandwidth drifts within minutes, so only these
+within-round ratios are compared.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from h2okit.threads import OPENMP_WAIT
+
 ROOT = Path(__file__).resolve().parents[1]
+LIBGOMP_SPIN = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own default
 SETTINGS = {  # name -> (extra environment, threads)
-    "default (adaptive: 2 threads or 1)": ({}, 2),
-    "2 threads always (H2OKIT_ADAPT_THREADS=0)": ({"H2OKIT_ADAPT_THREADS": "0"}, 2),
+    f"default: adaptive (2 threads or 1), GOMP_SPINCOUNT={OPENMP_WAIT['GOMP_SPINCOUNT']}": ({}, 2),
+    "adaptive, libgomp's spin count (GOMP_SPINCOUNT=300000)": (LIBGOMP_SPIN, 2),
+    "2 threads always (H2OKIT_ADAPT_THREADS=0), libgomp's spin count": ({"H2OKIT_ADAPT_THREADS": "0", **LIBGOMP_SPIN},
+                                                                         2),
     "2 threads always, OMP_WAIT_POLICY=PASSIVE": ({"H2OKIT_ADAPT_THREADS": "0", "OMP_WAIT_POLICY": "PASSIVE"}, 2),
     "-t 1 (one thread)": ({}, 1),
 }
-BASE = "2 threads always (H2OKIT_ADAPT_THREADS=0)"  # the quiet speed the others are compared with
+BASE = "2 threads always (H2OKIT_ADAPT_THREADS=0), libgomp's spin count"  # the quiet speed the others are compared with
 
 
 def decode_tps(config: str, env: dict, threads: int, prompt: int, gen: int) -> float:

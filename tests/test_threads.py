@@ -59,6 +59,14 @@ def test_a_single_slow_step_does_not_switch():
     assert used[51:60] == [2] * 9
 
 
+def test_one_thread_must_be_clearly_faster_to_be_chosen():
+    def noisy_quiet(step, threads):
+        return 0.018 if threads == 2 else 0.015  # one thread 17 % faster: within the margin
+
+    assert run(ThreadChooser(2, probe_every=32), noisy_quiet, 200).count(1) <= 3  # probes only
+    assert run(ThreadChooser(2, probe_every=32), busy, 200)[10:].count(2) <= 3  # 2.3x faster: chosen
+
+
 def test_one_configured_thread_never_probes():
     assert run(ThreadChooser(1), quiet, 100) == [1] * 100
 
@@ -81,3 +89,31 @@ def test_the_environment_switch_takes_0_or_1_only(monkeypatch):
     monkeypatch.setenv("H2OKIT_ADAPT_THREADS", "yes")
     with pytest.raises(ConfigError, match="allowed: 0 .* or 1"):
         adapt_threads_setting()
+
+
+def test_set_openmp_wait_sets_the_spin_count_only_before_torch_and_only_when_unset(monkeypatch):
+    import os
+    import sys
+
+    from h2okit import threads
+
+    env: dict[str, str] = {}
+    monkeypatch.setattr(os, "environ", env)  # this process's real environment stays as it is
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    threads.set_openmp_wait()
+    assert env == threads.OPENMP_WAIT
+
+    env.clear()
+    env["GOMP_SPINCOUNT"] = "300000"  # the user's choice stays
+    threads.set_openmp_wait()
+    assert env == {"GOMP_SPINCOUNT": "300000"}
+
+    env.clear()
+    env["OMP_WAIT_POLICY"] = "PASSIVE"  # so does a waiting policy
+    threads.set_openmp_wait()
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+    env.clear()
+    monkeypatch.setitem(sys.modules, "torch", object())  # libgomp has read its environment: too late
+    threads.set_openmp_wait()
+    assert env == {}

@@ -31,6 +31,7 @@ from .cpu import cpu_model
 from .resources import find
 from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, CorpusError
 from .stats import mean_ci
+from .threads import set_openmp_wait
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,7 @@ def _warn_if_busy() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_openmp_wait()  # before torch loads libgomp
     setup_logging()
 
     def body() -> int:

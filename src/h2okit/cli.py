@@ -13,6 +13,7 @@ from .config import ConfigError
 from .corpus import CorpusError
 from .offline import OfflineError
 from .resources import default_config
+from .threads import set_openmp_wait
 
 
 DEFAULT_CONFIG = default_config()
@@ -123,6 +124,7 @@ KIT_COMMANDS = {"grid": "grid_main", "sweep": "sweep_main", "parse": "parse_main
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_openmp_wait()  # before torch loads libgomp
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in KIT_COMMANDS:  # the kit parses its own flags (shared with exp/h2o_v2/*.py)
         from .kit import cli as kit_cli

@@ -5,17 +5,27 @@ spinning is the fastest way to wait (sleeping instead cost 61 % here: waking a v
 when another process wants one of the two cores, the spinning thread keeps the core it needs, and
 decode fell to 0.27 of its quiet speed (README, "Decode next to a busy process"). One thread never
 waits for another. So the fast path times each step and keeps the faster of the configured thread
-count and one thread; after `probe_every` steps it runs one step with the other count, to notice
-when the machine changed. A probe that loses doubles the wait before the next one (up to
-`longest_wait`), a switch resets it: a probe next to a busy process costs ~10 one-thread steps, so
-a fixed interval of 32 lost ~15 % of the busy speed. Quiet, the cost is one slower step per wait.
+count and one thread (one thread only when clearly faster: `fewer_margin`); after `probe_every`
+steps it runs one step with the other count, to notice when the machine changed. A probe that
+loses doubles the wait before the next one (up to `longest_wait`), a switch resets it: a probe
+next to a busy process costs ~10 one-thread steps, so a fixed interval of 32 lost ~15 % of the
+busy speed. Quiet, the cost is one slower step per wait.
 
-Pure logic (no torch, no clock): the caller times the steps.
+How long an idle OpenMP thread spins before it sleeps is libgomp's GOMP_SPINCOUNT, read once when
+torch loads libgomp. Its default, 300,000 spins (far longer than the gaps between a step's loops),
+kept the second thread spinning on a busy machine long after every two-thread moment (a probe, the
+prefill, torch's own ops between steps), and one-thread steps ran beside it. h2okit's commands set
+`OPENMP_WAIT` (1000 spins) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY;
+the README's "Decode next to a busy process" measures both.
+
+The chooser is pure logic (no torch, no clock): the caller times the steps.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -28,6 +38,10 @@ class ThreadChooser:
     probe_every: int = 32  # steps before the first probe of the other count, and after every switch
     longest_wait: int = 512  # the most steps between two probes (the wait doubles after each lost probe)
     samples: int = 3  # recent step times kept per count; their median decides
+    # fewer threads must be clearly faster to be chosen (quiet, one thread is ~2x slower; next to a busy
+    # process, two threads are ~5x slower): a few slow steps of the configured count (the first steps
+    # after a prefill, a page fault) then do not send a quiet machine to one thread for a whole wait
+    fewer_margin: float = 0.75
     _times: dict[int, deque] = field(init=False, repr=False)
     _current: int = field(init=False)
     _since_probe: int = field(init=False, default=0)
@@ -68,8 +82,23 @@ class ThreadChooser:
         probed = threads != self._current
         self._since_probe = 0 if probed else self._since_probe + 1
         if all(self._times.values()):
-            best = min(self.candidates, key=lambda n: statistics.median(self._times[n]))
+            median = {n: statistics.median(self._times[n]) for n in self.candidates}
+            best = min(self.candidates, key=median.get)
+            if best < self._current and median[best] >= self.fewer_margin * median[self._current]:
+                best = self._current
             if best != self._current:
                 self._current, self._wait = best, self.probe_every
             elif probed:
                 self._wait = min(2 * self._wait, self.longest_wait)
+
+
+OPENMP_WAIT = {"GOMP_SPINCOUNT": "1000"}  # libgomp's spins before an idle thread sleeps (see above)
+
+
+def set_openmp_wait() -> None:
+    """h2okit's OpenMP waiting policy for this process (OPENMP_WAIT), for the commands to call before
+    anything loads torch; a no-op once torch is loaded (libgomp has read its environment) or when the
+    environment already chooses a policy."""
+    if "torch" in sys.modules or any(key in os.environ for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
+        return
+    os.environ.update(OPENMP_WAIT)

@@ -489,7 +489,7 @@ class FastDecoder:
             self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
         if self._fused_step([cache], [position], x, h, qkv, attn, gate_up, self._logits_ptr):
-            return self.logits.clone()
+            return self._logits_copy()
         ropes = self._rope_rows([position])[0]
         threads = self._threads()
         self._use_threads(threads)
@@ -504,7 +504,12 @@ class FastDecoder:
             lib.h2k_mlp_block(dims, x, attn, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           self._logits_ptr, 0, null, null)
-        return self.logits.clone()
+        return self._logits_copy()
+
+    def _logits_copy(self) -> torch.Tensor:
+        """The step's logits as a new tensor, copied by numpy: torch copies a vocabulary's worth on its
+        OpenMP threads, which woke an idle thread between every two steps (threads.py)."""
+        return torch.from_numpy(self.logits.numpy().copy())
 
     @torch.inference_mode()
     def step_batch(self, caches: list[H2OCache], tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -93,6 +93,14 @@ def collect_stats(cache: H2OCache) -> RequestStats:
 
 
 
+def greedy(logits: torch.Tensor) -> int | list[int]:
+    """The argmax token of logits [vocab] (or of each row of [batch, vocab]), taken by numpy: torch
+    reduces a vocabulary on its OpenMP threads, which woke an idle thread between every two decode
+    steps (threads.py)."""
+    tokens = logits.float().numpy().argmax(-1)
+    return tokens.tolist() if logits.dim() > 1 else int(tokens)
+
+
 class Engine:
     """A loaded model plus a KV config; `generate` runs one request from an empty cache.
 
@@ -175,7 +183,7 @@ class Engine:
             for row, token in zip(tokens, next_tokens):
                 row.append(token)
             logits = self.fast.step_batch(caches, next_tokens, [len(p) + step for p in prompts])
-            next_tokens = logits.argmax(-1).tolist()
+            next_tokens = greedy(logits)
         decode_s = time.perf_counter() - started
         return BatchResult(prompt_tokens=sum(map(len, prompts)), tokens=tokens, prefill_s=prefill_s,
                            decode_s=decode_s, stats=[collect_stats(cache) for cache in caches])
@@ -197,7 +205,7 @@ class Engine:
         for step in range(n):
             tokens.append(next_token)
             logits = self.forward(cache, [next_token], len(prompt) + step)
-            next_token = int(logits[-1].argmax())
+            next_token = greedy(logits[-1])
         decode_s = time.perf_counter() - started
         if at_end is not None:
             at_end(cache)

@@ -12,11 +12,14 @@ next to a busy process costs ~10 one-thread steps, so a fixed interval of 32 los
 busy speed. Quiet, the cost is one slower step per wait.
 
 How long an idle OpenMP thread spins before it sleeps is libgomp's GOMP_SPINCOUNT, read once when
-torch loads libgomp. Its default, 300,000 spins (far longer than the gaps between a step's loops),
-kept the second thread spinning on a busy machine long after every two-thread moment (a probe, the
-prefill, torch's own ops between steps), and one-thread steps ran beside it. h2okit's commands set
-`OPENMP_WAIT` (1000 spins) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY;
-the README's "Decode next to a busy process" measures both.
+torch loads libgomp. Its default, 300,000 spins (3-10 ms here; waking a sleeping thread costs
+30-110 us), kept the second thread spinning on a busy machine long after every two-thread moment (a
+probe, the prefill, torch's own ops), and one-thread steps ran beside it. h2okit's commands set
+`OPENMP_WAIT` (10,000 spins: 0.1-0.3 ms, longer than the serial stretches inside a step, even a
+batch's) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; 1,000 spins (under
+20 us) cost a wake-up at nearly every loop of a batched step (B=8 fp32 20 % slower). The fast path
+keeps torch's ops out of the decode loop (numpy copies the logits and takes the argmax), so an
+idle thread stays asleep between steps. The README's "Decode next to a busy process" measures it.
 
 The chooser is pure logic (no torch, no clock): the caller times the steps.
 """
@@ -92,7 +95,7 @@ class ThreadChooser:
                 self._wait = min(2 * self._wait, self.longest_wait)
 
 
-OPENMP_WAIT = {"GOMP_SPINCOUNT": "1000"}  # libgomp's spins before an idle thread sleeps (see above)
+OPENMP_WAIT = {"GOMP_SPINCOUNT": "10000"}  # libgomp's spins before an idle thread sleeps (see above)
 
 
 def set_openmp_wait() -> None:

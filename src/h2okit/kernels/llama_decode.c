@@ -132,8 +132,10 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
                     /* the row's bytes PREFETCH ahead: with a batch, each line takes long enough to use
                        that the hardware prefetcher alone left memory idle (B=8 cost load + compute) */
                     const char *at = bf16 ? (const char *)(wh + c) : (const char *)(wf + c);
-                    _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
-                    _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
+                    if (!bf16 || c % 32 == 0) { /* once per cache line (16 bf16 weights are half a line) */
+                        _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
+                        _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
+                    }
                     wv[r] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
                                  : _mm512_loadu_ps(wf + c);

@@ -4,7 +4,7 @@
 
 Each setting is one `llm_bench -o json` process (a waiting policy must be in the environment
 before libgomp starts): h2okit's default (fused steps on the faster of 2 threads and 1, measured
-step by step, and idle OpenMP threads sleeping after GOMP_SPINCOUNT=1000 spins: threads.py), the
+step by step, and idle OpenMP threads sleeping after threads.OPENMP_WAIT's spin count), the
 same chooser with libgomp's own spin count (300,000), the configured 2 threads always
 (H2OKIT_ADAPT_THREADS=0) with libgomp's spin count, the same with OMP_WAIT_POLICY=PASSIVE (sleep
 at once), and `-t 1`. Every setting runs quiet and then next to a busy process (a pure-Python spin

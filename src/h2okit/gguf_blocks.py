@@ -62,13 +62,11 @@ class QuantMatrix:
         [blocks][rows], for Q4_1 its fp16 minima [blocks][rows], then its quants [blocks][rows][bytes]."""
         rows, nb = self.blocks.shape[0], self.cols // BLOCK
         blocks = self.blocks.reshape(rows, nb, -1)
-        head = 4 if self.type_name == "Q4_1" else 2  # d (and m) ahead of each block's quants
+        starts = [0, 2, 4] if self.type_name == "Q4_1" else [0, 2]  # d, (m,) quants: where each field begins
         groups = []
         for start in range(0, rows, kernels.QGROUP):
             group = blocks[start:start + kernels.QGROUP].swapaxes(0, 1)  # [blocks][rows][block bytes]
-            fields = [group[..., 0:2], group[..., 2:4], group[..., 4:]] if head == 4 else [group[..., 0:2],
-                                                                                           group[..., 2:]]
-            groups.extend(np.ascontiguousarray(f).reshape(-1) for f in fields)
+            groups.extend(np.ascontiguousarray(field).reshape(-1) for field in np.split(group, starts[1:], axis=2))
         return np.concatenate(groups).reshape(self.blocks.shape)
 
     @classmethod

@@ -28,7 +28,7 @@ from .corpus import DEFAULT_TOKENS, DEFAULT_WINDOWS, token_stream, tokenized_tex
 from .io import write_text_atomic
 from .metrics import Agreement, delta_pct, passkey_found, perplexity, token_nll
 from .paths import cache_root
-from .runtime import Engine
+from .runtime import Engine, greedy
 
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
@@ -180,7 +180,7 @@ def passkey_trial(engine: Engine, tokenizer, context: list[int], filler: list[in
         position += 1
     answer = []
     for _ in range(answer_tokens):
-        token = int(logits[-1].argmax())
+        token = greedy(logits[-1])
         answer.append(token)
         logits = engine.forward(cache, [token], position)
         position += 1

@@ -175,7 +175,7 @@ class Engine:
             raise ValueError("batched decode needs at least one prompt, none empty")
         caches = [self.new_cache() for _ in prompts]
         started = time.perf_counter()
-        next_tokens = [int(self.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
+        next_tokens = [greedy(self.forward(cache, prompt, 0)[-1]) for cache, prompt in zip(caches, prompts)]
         prefill_s = time.perf_counter() - started
         tokens: list[list[int]] = [[] for _ in prompts]
         started = time.perf_counter()
@@ -196,7 +196,7 @@ class Engine:
         cache = self.new_cache()
         started = time.perf_counter()
         logits = self.forward(cache, prompt, 0)
-        next_token = int(logits[-1].argmax())
+        next_token = greedy(logits[-1])
         prefill_s = time.perf_counter() - started
         if after_prefill is not None:
             after_prefill(cache)

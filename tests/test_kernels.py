@@ -50,7 +50,7 @@ def test_norm_gemv_with_rope_matches_torch(dtype, code):
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)])
 def test_mlp_block_matches_torch(dtype, code):
     torch.manual_seed(1)
-    hidden, attn_dim, inter = 48, 64, 112
+    hidden, attn_dim, inter = 48, 64, 120  # the activation: 7 vectors of 16 and a scalar tail of 8
     x, a = torch.randn(hidden), torch.randn(attn_dim)
     w_o, w_gu, w_down = (torch.randn(*s).to(dtype) * 0.2 for s in [(hidden, attn_dim), (2 * inter, hidden),
                                                                       (hidden, inter)])
@@ -67,7 +67,7 @@ def test_mlp_block_matches_torch(dtype, code):
 def test_mlp_block_gemma_variant_matches_torch():
     """Gemma 3's layer tail: norms on the attention and MLP outputs, GELU-tanh (torch's approximate="tanh")."""
     torch.manual_seed(2)
-    hidden, attn_dim, inter = 48, 64, 112
+    hidden, attn_dim, inter = 48, 64, 120  # the activation: 7 vectors of 16 and a scalar tail of 8
     x, a = torch.randn(hidden), torch.randn(attn_dim) * 3
     w_o, w_gu, w_down = (torch.randn(*s) * 0.5 for s in [(hidden, attn_dim), (2 * inter, hidden), (hidden, inter)])
     attn_out, pre, mlp_out = (torch.rand(hidden) + 0.5 for _ in range(3))

@@ -532,10 +532,46 @@ static void gemv_normed_add(const h2k_dims *d, const void *W, const float *v, co
     }
 }
 
+/* gate[i] = act(gate[i]) * up[i] for i < n. GELU-tanh is 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))),
+ * torch's approximate="tanh", with tanh(u) = 1 - 2 / (exp(2u) + 1); SiLU is g / (1 + exp(-g)). Sixteen
+ * lanes at a time where AVX-512 is there (gcc leaves the scalar loop unvectorised: at batch 8 it cost
+ * 1.3 ms a step), the scalar form for the rest; either way a value depends on its position only. */
+static void activate(int act, float *restrict gate, const float *restrict up, int n) {
+    int i = 0;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i), out;
+        if (act == H2K_GELU_TANH) {
+            __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+            __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                     _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+            __m512 e = exp_approx16(_mm512_add_ps(u, u));
+            __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+            out = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, t)),
+                                _mm512_loadu_ps(up + i));
+        } else {
+            __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            out = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i));
+        }
+        _mm512_storeu_ps(gate + i, out);
+    }
+#endif
+    for (; i < n; i++) {
+        float g = gate[i];
+        if (act == H2K_GELU_TANH) {
+            float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+            float t = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
+            gate[i] = 0.5f * g * (1.0f + t) * up[i];
+        } else {
+            gate[i] = g / (1.0f + exp_approx(-g)) * up[i];
+        }
+    }
+}
+
 /* The rest of the layer after attention, for `batch` sequences: x += [norm](Wo a); h = norm(x);
- * gu = Wgu h; m = act(gate) * up; x += [norm](Wd m). x, h: [batch, hidden]; attn: [batch, q_heads *
- * head_dim]; gu: [batch, 2 * inter], each row [gate; up]. GELU-tanh is 0.5 g (1 + tanh(sqrt(2/pi)
- * (g + 0.044715 g^3))), torch's approximate="tanh", with tanh(u) = 1 - 2 / (exp(2u) + 1). */
+ * gu = Wgu h; m = act(gate) * up (activate); x += [norm](Wd m). x, h: [batch, hidden]; attn: [batch,
+ * q_heads * head_dim]; gu: [batch, 2 * inter], each row [gate; up]. */
 void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *attn, const void *Wo,
                          const float *attn_out_norm_w, const float *post_norm_w, const void *Wgu, const void *Wd,
                          const float *mlp_out_norm_w, float *h, float *gu) {
@@ -545,22 +581,8 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
     for (int i = 0; i < batch; i++) rms_norm(x + (long)i * hidden, post_norm_w, eps, h + (long)i * hidden, hidden);
     gemv_batch(d, Wgu, h, gu, 2 * inter, hidden, 0, batch);
     for (int s = 0; s < batch; s++) {
-        float *g_row = gu + (long)s * 2 * inter, *up = g_row + inter;
-        if (d->act == H2K_GELU_TANH) {
-#pragma omp simd
-            for (int i = 0; i < inter; i++) {
-                float g = g_row[i];
-                float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-                float t = 1.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f);
-                g_row[i] = 0.5f * g * (1.0f + t) * up[i];
-            }
-        } else {
-#pragma omp simd
-            for (int i = 0; i < inter; i++) {
-                float g = g_row[i];
-                g_row[i] = g / (1.0f + exp_approx(-g)) * up[i];
-            }
-        }
+        float *g_row = gu + (long)s * 2 * inter;
+        activate(d->act, g_row, g_row + inter, inter);
     }
     /* the activations sit in the first half of each gu row: pack them to [batch, inter] in place */
     for (int s = 1; s < batch; s++) memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import hugepages, kernels
 from .arch import Architecture, ArchitectureUnsupported, architecture_of
 from .cache import H2OCache
 from .config import ConfigError
@@ -225,9 +225,24 @@ def _slot_args(slot: tuple[int, int, int] | None) -> tuple[object, object, int]:
 
 
 def decode_weights(loaded) -> DecodeWeights:
-    """The weights the fast path reads for `loaded.weight_dtype` (config.WEIGHT_DTYPES):
-    auto = the GGUF's blocks when it stores the decode matrices as Q4_1/Q8_0 (exact, fewest bytes),
-    else the model's own float type for the layers, with the lm_head as stored if that is exact."""
+    """The weights the fast path reads for `loaded.weight_dtype` (config.WEIGHT_DTYPES), packed into one
+    buffer of huge pages (hugepages.py: a decode step streams all of them); the description says how
+    much of it the kernel actually backed with huge pages."""
+    weights = _chosen_weights(loaded)
+    layers = len(weights.qkv)
+    matrices = [*weights.qkv, *weights.o, *weights.gate_up, *weights.down, weights.head]
+    packed = [Matrix(data, m.code) for data, m in zip(hugepages.pack([m.data for m in matrices]), matrices)]
+    huge = hugepages.huge_bytes([m.data for m in packed])
+    per_kind = [packed[i * layers:(i + 1) * layers] for i in range(4)]
+    total = sum(m.nbytes for m in packed)
+    return DecodeWeights(*per_kind, packed[-1], f"{weights.description}; {min(huge, total) / 2**20:.0f} of "
+                                                f"{total / 2**20:.0f} MB in huge pages")
+
+
+def _chosen_weights(loaded) -> DecodeWeights:
+    """The weights for `loaded.weight_dtype`: auto = the GGUF's blocks when it stores the decode matrices
+    as Q4_1/Q8_0 (exact, fewest bytes), else the model's own float type for the layers, with the lm_head
+    as stored if that is exact."""
     mode, model = loaded.weight_dtype, loaded.model
     if mode in _FLOAT_DTYPES:
         return _float_weights(model, _FLOAT_DTYPES[mode], f"{mode} copies of the model's weights")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import hugepages
 from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
 from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights
@@ -38,6 +39,7 @@ class KVBuffer:
     the kept tokens to the front in place. Capacity grows by doubling, so appends are amortised O(1)."""
 
     HEADROOM = 256  # free slots added on (re)allocation
+    HUGE_FROM = 1 << 20  # K and V bytes from which the pair goes into huge pages
 
     def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor, dtype: torch.dtype):
         self.length = 0
@@ -56,13 +58,26 @@ class KVBuffer:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        capacity = max(needed + self.HEADROOM, 2 * self.capacity)
-        k = self.k.new_empty((*self.k.shape[:2], capacity, self.k.shape[-1]))
-        v = self.v.new_empty((*self.v.shape[:2], capacity, self.v.shape[-1]))
+        k, v = self._allocate(max(needed + self.HEADROOM, 2 * self.capacity))
         k[:, :, :self.length] = self.k[:, :, :self.length]
         v[:, :, :self.length] = self.v[:, :, :self.length]
         self.k, self.v = k, v
         self._addresses = None
+
+    def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty K and V buffers for at least `capacity` tokens. From HUGE_FROM bytes (the pair) on they
+        share one buffer of huge pages (hugepages.py: a decode step streams all of them), its size a
+        whole number of huge pages and the capacity grown to fill it (by less than the buffer's size);
+        smaller ones are torch's memory."""
+        batch, heads, dim = self.k.shape[0], self.k.shape[1], self.k.shape[-1]
+        per_token = batch * self.bytes_per_token
+        if capacity * per_token < self.HUGE_FROM or not hugepages.available():
+            return (self.k.new_empty((batch, heads, capacity, dim)), self.v.new_empty((batch, heads, capacity, dim)))
+        capacity = -(-capacity * per_token // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE // per_token
+        half = capacity * per_token // 2
+        pair = hugepages.empty_bytes(2 * half)
+        return tuple(pair[i * half:(i + 1) * half].view(self.k.dtype).view(batch, heads, capacity, dim)
+                     for i in (0, 1))
 
     def layout(self) -> tuple[int, int, int, int]:
         """(K address, V address of slot 0, head stride in elements, tokens held), with room for one more

@@ -37,7 +37,7 @@ import torch
 from decode_overhead import plain_generate_decode_tps  # this folder: the same baseline measurement
 
 from h2okit.clikit import setup_logging
-from h2okit import kernels
+from h2okit import hugepages, kernels
 from h2okit.config import load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.fastpath import FastDecoder
@@ -59,11 +59,11 @@ _PROBE: torch.Tensor | None = None
 
 
 def read_bandwidth(reps: int = 3) -> tuple[float, float]:
-    """(kernel, torch) median GB/s of summing 1 GiB of float32."""
+    """(kernel, torch) median GB/s of summing 1 GiB of float32 held in huge pages."""
     global _PROBE
     lib = kernels.load()
-    if _PROBE is None:
-        _PROBE = torch.ones(1 << 28)
+    if _PROBE is None:  # in huge pages, as the fast path's weights and K/V are (hugepages.py)
+        _PROBE = hugepages.empty_bytes(1 << 30).view(torch.float32).fill_(1.0)
     data = _PROBE
     kernel, torch_sum = [], []
     for _ in range(reps):

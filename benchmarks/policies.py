@@ -93,6 +93,17 @@ VARIANTS = {
     "mean_head": {"kv_h2o_policy": "mean", "kv_h2o_per_head": True, **SMALL_FLOORS},
     "window": {"kv_h2o_policy": "window", **SMALL_FLOORS},
     "window_head": {"kv_h2o_policy": "window", "kv_h2o_per_head": True, **SMALL_FLOORS},
+    "h2o_vnorm_pyramid": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_layer_budget_slope": 0.5,
+                          **SMALL_FLOORS},
+    "h2o_vnorm_inv_pyramid": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_layer_budget_slope": -0.5,
+                              **SMALL_FLOORS},
+    "h2o_vnorm_l1": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_layer_start": 1, **SMALL_FLOORS},
+    "h2o_vnorm_sink16": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_sink_tokens": 16},
+    "h2o_vnorm_sink8": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_sink_tokens": 8},
+    "h2o_vnorm_sink32": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, **SMALL_FLOORS, "kv_h2o_sink_tokens": 32},
+    "h2o_vnorm_prefill_sink16": {"kv_h2o_policy": "h2o", "kv_h2o_value_norm": True, "kv_h2o_score_prefill": True,
+                                 **SMALL_FLOORS, "kv_h2o_sink_tokens": 16},
+    "streaming_sink16": {"kv_h2o_policy": "streaming", **SMALL_FLOORS, "kv_h2o_sink_tokens": 16},
 }
 DEFAULT_VARIANTS = "streaming,random,h2o_seed_floors,h2o,tova,h2o_vnorm"
 

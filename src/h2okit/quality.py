@@ -210,10 +210,8 @@ class QualityEvaluator:
         plan = window_plan({name: len(ids) for name, ids in self._tokens.items()}, span, self.settings.windows)
         return [self._tokens[name][start:start + span].tolist() for name, start in plan]
 
-    def perplexity(self, p: int) -> dict[str, list[float]]:
-        """Per window: ppl under eviction and with the full cache over the steady targets, the increase
-        in %, and the attended fraction over the steps that predicted them."""
-        out: dict[str, list[float]] = {"ppl": [], "ppl_full": [], "ppl_delta_pct": [], "attended_fraction": []}
+    def streams(self, p: int) -> list[tuple[np.ndarray, StreamResult]]:
+        """Per window: the full cache's NLL of each target, and the engine's teacher-forced run."""
         windows = self.windows(p)
         pairs = [(ids[:p], ids[p:]) for ids in windows]
         # the full-cache numbers: stored per machine; the missing ones are computed together
@@ -226,9 +224,17 @@ class QualityEvaluator:
         kv = self.engine.kv
         evicting = [i for i, ids in enumerate(windows) if kv.evicting and kv.h2o_trigger_min_tokens <= len(ids)]
         runs = dict(zip(evicting, stream_nll_many(self.engine, [pairs[i] for i in evicting])))
+        out = []
         for i in range(len(windows)):
             ref = np.asarray(refs[i])
-            run = runs.get(i) or StreamResult(ref, np.ones(len(ref)), len(ref))
+            out.append((ref, runs.get(i) or StreamResult(ref, np.ones(len(ref)), len(ref))))
+        return out
+
+    def perplexity(self, p: int) -> dict[str, list[float]]:
+        """Per window: ppl under eviction and with the full cache over the steady targets, the increase
+        in %, and the attended fraction over the steps that predicted them."""
+        out: dict[str, list[float]] = {"ppl": [], "ppl_full": [], "ppl_delta_pct": [], "attended_fraction": []}
+        for ref, run in self.streams(p):
             ppl, ppl_full = perplexity(run.steady(run.nll)), perplexity(run.steady(ref))
             out["ppl"].append(ppl)
             out["ppl_full"].append(ppl_full)

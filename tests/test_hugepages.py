@@ -63,17 +63,22 @@ def test_huge_bytes_counts_each_mapping_holding_a_tensor_once(tmp_path):
     assert hugepages.huge_bytes([_At(first)], tmp_path / "missing") == 0
 
 
+def _rounding(buffer: KVBuffer) -> float:
+    pair = buffer.capacity * buffer.bytes_per_token
+    return (-(-pair // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE - pair) / pair
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_buffer_keeps_its_tokens_across_growth_into_huge_pages(dtype):
     torch.manual_seed(0)
     buffer = KVBuffer(torch.zeros(1, 3, 0, 64), torch.zeros(1, 3, 0, 64), dtype)
-    keys, values = torch.randn(1, 3, 1500, 64), torch.randn(1, 3, 1500, 64)
-    for start in range(0, 1500, 100):  # small appends: torch memory first, then huge-page pairs
-        buffer.append(keys[:, :, start:start + 100], values[:, :, start:start + 100])
+    keys, values = torch.randn(1, 3, 10600, 64), torch.randn(1, 3, 10600, 64)
+    ends = [*range(100, 1600, 100), 10600]  # small appends in torch memory, then one that fits huge pages
+    for start, end in zip([0, *ends], ends):
+        buffer.append(keys[:, :, start:end], values[:, :, start:end])
         k, v = buffer.views()
-        assert torch.equal(k, keys[:, :, :start + 100].to(dtype)) and torch.equal(v, values[:, :, :start + 100].to(dtype))
+        assert torch.equal(k, keys[:, :, :end].to(dtype)) and torch.equal(v, values[:, :, :end].to(dtype))
     pair = buffer.capacity * buffer.bytes_per_token
-    assert pair >= KVBuffer.HUGE_FROM
     if hugepages.available():  # the pair fills whole huge pages (to within a token), K first, V right after it
         pages = -(-pair // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
         assert pages - pair < buffer.bytes_per_token and buffer.k.data_ptr() % hugepages.HUGE_PAGE == 0
@@ -81,8 +86,9 @@ def test_kv_buffer_keeps_its_tokens_across_growth_into_huge_pages(dtype):
     assert buffer.allocated_bytes == pair
 
 
-def test_small_kv_buffers_stay_in_torch_memory():
+@pytest.mark.parametrize("tokens", [10, 600])
+def test_kv_buffers_that_huge_pages_would_inflate_stay_in_torch_memory(tokens):
     buffer = KVBuffer(torch.zeros(1, 3, 0, 64), torch.zeros(1, 3, 0, 64), torch.float32)
-    buffer.append(torch.randn(1, 3, 10, 64), torch.randn(1, 3, 10, 64))
-    assert buffer.capacity == 10 + KVBuffer.HEADROOM  # not rounded up to a huge page
-    assert buffer.capacity * buffer.bytes_per_token < KVBuffer.HUGE_FROM
+    buffer.append(torch.randn(1, 3, tokens, 64), torch.randn(1, 3, tokens, 64))
+    assert buffer.capacity == tokens + KVBuffer.HEADROOM  # not rounded up to a huge page
+    assert _rounding(buffer) > KVBuffer.HUGE_MAX_ROUNDING

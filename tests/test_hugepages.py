@@ -7,6 +7,7 @@ import torch
 
 from h2okit import hugepages
 from h2okit.cache import KVBuffer
+from h2okit.config import ConfigError
 
 needs_madvise = pytest.mark.skipif(not hugepages.available(), reason="no MADV_HUGEPAGE on this platform")
 
@@ -92,3 +93,14 @@ def test_kv_buffers_that_huge_pages_would_inflate_stay_in_torch_memory(tokens):
     buffer.append(torch.randn(1, 3, tokens, 64), torch.randn(1, 3, tokens, 64))
     assert buffer.capacity == tokens + KVBuffer.HEADROOM  # not rounded up to a huge page
     assert _rounding(buffer) > KVBuffer.HUGE_MAX_ROUNDING
+
+
+def test_the_environment_turns_huge_pages_off_and_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("H2OKIT_HUGE_PAGES", "0")
+    assert not hugepages.available()
+    buffer = KVBuffer(torch.zeros(1, 3, 0, 64), torch.zeros(1, 3, 0, 64), torch.float32)
+    buffer.append(torch.randn(1, 3, 10600, 64), torch.randn(1, 3, 10600, 64))  # would fit huge pages
+    assert buffer.capacity == 10600 + KVBuffer.HEADROOM
+    monkeypatch.setenv("H2OKIT_HUGE_PAGES", "yes")
+    with pytest.raises(ConfigError, match="H2OKIT_HUGE_PAGES='yes' is not allowed; allowed: 0"):
+        hugepages.available()

@@ -11,21 +11,29 @@ aligned 2 MB range of it is touched; torch's allocator never asks. So the buffer
 (MAP_PRIVATE, an extra 2 MB to align the start), advised, and handed to torch with `torch.frombuffer`,
 which keeps the mapping alive as long as a tensor uses it. Where the platform has no MADV_HUGEPAGE the
 buffers are ordinary torch memory, and `huge_bytes` reports 0: what a buffer got is measured, not assumed.
+`H2OKIT_HUGE_PAGES=0` in the environment turns them off (to compare, or where THP's memory use is unwelcome).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError
 
 HUGE_PAGE = 2 << 20
 ALIGN = 4096  # each packed tensor starts on its own 4 KB page
 
 
 def available() -> bool:
-    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
+    """Can buffers ask for huge pages: the platform allows it and H2OKIT_HUGE_PAGES is not 0."""
+    value = os.environ.get("H2OKIT_HUGE_PAGES", "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"H2OKIT_HUGE_PAGES={value!r} is not allowed; allowed: 0 (off) or 1 (on, the default)")
+    return value == "1" and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
 
 
 def empty_bytes(nbytes: int) -> torch.Tensor:

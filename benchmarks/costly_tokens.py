@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 import torch
-from policies import VARIANTS, base_config, calibrated_keep  # this folder: the same protocol and variants
+from policies import VARIANTS, base_config, calibrated_keep, variant_names  # this folder: the same protocol
 
 from h2okit.clikit import setup_logging
 from h2okit.config import parse_config
@@ -38,11 +38,8 @@ def main() -> int:
     ap.add_argument("--attended", type=float, default=1 / 3, help="the matched attended fraction")
     ap.add_argument("--policies", default="streaming,random,h2o_vnorm", help=f"comma list from: {', '.join(VARIANTS)}")
     args = ap.parse_args()
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        print(f"costly_tokens.py: error: unknown or no variant(s) {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}",
-              file=sys.stderr)
+    names = variant_names(args.policies, "costly_tokens.py")
+    if names is None:
         return 2
     if args.top < 1:
         print(f"costly_tokens.py: error: --top {args.top}; allowed: 1 or more", file=sys.stderr)

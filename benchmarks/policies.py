@@ -155,6 +155,17 @@ def calibrated_keep(overrides: dict, prompt: int, tokens: int, target: float) ->
     return keep, (full + (LAYERS - full) * evicting) / LAYERS
 
 
+def variant_names(text: str, program: str) -> list[str] | None:
+    """The variants named in a comma list, or None after one error line when any is unknown or none is named."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        wrong = f"unknown variant(s) {', '.join(unknown)}" if unknown else "no variant named"
+        print(f"{program}: error: --policies: {wrong}; allowed: {', '.join(VARIANTS)}", file=sys.stderr)
+        return None
+    return names
+
+
 def main() -> int:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,11 +177,8 @@ def main() -> int:
     ap.add_argument("--decode-path", default="auto", choices=("auto", "fast", "reference"))
     ap.add_argument("--json", type=Path, default=None, help="write the results here (merged with its content)")
     args = ap.parse_args()
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        print(f"policies.py: error: unknown variant(s) {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}",
-              file=sys.stderr)
+    names = variant_names(args.policies, "policies.py")
+    if names is None:
         return 2
     for needed in ("streaming", "random"):
         if needed not in names:

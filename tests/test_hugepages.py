@@ -64,9 +64,14 @@ def test_huge_bytes_counts_each_mapping_holding_a_tensor_once(tmp_path):
     assert hugepages.huge_bytes([_At(first)], tmp_path / "missing") == 0
 
 
+def test_whole_pages_rounds_up_to_huge_pages():
+    page = hugepages.HUGE_PAGE
+    assert [hugepages.whole_pages(n) for n in (0, 1, page, page + 1)] == [0, page, page, 2 * page]
+
+
 def _rounding(buffer: KVBuffer) -> float:
     pair = buffer.capacity * buffer.bytes_per_token
-    return (-(-pair // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE - pair) / pair
+    return (hugepages.whole_pages(pair) - pair) / pair
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -81,8 +86,7 @@ def test_kv_buffer_keeps_its_tokens_across_growth_into_huge_pages(dtype):
         assert torch.equal(k, keys[:, :, :end].to(dtype)) and torch.equal(v, values[:, :, :end].to(dtype))
     pair = buffer.capacity * buffer.bytes_per_token
     if hugepages.available():  # the pair fills whole huge pages (to within a token), K first, V right after it
-        pages = -(-pair // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
-        assert pages - pair < buffer.bytes_per_token and buffer.k.data_ptr() % hugepages.HUGE_PAGE == 0
+        assert hugepages.whole_pages(pair) - pair < buffer.bytes_per_token and buffer.k.data_ptr() % hugepages.HUGE_PAGE == 0
         assert buffer.v.data_ptr() == buffer.k.data_ptr() + pair // 2
     assert buffer.allocated_bytes == pair
 

@@ -74,7 +74,7 @@ class KVBuffer:
         to fill it; otherwise they are torch's memory."""
         batch, heads, dim = self.k.shape[0], self.k.shape[1], self.k.shape[-1]
         per_token = batch * self.bytes_per_token
-        pages = -(-capacity * per_token // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
+        pages = hugepages.whole_pages(capacity * per_token)
         if pages > (1 + self.HUGE_MAX_ROUNDING) * capacity * per_token or not hugepages.available():
             return (self.k.new_empty((batch, heads, capacity, dim)), self.v.new_empty((batch, heads, capacity, dim)))
         capacity = pages // per_token

@@ -36,6 +36,11 @@ def available() -> bool:
     return value == "1" and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
 
 
+def whole_pages(nbytes: int) -> int:
+    """`nbytes` rounded up to whole huge pages."""
+    return -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+
+
 def empty_bytes(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 tensor of `nbytes`, starting on a 2 MB boundary of a mapping advised to use
     huge pages (ordinary torch memory where huge pages cannot be asked for)."""

@@ -9,10 +9,37 @@ from hypothesis import given, settings, strategies as st
 
 from h2okit import kernels
 from h2okit.attention import attention_with_mass
+from h2okit.cpu import cpu_flags
 from h2okit.policy import LayerPolicy, PlanParams
 
-lib = kernels.load()
 P = kernels.ptr
+
+
+def _builds() -> list[str]:
+    """The native build, then each narrower one this CPU can run (x86): every vector width's kernels are
+    checked wherever they can run, not only the widest the CPU has."""
+    builds = ["native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = cpu_flags()
+        if "avx512f" in flags and {"avx2", "fma", "f16c"} <= flags:
+            builds.append("avx2")
+        if flags & {"avx2", "avx512f"}:
+            builds.append("portable")
+    return builds
+
+
+@pytest.fixture(scope="module", params=_builds())
+def lib(request):
+    return kernels.load() if request.param == "native" else kernels.load_narrower(request.param)
+
+
+def test_each_build_has_the_vector_width_its_flags_allow(lib):
+    flags = cpu_flags()
+    native = 16 if "avx512f" in flags else 8 if {"avx2", "fma", "f16c"} <= flags else 1
+    assert kernels.load().h2k_vector_lanes() == native
+    assert lib.h2k_vector_lanes() in {native, 8, 1}
+    if lib is not kernels.load():
+        assert lib.h2k_vector_lanes() < native
 
 
 def dims(hidden=0, q_heads=1, kv_heads=1, head_dim=1, inter=0, wtype=kernels.F32, eps=1e-5, scale=1.0,
@@ -32,7 +59,7 @@ def rotate(v, cos, sin):  # HF Llama: v * cos + rotate_half(v) * sin
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)])
-def test_norm_gemv_with_rope_matches_torch(dtype, code):
+def test_norm_gemv_with_rope_matches_torch(lib, dtype, code):
     torch.manual_seed(0)
     rows, cols, head_dim, rope_heads = 96, 80, 16, 4
     x, norm_w = torch.randn(cols), torch.rand(cols) + 0.5
@@ -48,7 +75,7 @@ def test_norm_gemv_with_rope_matches_torch(dtype, code):
 
 
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)])
-def test_mlp_block_matches_torch(dtype, code):
+def test_mlp_block_matches_torch(lib, dtype, code):
     torch.manual_seed(1)
     hidden, attn_dim, inter = 48, 64, 120  # the activation: 7 vectors of 16 and a scalar tail of 8
     x, a = torch.randn(hidden), torch.randn(attn_dim)
@@ -64,7 +91,7 @@ def test_mlp_block_matches_torch(dtype, code):
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_mlp_block_gemma_variant_matches_torch():
+def test_mlp_block_gemma_variant_matches_torch(lib):
     """Gemma 3's layer tail: norms on the attention and MLP outputs, GELU-tanh (torch's approximate="tanh")."""
     torch.manual_seed(2)
     hidden, attn_dim, inter = 48, 64, 120  # the activation: 7 vectors of 16 and a scalar tail of 8
@@ -84,7 +111,7 @@ def test_mlp_block_gemma_variant_matches_torch():
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "gemma3-qk-norm"])
-def test_attention_input_matches_torch(qk_norm):
+def test_attention_input_matches_torch(lib, qk_norm):
     """qkv = W rmsnorm(x); [per-head RMSNorm of q and k]; RoPE on q and k; k and v written to the slots."""
     torch.manual_seed(4)
     hidden, q_heads, kv_heads, head_dim = 40, 4, 2, 16
@@ -113,7 +140,7 @@ def test_attention_input_matches_torch(qk_norm):
     assert not k_cache[:, 0].any() and not k_cache[:, 2].any()
 
 
-def attend(q, keys, values, scaling, threads=2, block=1, parts=None):
+def attend(lib, q, keys, values, scaling, threads=2, block=1, parts=None):
     """Run h2k_attend on [1, kv_heads, T, D] K/V (any layout with contiguous rows) on `threads` threads,
     the tokens in `parts` ranges (default: one per thread); (out, mass [Hkv, ceil(T / block)])."""
     parts = parts or threads
@@ -138,14 +165,14 @@ def block_sums(mass, block):
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (9, 3, 32), (8, 1, 64)],
                          ids=["smollm2", "generic-head-dim", "generic-group"])  # the last two: not the AVX-512 path
-def test_attend_matches_attention_with_mass(kv_dtype, tokens, q_heads, kv_heads, head_dim):
+def test_attend_matches_attention_with_mass(lib, kv_dtype, tokens, q_heads, kv_heads, head_dim):
     torch.manual_seed(tokens)
     q = torch.randn(1, q_heads, 1, head_dim)
     capacity = tokens + 5  # a view into a bigger buffer, as the cache holds it
     k_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
     v_buf = torch.randn(1, kv_heads, capacity, head_dim).to(kv_dtype)
     keys, values = k_buf[:, :, :tokens], v_buf[:, :, :tokens]
-    out, mass = attend(q, keys, values, scaling=0.125)
+    out, mass = attend(lib, q, keys, values, scaling=0.125)
     expected, expected_mass = attention_with_mass(q, keys.float(), values.float(), 0.125)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert mass.shape == (kv_heads, tokens)
@@ -154,39 +181,39 @@ def test_attend_matches_attention_with_mass(kv_dtype, tokens, q_heads, kv_heads,
 
 
 @pytest.mark.parametrize("tokens,block", [(300, 32), (37, 4), (5, 8)])
-def test_attend_sums_the_mass_per_block(tokens, block):
+def test_attend_sums_the_mass_per_block(lib, tokens, block):
     """The kernel's block sums are the per-token mass summed per block (the last block partial)."""
     torch.manual_seed(tokens)
     q, keys, values = torch.randn(1, 9, 1, 64), torch.randn(1, 3, tokens, 64), torch.randn(1, 3, tokens, 64)
-    _, per_token = attend(q, keys, values, 0.125)
-    _, per_block = attend(q, keys, values, 0.125, block=block)
+    _, per_token = attend(lib, q, keys, values, 0.125)
+    _, per_block = attend(lib, q, keys, values, 0.125, block=block)
     torch.testing.assert_close(per_block, block_sums(per_token, block), rtol=1e-5, atol=1e-7)
 
 
-def test_attend_is_the_same_with_one_or_two_threads():
+def test_attend_is_the_same_with_one_or_two_threads(lib):
     torch.manual_seed(3)
     q, keys, values = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 200, 64), torch.randn(1, 3, 200, 64)
-    one, mass_one = attend(q, keys, values, 0.125, threads=1)
-    two, mass_two = attend(q, keys, values, 0.125, threads=2)
+    one, mass_one = attend(lib, q, keys, values, 0.125, threads=1)
+    two, mass_two = attend(lib, q, keys, values, 0.125, threads=2)
     torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
     assert torch.equal(mass_one, mass_two)
 
 
 @pytest.mark.parametrize("head_dim", [64, 32])  # the AVX-512 path and the generic one
-def test_attend_depends_on_its_parts_not_on_its_threads(head_dim):
+def test_attend_depends_on_its_parts_not_on_its_threads(lib, head_dim):
     """One thread doing both parts of the tokens gives exactly what two threads give (the decode step
     may drop to one thread under load, threads.py); a different split is only close."""
     torch.manual_seed(4)
     q, keys, values = torch.randn(1, 9, 1, head_dim), torch.randn(1, 3, 301, head_dim), torch.randn(1, 3, 301, head_dim)
-    one, mass_one = attend(q, keys, values, 0.125, threads=1, parts=2)
-    two, mass_two = attend(q, keys, values, 0.125, threads=2, parts=2)
+    one, mass_one = attend(lib, q, keys, values, 0.125, threads=1, parts=2)
+    two, mass_two = attend(lib, q, keys, values, 0.125, threads=2, parts=2)
     assert torch.equal(one, two) and torch.equal(mass_one, mass_two)
-    three, _ = attend(q, keys, values, 0.125, threads=2, parts=3)
+    three, _ = attend(lib, q, keys, values, 0.125, threads=2, parts=3)
     torch.testing.assert_close(three, two, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy,block,per_head", [("h2o", 16, False), ("tova", 1, True), ("mean", 4, True)])
-def test_same_attention_inputs_give_identical_plans(policy, block, per_head):
+def test_same_attention_inputs_give_identical_plans(lib, policy, block, per_head):
     """The policy sees the kernel's mass instead of torch's; over many steps with evictions,
     its plans must be the same ones (the masses differ only in summation order)."""
     torch.manual_seed(4)
@@ -202,7 +229,7 @@ def test_same_attention_inputs_give_identical_plans(policy, block, per_head):
             index = live[side].expand(3, -1) if live[side].dim() == 1 else live[side]
             k = torch.gather(keys, 2, index[None, :, :, None].expand(1, 3, -1, 64))
             v = torch.gather(values, 2, index[None, :, :, None].expand(1, 3, -1, 64))
-            _, mass = attention_with_mass(q, k, v, 0.125) if side == 0 else attend(q, k, v, 0.125)
+            _, mass = attention_with_mass(q, k, v, 0.125) if side == 0 else attend(lib, q, k, v, 0.125)
             layer_policy.observe_blocks(block_sums(mass, block).double().numpy())
             event = layer_policy.maybe_plan(index.shape[1])
             if event is not None:
@@ -218,7 +245,7 @@ def test_same_attention_inputs_give_identical_plans(policy, block, per_head):
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "window"])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_score_update_in_c_is_the_scorers_numpy_update_bit_for_bit(policy, per_head):
+def test_score_update_in_c_is_the_scorers_numpy_update_bit_for_bit(lib, policy, per_head):
     """h2k_update_scores (the fused step's scoring) on the scorer's own storage gives exactly what
     LayerPolicy.observe_blocks computes in numpy, step after step, as blocks appear."""
     rng = np.random.default_rng(3)
@@ -268,7 +295,7 @@ def test_the_library_is_rebuilt_on_another_kind_of_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16),
                                         (torch.float16, kernels.F16)])
-def test_cache_writes_round_as_torch_does(dtype, code):
+def test_cache_writes_round_as_torch_does(lib, dtype, code):
     """The kernel stores k/v into the cache itself; its rounding must be torch's `.to(dtype)`."""
     rng = np.random.default_rng(7)
     values = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.integers(-8, 6, 4000),
@@ -305,7 +332,7 @@ def random_blocks(type_name, rows, cols, seed):
 
 @pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
 @pytest.mark.parametrize("cols", [32, 576, 1536])
-def test_block_gemv_matches_the_dequantised_weights(type_name, code, cols):
+def test_block_gemv_matches_the_dequantised_weights(lib, type_name, code, cols):
     """Q4_1/Q8_0 rows read as stored give the dot product of the dequantised float32 weights."""
     rows = 70
     m = random_blocks(type_name, rows, cols, seed=cols)
@@ -356,7 +383,7 @@ def test_kernel_layout_puts_every_field_where_the_kernels_read_it(rows, blocks, 
 
 
 @pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
-def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(type_name, code):
+def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, code):
     """9 inputs (passes of 4, 4 and 1 over each group) and 40 rows (two full groups and a short one): every
     input's outputs are those of a GEMV with it alone."""
     rows, cols, batch = 40, 96, 9
@@ -382,7 +409,7 @@ def _weights(kind, rows, cols, seed):
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma3"])
-def test_a_batch_step_is_each_sequence_step(kind, gemma):
+def test_a_batch_step_is_each_sequence_step(lib, kind, gemma):
     """The batched kernels (weights read once for all sequences) give each sequence exactly what the
     one-sequence kernels give it: attention input with its own position and cache slot, the MLP
     block, the final norm + GEMV."""

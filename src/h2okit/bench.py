@@ -186,8 +186,19 @@ def metadata(config_path: str, kv: dict) -> dict:
 
     return {"h2okit": __version__, "git_sha": _git_sha(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_model(),
-            "cores": os.cpu_count(), "kernel_build": kernels.build_id(), "config": str(config_path), "kv": kv,
+            "cores": os.cpu_count(), "kernel_build": kernels.build_id(), "kernel_isa": _kernel_isa(),
+            "config": str(config_path), "kv": kv,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _kernel_isa() -> str | None:
+    """The fast path's vector kernels (AVX-512, AVX2, ...), or None when they cannot be built here."""
+    from . import kernels
+
+    try:
+        return kernels.vector_isa()
+    except kernels.KernelBuildError:
+        return None
 
 
 def _git_sha() -> str | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import H2OCache
+from . import kernels
 from .config import DECODE_PATHS, KVConfig
 from .model import LoadedModel, float32_twin
 from .policy import lossy_ratio
@@ -132,7 +133,8 @@ class Engine:
         if decode_path != "reference":
             try:
                 self.fast = FastDecoder.for_model(loaded)
-                self.decode_path_note = (f"C kernels for decode steps, weights: {self.fast.weights.description}; "
+                self.decode_path_note = (f"C kernels ({kernels.vector_isa()}) for decode steps, "
+                                         f"weights: {self.fast.weights.description}; "
                                          f"prefill by the transformers forward")
             except FastPathUnavailable as exc:
                 if decode_path == "fast":

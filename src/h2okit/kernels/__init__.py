@@ -72,12 +72,17 @@ def cpu_signature() -> str:
     return f"{platform.machine()} {' '.join(sorted(flags)) if flags else platform.processor()}"
 
 
-def library_path(cc: str) -> Path:
+# Narrower builds of the same source for the tests, so that each vector width's kernels are checked on
+# any x86 machine that can run them (-march=native alone checks only the widest the CPU has).
+NARROWER = {"avx2": ("-mno-avx512f",), "portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")}
+
+
+def library_path(cc: str, extra: tuple[str, ...] = ()) -> Path:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise KernelBuildError(f"cannot run C compiler '{cc}': {exc}") from None
-    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(FLAGS + extra).encode()
                             + version.encode() + cpu_signature().encode()).hexdigest()
     return cache_root() / "kernels" / f"llama_decode-{digest[:16]}.so"
 
@@ -90,30 +95,44 @@ def build_id() -> str | None:
         return None
 
 
-def build(cc: str, target: Path) -> None:
+def vector_isa() -> str:
+    """Which vector kernels the build uses, for the decode-path line and result metadata."""
+    return {16: "AVX-512", 8: "AVX2"}.get(load().h2k_vector_lanes(), "portable C, not vectorised by hand")
+
+
+def build(cc: str, target: Path, extra: tuple[str, ...] = ()) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staging)], capture_output=True, text=True)
+    result = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(staging)], capture_output=True, text=True)
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
         raise KernelBuildError(f"compiling {SOURCE.name} failed: {first}")
     staging.replace(target)  # atomic: concurrent builders never see a half-written library
 
 
+def _built(extra: tuple[str, ...]) -> Path:
+    import torch  # noqa: F401  (torch's libgomp first, so ours resolves to it)
+
+    cc = _compiler()
+    path = library_path(cc, extra)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # several llm_bench processes may start at once
+            if not path.is_file():
+                build(cc, path, extra)
+    return path
+
+
 def load():
     """The compiled kernels (built on first use; ~1 s)."""
-    global _loaded
+    global _loaded, loaded_path
     if _loaded is None:
-        import torch  # noqa: F401  (torch's libgomp first, so ours resolves to it)
-
-        cc = _compiler()
-        path = library_path(cc)
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):  # several llm_bench processes may start at once
-                if not path.is_file():
-                    build(cc, path)
+        path = _built(())
         _loaded = ffi.dlopen(str(path))
-        global loaded_path
         loaded_path = path
     return _loaded
+
+
+def load_narrower(name: str):
+    """A build of the kernels limited to a narrower instruction set (NARROWER[name]), for the tests; x86 only."""
+    return ffi.dlopen(str(_built(NARROWER[name])))

@@ -116,5 +116,8 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
 void h2k_update_scores(const float *head_mass, int kv_heads, int blocks, double *scores, int score_rows,
                        long score_stride, double decay, double gain);
 
+/* The lanes of the build's vector kernels: 16 (AVX-512), 8 (AVX2 + FMA + F16C) or 1 (portable C only). */
+int h2k_vector_lanes(void);
+
 /* Read bandwidth probe for benchmarks/roofline.py. */
 float h2k_read_sum(const float *a, long n);

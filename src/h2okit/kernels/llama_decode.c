@@ -19,6 +19,20 @@
 
 #include "h2okit_kernels.h"
 
+/* The vector code comes in two widths, chosen at compile time by what -march=native offers: 16 lanes
+ * (AVX-512) or 8 lanes (AVX2 with FMA and F16C: Zen 1-3, Intel before Ice Lake). Each kernel below
+ * has the two, plus a portable scalar form for other CPUs and shapes. Within one build a value's
+ * arithmetic never depends on the batch, the threads or the split of the work; across the builds
+ * only the summation order differs. */
+#if defined(__AVX512F__)
+#define SIMD16 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SIMD8 1
+#endif
+#if defined(SIMD16) || defined(SIMD8)
+#include <immintrin.h>
+#endif
+
 enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16, Q4_1 = H2K_Q4_1, Q8_0 = H2K_Q8_0 };
 enum { QBLOCK = 32, Q4_1_BYTES = 20, Q8_0_BYTES = 34 }; /* weights per block, bytes per block */
 
@@ -59,8 +73,7 @@ static inline float exp_approx(float x) {
     return p * scale.f;
 }
 
-#ifdef __AVX512F__
-#include <immintrin.h>
+#ifdef SIMD16
 /* exp_approx on 16 lanes (gcc leaves the scalar one unvectorised in the softmax loop). */
 static inline __m512 exp_approx16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
@@ -80,11 +93,46 @@ static inline __m512 exp_approx16(__m512 x) {
 }
 #endif
 
+#ifdef SIMD8
+/* exp_approx on 8 lanes, the same steps as exp_approx16. */
+static inline __m256 exp_approx8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The sum of a vector's 8 lanes, by a fixed tree. */
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The 8 lane sums of a[0..7] as one vector (lane r: the sum of a[r]); each row's sum takes the same
+ * path whatever the other rows hold. */
+static inline __m256 sum_rows8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* per 128-bit half: rows' partial sums */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 /* p[t] = exp(p[t] - m) for t < n; returns the sum. */
 static float exp_shifted(float *p, int n, float m) {
     float s = 0.0f;
     int t = 0;
-#ifdef __AVX512F__
+#ifdef SIMD16
     __m512 acc = _mm512_setzero_ps(), shift = _mm512_set1_ps(m);
     for (; t + 16 <= n; t += 16) {
         __m512 e = exp_approx16(_mm512_sub_ps(_mm512_loadu_ps(p + t), shift));
@@ -92,6 +140,14 @@ static float exp_shifted(float *p, int n, float m) {
         acc = _mm512_add_ps(acc, e);
     }
     s = _mm512_reduce_add_ps(acc);
+#elif defined(SIMD8)
+    __m256 acc = _mm256_setzero_ps(), shift = _mm256_set1_ps(m);
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp_approx8(_mm256_sub_ps(_mm256_loadu_ps(p + t), shift));
+        _mm256_storeu_ps(p + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    s = sum8(acc);
 #endif
     for (; t < n; t++) {
         p[t] = exp_approx(p[t] - m);
@@ -117,7 +173,7 @@ enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384 };
 static inline __attribute__((always_inline)) void dot_float_multi(const void *w, long row_stride, int rows, int bf16,
                                                                    const float *x, long xstride, int m, int n,
                                                                    float *out) {
-#ifdef __AVX512F__
+#ifdef SIMD16
     if (n % 16 == 0) {
         __m512 acc[FROWS][MULTI];
         for (int r = 0; r < FROWS; r++)
@@ -154,6 +210,45 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
             for (int j = 0; j < m; j++) out[r * MULTI + j] = _mm512_reduce_add_ps(acc[r][j]);
         return;
     }
+#elif defined(SIMD8)
+    /* 16 registers: the inputs in passes of 4 (FROWS x 4 accumulators), the rows' bytes from cache after
+       the first pass */
+    if (n % 8 == 0) {
+        for (int j0 = 0; j0 < m; j0 += 4) {
+            __m256 acc[FROWS][4];
+            for (int r = 0; r < FROWS; r++)
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();
+            for (int c = 0; c < n; c += 8) {
+                __m256 wv[FROWS];
+                for (int r = 0; r < FROWS; r++) {
+                    wv[r] = _mm256_setzero_ps();
+                    if (r < rows) {
+                        const float *wf = (const float *)w + r * row_stride;
+                        const uint16_t *wh = (const uint16_t *)w + r * row_stride;
+                        const char *at = bf16 ? (const char *)(wh + c) : (const char *)(wf + c);
+                        if (j0 == 0 && (bf16 ? c % 32 == 0 : c % 16 == 0)) { /* once per cache line */
+                            _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
+                            _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
+                        }
+                        wv[r] = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                           _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wh + c))), 16))
+                                     : _mm256_loadu_ps(wf + c);
+                    }
+                }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    if (j0 + j < m) {
+                        __m256 xv = _mm256_loadu_ps(x + (j0 + j) * xstride + c);
+                        for (int r = 0; r < FROWS; r++)
+                            if (r < rows) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j0 + j < m && j < 4; j++) out[r * MULTI + j0 + j] = sum8(acc[r][j]);
+        }
+        return;
+    }
 #endif
     for (int r = 0; r < rows; r++) {
         const float *wf = (const float *)w + r * row_stride;
@@ -178,11 +273,21 @@ static inline float dot_f32(const float *w, const float *x, int n) {
 /* The short dots of attention (one K row against one query head). `omp simd` sums the 16 lanes
  * one by one (16 dependent adds), which made these latency-bound; AVX-512 sums them as a tree. */
 static inline float dot_short(const float *a, const float *b, int n) {
-#ifdef __AVX512F__
+#ifdef SIMD16
     if (n % 16 == 0) {
         __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
         for (int c = 16; c < n; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
         return _mm512_reduce_add_ps(acc);
+    }
+#elif defined(SIMD8)
+    if (n % 16 == 0) { /* two chains, so the FMAs' latency overlaps */
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(a + 8), _mm256_loadu_ps(b + 8));
+        for (int c = 16; c < n; c += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), a1);
+        }
+        return sum8(_mm256_add_ps(a0, a1));
     }
 #endif
     return dot_f32(a, b, n);
@@ -214,7 +319,7 @@ enum { QGROUP = H2K_QGROUP, QMULTI = 4 };
 static inline int scale_bytes(int wtype) { return wtype == Q4_1 ? 4 : 2; } /* per block and row: d (and m) */
 static inline int quant_bytes(int wtype) { return wtype == Q4_1 ? 16 : 32; }
 
-#ifdef __AVX512F__
+#if defined(SIMD16) || defined(SIMD8)
 /* Each of the next `lines` cache lines at p, PREFETCH ahead into L1 and PREFETCH_L2 ahead into L2. Always
  * inlined: gcc deems a function that only prefetches free of effects and deletes calls to it. */
 static inline __attribute__((always_inline)) void prefetch_lines(const uint8_t *p, int lines) {
@@ -223,6 +328,9 @@ static inline __attribute__((always_inline)) void prefetch_lines(const uint8_t *
         _mm_prefetch((const char *)(p + 64 * l + PREFETCH_L2), _MM_HINT_T1);
     }
 }
+#endif
+
+#ifdef SIMD16
 
 /* One row's block (its quants at q) as two float vectors: weights 0..15 and 16..31 (before d and m).
  * Q4_1's nibbles become floats by a table lookup (vpermps reads the low 4 bits of each lane). */
@@ -323,14 +431,114 @@ static inline __attribute__((always_inline)) void dot_group16(int wtype, const u
 }
 #endif
 
+#ifdef SIMD8
+/* One row's block (its quants at q) as four float vectors: weights 0..7, 8..15, 16..23, 24..31 (Q4_1:
+ * the low nibbles of bytes 0..15, then their high nibbles). */
+static inline __attribute__((always_inline)) void unpack_block8(int wtype, const uint8_t *q, __m256 w[4]) {
+    if (wtype == Q4_1) {
+        const __m256i low4 = _mm256_set1_epi32(0x0F);
+        for (int h = 0; h < 2; h++) {
+            __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * h)));
+            w[h] = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low4));
+            w[2 + h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+        }
+    } else {
+        for (int k = 0; k < 4; k++)
+            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
+    }
+}
+
+/* q_b . x_b of one unpacked block, in one fixed order. */
+static inline __attribute__((always_inline)) __m256 block_dot8(const __m256 w[4], const float *xb) {
+    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), s);
+    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), s);
+    return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), s);
+}
+
+/* dot_group16 on 8 lanes (16 registers): a full group against m <= QMULTI inputs, out[j * QGROUP + r],
+ * each (row, input) accumulated alone in the same order for any m, so a batch gives each sequence
+ * what it gets alone, bit for bit. One input: 8 rows per pass over the group's blocks; several: 2 rows
+ * per pass, each block unpacked once for all inputs. Passes after the first read the group from cache. */
+static inline __attribute__((always_inline)) void dot_group16_8(int wtype, const uint8_t *grp, int nb, const float *x,
+                                                                 long xstride, const float *xsum, int m, float *out) {
+    const uint16_t *d16 = (const uint16_t *)grp;
+    const uint8_t *quants = grp + (long)nb * QGROUP * scale_bytes(wtype);
+    const int qbytes = quant_bytes(wtype), lines = QGROUP * qbytes / 64;
+    float scales[nb * QGROUP] __attribute__((aligned(32)));
+    __m256 tails[QMULTI][2];
+    for (int j = 0; j < QMULTI; j++) tails[j][0] = tails[j][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        for (int h = 0; h < 2; h++) {
+            _mm256_store_ps(scales + b * QGROUP + 8 * h,
+                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + b * QGROUP + 8 * h))));
+            if (wtype == Q4_1) { /* the minima's term for 8 rows at once: sum_b m_b xsum_b */
+                __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + (nb + b) * QGROUP + 8 * h)));
+                for (int j = 0; j < m; j++)
+                    tails[j][h] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xsum[j * nb + b]), tails[j][h]);
+            }
+        }
+    }
+    __m256 acc[QMULTI][QGROUP];
+    if (m == 1) {
+        for (int r0 = 0; r0 < QGROUP; r0 += 8) {
+            __m256 part[8];
+            for (int r = 0; r < 8; r++) part[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+                if (r0 == 0) prefetch_lines(column, lines);
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    __m256 w[4];
+                    unpack_block8(wtype, column + (r0 + r) * qbytes, w);
+                    part[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[b * QGROUP + r0 + r]), block_dot8(w, x + b * QBLOCK),
+                                              part[r]);
+                }
+            }
+            for (int r = 0; r < 8; r++) acc[0][r0 + r] = part[r];
+        }
+    } else {
+        for (int r0 = 0; r0 < QGROUP; r0 += 2) {
+            __m256 part[2][QMULTI];
+            for (int r = 0; r < 2; r++)
+                for (int j = 0; j < QMULTI; j++) part[r][j] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+                if (r0 == 0) prefetch_lines(column, lines);
+                for (int r = 0; r < 2; r++) {
+                    __m256 w[4];
+                    unpack_block8(wtype, column + (r0 + r) * qbytes, w);
+                    __m256 scale = _mm256_set1_ps(scales[b * QGROUP + r0 + r]);
+#pragma GCC unroll 4
+                    for (int j = 0; j < QMULTI; j++)
+                        if (j < m)
+                            part[r][j] = _mm256_fmadd_ps(scale, block_dot8(w, x + j * xstride + b * QBLOCK), part[r][j]);
+                }
+            }
+            for (int r = 0; r < 2; r++)
+                for (int j = 0; j < m; j++) acc[j][r0 + r] = part[r][j];
+        }
+    }
+    for (int j = 0; j < m; j++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(out + j * QGROUP + 8 * h, _mm256_add_ps(sum_rows8(acc[j] + 8 * h), tails[j][h]));
+}
+#endif
+
 /* A group of n rows (the layout above) against m <= QMULTI inputs x_j = x + j * xstride (xsum_j =
  * xsum + j * nb: Q4_1's block sums of x_j): out[j * QGROUP + r]. */
 static void dot_group(int wtype, const uint8_t *grp, int n, int nb, const float *x, long xstride, const float *xsum,
                       int m, float *out) {
-#ifdef __AVX512F__
+#ifdef SIMD16
     if (n == QGROUP) {
         if (wtype == Q4_1) dot_group16(Q4_1, grp, nb, x, xstride, xsum, m, out);
         else dot_group16(Q8_0, grp, nb, x, xstride, xsum, m, out);
+        return;
+    }
+#elif defined(SIMD8)
+    if (n == QGROUP) {
+        if (wtype == Q4_1) dot_group16_8(Q4_1, grp, nb, x, xstride, xsum, m, out);
+        else dot_group16_8(Q8_0, grp, nb, x, xstride, xsum, m, out);
         return;
     }
 #endif
@@ -534,11 +742,11 @@ static void gemv_normed_add(const h2k_dims *d, const void *W, const float *v, co
 
 /* gate[i] = act(gate[i]) * up[i] for i < n. GELU-tanh is 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))),
  * torch's approximate="tanh", with tanh(u) = 1 - 2 / (exp(2u) + 1); SiLU is g / (1 + exp(-g)). Sixteen
- * lanes at a time where AVX-512 is there (gcc leaves the scalar loop unvectorised: at batch 8 it cost
+ * (AVX-512) or eight (AVX2) lanes at a time (gcc leaves the scalar loop unvectorised: at batch 8 it cost
  * 1.3 ms a step), the scalar form for the rest; either way a value depends on its position only. */
 static void activate(int act, float *restrict gate, const float *restrict up, int n) {
     int i = 0;
-#ifdef __AVX512F__
+#ifdef SIMD16
     const __m512 one = _mm512_set1_ps(1.0f);
     for (; i + 16 <= n; i += 16) {
         __m512 g = _mm512_loadu_ps(gate + i), out;
@@ -555,6 +763,24 @@ static void activate(int act, float *restrict gate, const float *restrict up, in
             out = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i));
         }
         _mm512_storeu_ps(gate + i, out);
+    }
+#elif defined(SIMD8)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i), out;
+        if (act == H2K_GELU_TANH) {
+            __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+            __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                     _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), g3, g));
+            __m256 e = exp_approx8(_mm256_add_ps(u, u));
+            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+            out = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t)),
+                                _mm256_loadu_ps(up + i));
+        } else {
+            __m256 e = exp_approx8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            out = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i));
+        }
+        _mm256_storeu_ps(gate + i, out);
     }
 #endif
     for (; i < n; i++) {
@@ -610,7 +836,7 @@ static inline const float *kv_row(const void *kv, int kvtype, long base, int hea
     return tmp;
 }
 
-#ifdef __AVX512F__
+#ifdef SIMD16
 /* Head_dim 64 and groups of up to 4 query heads per KV head: K/V rows are widened straight into
  * registers (no float copy for bf16/fp16 rows) and each row is loaded once for the whole group. */
 static inline void load_row64(const void *kv, int kvtype, long base, __m512 r[4]) {
@@ -689,6 +915,81 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
 }
 #endif
 
+#ifdef SIMD8
+/* The row at `base` as 8 vectors (load_row64 on 8 lanes), prefetching ahead when `ahead`. */
+static inline __attribute__((always_inline)) void load_row64_8(const void *kv, int kvtype, long base, int ahead,
+                                                                __m256 r[8]) {
+    const char *row = (const char *)kv + base * (kvtype == F32 ? 4 : 2);
+    for (int line = 0; ahead && line < (kvtype == F32 ? 4 : 2); line++) {
+        _mm_prefetch(row + PREFETCH + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(row + PREFETCH_L2 + 64 * line, _MM_HINT_T1);
+    }
+    if (kvtype == F32) {
+        const float *p = (const float *)kv + base;
+        for (int d = 0; d < 8; d++) r[d] = _mm256_loadu_ps(p + 8 * d);
+    } else if (kvtype == BF16) {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 8; d++)
+            r[d] = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * d))), 16));
+    } else {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        for (int d = 0; d < 8; d++) r[d] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8 * d)));
+    }
+}
+
+/* attend_logits64 on 8 lanes: the K row in registers, the group's queries read from L1. */
+static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
+                            int kv_heads, int group, int t0, int t1, float *probs) {
+    for (int g = 0; g < kv_heads; g++) {
+        const float *qg = q + g * group * 64;
+        float *p = probs + (long)g * group * T;
+        for (int t = t0; t < t1; t++) {
+            __m256 k[8];
+            load_row64_8(K, kvtype, g * head_stride + (long)t * 64, 1, k);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    const float *qj = qg + j * 64;
+                    __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
+                    for (int d = 2; d < 8; d += 2) {
+                        a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
+                        a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
+                    }
+                    p[(long)j * T + t] = sum8(_mm256_add_ps(a0, a1)) * scale;
+                }
+            }
+        }
+    }
+}
+
+/* attend_values64 on 8 lanes: one head's 8 accumulators in registers at a time, over tiles of VTILE
+ * tokens, so the group's other heads read the tile's V rows from L1. Each head still sums its tokens
+ * in order from zero. */
+enum { VTILE = 32 };
+static void attend_values64(const float *probs, int T, const void *V, int kvtype, long head_stride, int kv_heads,
+                            int group, int t0, int t1, float *acc) {
+    for (int g = 0; g < kv_heads; g++) {
+        const float *p = probs + (long)g * group * T;
+        float *out = acc + g * group * 64;
+        memset(out, 0, sizeof(float) * 64 * group);
+        for (int s0 = t0; s0 < t1; s0 += VTILE) {
+            int s1 = s0 + VTILE < t1 ? s0 + VTILE : t1;
+            for (int j = 0; j < group; j++) {
+                __m256 a[8];
+                for (int d = 0; d < 8; d++) a[d] = _mm256_loadu_ps(out + j * 64 + 8 * d);
+                for (int t = s0; t < s1; t++) {
+                    __m256 v[8], w = _mm256_set1_ps(p[(long)j * T + t]);
+                    load_row64_8(V, kvtype, g * head_stride + (long)t * 64, j == 0, v);
+                    for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, v[d], a[d]);
+                }
+                for (int d = 0; d < 8; d++) _mm256_storeu_ps(out + j * 64 + 8 * d, a[d]);
+            }
+        }
+    }
+}
+#endif
+
 /* Threads of an attention split into `parts`: at most one per part. */
 static inline int attend_team(const h2k_dims *d, int parts) {
     return team_size(d) < parts ? team_size(d) : parts;
@@ -710,7 +1011,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
     int chunk = (T + parts - 1) / parts;
     float row[256];
     int fast64 = 0;
-#ifdef __AVX512F__
+#if defined(SIMD16) || defined(SIMD8)
     fast64 = head_dim == 64 && group <= 4;
     for (int part = tid; fast64 && part < parts; part += used) {
         int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
@@ -767,7 +1068,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
     for (int part = tid; part < parts; part += used) {
         int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
         float *acc = partial + (long)part * width;
-#ifdef __AVX512F__
+#if defined(SIMD16) || defined(SIMD8)
         if (fast64) {
             attend_values64(probs, T, V, kvtype, head_stride, kv_heads, group, t0, t1, acc);
             continue;
@@ -919,6 +1220,16 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
                             lw->mlp_out_norm, h, gu);
     }
     h2k_norm_gemv_batch(head_dims, batch, x, final_norm, head, vocab, h, logits);
+}
+
+int h2k_vector_lanes(void) {
+#if defined(SIMD16)
+    return 16;
+#elif defined(SIMD8)
+    return 8;
+#else
+    return 1;
+#endif
 }
 
 /* Machine read bandwidth probe for benchmarks/roofline.py: sums n floats across threads. */

@@ -11,6 +11,8 @@ of h2okit (building it takes ~15 min on 2 cores):
 
 (~5 min here). On 2026-12-02 the machine reported AMX, and a `-DGGML_NATIVE=ON` build (which then
 compiles ggml's AMX path) crashed in its first llama_decode; with AMX off it runs.
+On a CPU without AVX-512 those flags build code it cannot run: there `CMAKE_ARGS="-DGGML_NATIVE=ON"`
+(a Zen 3 EPYC with AVX2, 2026-12-03: ~15 min).
 
 Without it the benchmark says so in one line and exits 0. Per round and prompt length, each engine
 prefills P tokens of Austen and then decodes --gen tokens greedily, one after the other (never two

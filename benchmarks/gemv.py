@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/gemv.py [--reps 5] [--threads 2]
 
-For each weight type (the GGUF's Q4_1 blocks with the Q8_0 lm_head, float32 copies), times
+For each weight type (the GGUF's Q4_1 blocks with the Q8_0 lm_head, with float32 inputs and with
+inputs rounded to int8 per block, `llm_activation_dtype` q8; float32 copies), times
 `h2k_norm_gemv` over all 30 layers' fused gate/up matrices (the largest per layer) and over the
 lm_head, and prints GB/s of weight bytes read (best of --reps passes; 128 MiB are read between
 passes, so each pass reads its matrices from memory, not the 48 MB L3). Timing only: run it alone.
@@ -46,12 +47,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model_path(load_config(find("configs", "smollm2-135m"))))
     x = torch.randn(loaded.model.config.hidden_size)
-    print("| weights | matrices | MB | GB/s |\n|---|---|---:|---:|")
-    for weight_dtype in ("q4_1", "fp32"):
-        decoder = FastDecoder.for_model(dataclasses.replace(loaded, weight_dtype=weight_dtype))
+    print("| weights | inputs | matrices | MB | GB/s |\n|---|---|---|---:|---:|")
+    for weight_dtype, activation_dtype in (("q4_1", "fp32"), ("q4_1", "q8"), ("fp32", "fp32")):
+        decoder = FastDecoder.for_model(dataclasses.replace(loaded, weight_dtype=weight_dtype,
+                                                            activation_dtype=activation_dtype))
         for name, call, nbytes in passes(decoder, x):
             seconds = best_seconds(call, args.reps)
-            print(f"| {weight_dtype} | {name} | {nbytes / 1e6:.1f} | {nbytes / seconds / 1e9:.1f} |")
+            print(f"| {weight_dtype} | {activation_dtype} | {name} | {nbytes / 1e6:.1f} | "
+                  f"{nbytes / seconds / 1e9:.1f} |")
 
 
 def passes(decoder: FastDecoder, x: torch.Tensor):

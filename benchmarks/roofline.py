@@ -9,8 +9,9 @@
    and with torch's `sum`, medians of 3; the highest figure is that run's roofline bandwidth (the
    strictest choice), and each run's fraction of its roofline is computed before taking medians.
 2. Decodes greedily on real text (P prompt tokens of Austen, G new tokens) with, for the GGUF's
-   Q4_1 blocks (K/V float32), float32 and bfloat16 weights (K/V stored in the same dtype), or
-   any `llm_weight_dtype` (q8_0, auto) beside the float32 model:
+   Q4_1 blocks (K/V float32; q4_1_a8: the same with int8 inputs, `llm_activation_dtype` q8),
+   float32 and bfloat16 weights (K/V stored in the same dtype), or any `llm_weight_dtype` (q8_0,
+   auto) beside the float32 model:
      generate   plain transformers `generate` (SDPA, DynamicCache), H2O off: the baseline (float rows)
      ref+h2o    h2okit's transformers path (reference), seed H2O config (float rows)
      fast       h2okit's fast path, H2O off
@@ -46,13 +47,13 @@ from h2okit.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
-# weights row -> (transformers model dtype, llm_weight_dtype, K/V dtype). q4_1 is the GGUF's own blocks
-# (Q4_1 layers, Q8_0 lm_head) beside the float32 model it dequantises to; q8_0 and auto likewise. The
-# transformers baselines (generate, ref+h2o) run once per model dtype, with the first row of that dtype;
-# "vs generate" compares with them.
-WEIGHTS = {"q4_1": ("float32", "q4_1", "float32"), "q8_0": ("float32", "q8_0", "float32"),
-           "auto": ("float32", "auto", "float32"), "fp32": ("float32", "fp32", "float32"),
-           "bf16": ("bfloat16", "bf16", "bfloat16")}
+# weights row -> (transformers model dtype, llm_weight_dtype, K/V dtype, llm_activation_dtype). q4_1 is the
+# GGUF's own blocks (Q4_1 layers, Q8_0 lm_head) beside the float32 model it dequantises to; q8_0 and auto
+# likewise; q4_1_a8 the same blocks with int8 inputs. The transformers baselines (generate, ref+h2o) run
+# once per model dtype, with the first row of that dtype; "vs generate" compares with them.
+WEIGHTS = {"q4_1": ("float32", "q4_1", "float32", "fp32"), "q4_1_a8": ("float32", "q4_1", "float32", "q8"),
+           "q8_0": ("float32", "q8_0", "float32", "fp32"), "auto": ("float32", "auto", "float32", "fp32"),
+           "fp32": ("float32", "fp32", "float32", "fp32"), "bf16": ("bfloat16", "bf16", "bfloat16", "fp32")}
 
 
 _PROBE: torch.Tensor | None = None
@@ -127,10 +128,11 @@ def main() -> None:
     models = {}
     baseline_row = {}  # model dtype -> the weights row its transformers baselines run with
     for weights in args.weights.split(","):
-        model_dtype, weight_dtype, kv_dtype = WEIGHTS[weights]
+        model_dtype, weight_dtype, kv_dtype, activation_dtype = WEIGHTS[weights]
         if model_dtype not in models:
             models[model_dtype] = load_model(resolve_model_path(seed), dtype=model_dtype)
-        loaded = dataclasses.replace(models[model_dtype], weight_dtype=weight_dtype)
+        loaded = dataclasses.replace(models[model_dtype], weight_dtype=weight_dtype,
+                                     activation_dtype=activation_dtype)
         weight_bytes[weights] = FastDecoder.for_model(loaded).weight_bytes
         transformers_bytes[weights] = float_weight_bytes(loaded.model)
         off = dataclasses.replace(parse_config({}).kv, cache_dtype=kv_dtype)

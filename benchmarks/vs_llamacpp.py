@@ -18,7 +18,9 @@ Without it the benchmark says so in one line and exits 0. Per round and prompt l
 prefills P tokens of Austen and then decodes --gen tokens greedily, one after the other (never two
 at once), 2 threads, flash attention off for llama.cpp; round 0 is a warm-up; medians of the rest,
 and the per-round h2okit / llama.cpp ratio. h2okit runs the config's model with its decode path and
-weights (`llm_weight_dtype`, default auto: the GGUF's own blocks), H2O off, and with the seed config.
+weights (`llm_weight_dtype`, default auto: the GGUF's own blocks), H2O off, and with the seed config;
+each once with float32 inputs and once with int8 inputs to the quantized matrices (`--activations`;
+llama.cpp itself multiplies Q4_1 blocks with inputs rounded to 8 bits).
 `--weights bf16|fp32` compares float weights instead: llama.cpp reads a BF16 or F32 copy of the GGUF
 (written once into the h2okit cache by `float_gguf`), h2okit the same values as its bf16 or fp32 weights.
 """
@@ -38,7 +40,7 @@ import torch
 from rounds import interleaved  # this folder: the shared schedule
 
 from h2okit.clikit import setup_logging
-from h2okit.config import load_config, parse_config
+from h2okit.config import ACTIVATION_DTYPES, load_config, parse_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
 from h2okit.paths import cache_root
@@ -124,7 +126,15 @@ def main() -> int:
                     help="gguf: the file as shipped (h2okit: the config's llm_weight_dtype); bf16 / fp32: "
                          "llama.cpp reads a float copy of the GGUF, h2okit the same values as its bf16 / fp32 "
                          "weights (its prefill computes in float32 either way)")
+    ap.add_argument("--activations", default="fp32,q8",
+                    help="h2okit's inputs to its quantized matrices (llm_activation_dtype), comma list of "
+                         f"{', '.join(ACTIVATION_DTYPES)}: a pair of h2okit rows each (q8: with quantized weights)")
     args = ap.parse_args()
+    activations = [a for a in args.activations.split(",") if a]
+    if not activations or any(a not in ACTIVATION_DTYPES for a in activations):
+        print(f"vs_llamacpp: error: --activations {args.activations!r}; allowed: a comma list of "
+              f"{', '.join(ACTIVATION_DTYPES)}", file=sys.stderr)
+        return 2
     try:
         import llama_cpp
     except ImportError:
@@ -143,9 +153,17 @@ def main() -> int:
     llm = llama_cpp.Llama(model_path=str(llama_path), n_ctx=max(prompts) + args.gen + 8, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, flash_attn=False, logits_all=False,
                           verbose=False)
-    engines = {"h2okit fast": Engine(loaded, parse_config({}).kv),
-               "h2okit fast+h2o": Engine(loaded, dataclasses.replace(config.kv, lossless_enable=False))}
-    print(f"h2okit: {engines['h2okit fast'].decode_path_note}", file=sys.stderr)
+    engines = {}
+    for activation in activations:
+        inputs = dataclasses.replace(loaded, activation_dtype=activation)
+        fast = Engine(inputs, parse_config({}).kv)
+        if activation != "fp32" and (fast.fast is None or not fast.fast.weights.quantized):
+            print(f"h2okit: no quantized matrices, so no {activation} rows", file=sys.stderr)
+            continue
+        suffix = "" if activation == "fp32" else f", {activation} inputs"
+        engines[f"h2okit fast{suffix}"] = fast
+        engines[f"h2okit fast+h2o{suffix}"] = Engine(inputs, dataclasses.replace(config.kv, lossless_enable=False))
+        print(f"h2okit{suffix}: {fast.decode_path_note}", file=sys.stderr)
     runs = {"llama.cpp": lambda p: llama_cpp_run(llm, p, args.gen),
             **{name: (lambda eng: lambda p: h2okit_run(eng, p, args.gen))(e) for name, e in engines.items()}}
     texts = load_texts()

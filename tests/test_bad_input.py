@@ -177,6 +177,8 @@ CASES = [
     ("cfg-precision", BENCH, lambda f: bench_args(f.config(precision="ultra")), "allowed: normal, high, low"),
     ("cfg-weight-dtype", BENCH, lambda f: bench_args(f.config(llm_weight_dtype="int4")),
      "allowed: auto, q4_1, q8_0, bf16, fp32"),
+    ("cfg-activation-dtype", BENCH, lambda f: bench_args(f.config(llm_activation_dtype="int4")),
+     "allowed: fp32, q8"),
     ("cfg-backend-type", BENCH, lambda f: bench_args(f.config(backend_type="cuda")), "allowed: cpu"),
     ("cfg-thread-num-string", BENCH, lambda f: bench_args(f.config(thread_num="two")), "must be an integer"),
     ("cfg-base-dir-number", BENCH, lambda f: bench_args(f.config(base_dir=5)), "must be a string"),

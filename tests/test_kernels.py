@@ -43,10 +43,10 @@ def test_each_build_has_the_vector_width_its_flags_allow(lib):
 
 
 def dims(hidden=0, q_heads=1, kv_heads=1, head_dim=1, inter=0, wtype=kernels.F32, eps=1e-5, scale=1.0,
-         act=kernels.SILU):
+         act=kernels.SILU, act_q8=0):
     return kernels.ffi.new("h2k_dims *", {"wtype": wtype, "hidden": hidden, "q_heads": q_heads,
                                           "kv_heads": kv_heads, "head_dim": head_dim, "inter": inter, "eps": eps,
-                                          "scale": scale, "act": act})
+                                          "scale": scale, "act": act, "act_q8": act_q8})
 
 
 def rms_norm(x, w, eps):
@@ -346,6 +346,42 @@ def test_block_gemv_matches_the_dequantised_weights(lib, type_name, code, cols):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4 * cols ** 0.5)
 
 
+def int8_inputs(h: np.ndarray) -> np.ndarray:
+    """llm_activation_dtype q8's rounding in numpy: per block of 32, q = rint(x * (127 / max|x|)) in float32
+    (ties to even, as the kernels' nearbyintf), and the float64 values dx q the int8 inputs stand for."""
+    blocks = h.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv)
+    assert np.abs(q).max() <= 127
+    return ((amax / np.float32(127.0)).astype(np.float32).astype(np.float64) * q).reshape(-1)
+
+
+@pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
+@pytest.mark.parametrize("cols", [32, 576, 1536])
+def test_block_gemv_with_int8_inputs_is_the_dot_with_the_rounded_inputs(lib, type_name, code, cols):
+    """act_q8: each row's dot with the inputs rounded to int8 per block (the integer dot products are exact,
+    so only float rounding remains), and not the float-input result: the rounding really happens."""
+    rows = 70  # four full groups and a short one
+    m = random_blocks(type_name, rows, cols, seed=cols + 1)
+    weight = torch.from_numpy(m.dequantize()).double()
+    x, norm_w = torch.randn(cols), torch.rand(cols) + 0.5
+    blocks = torch.from_numpy(m.kernel_layout())
+    out = {}
+    for act_q8 in (0, 1):
+        h, y = torch.empty(cols), torch.empty(rows)
+        lib.h2k_norm_gemv(dims(hidden=cols, wtype=code, act_q8=act_q8), P(x), P(norm_w), P(blocks), rows, P(h), P(y),
+                          0, kernels.NULL, kernels.NULL)
+        out[act_q8] = (h, y)
+    h = out[1][0]
+    expected = weight @ torch.from_numpy(int8_inputs(h.numpy()))
+    torch.testing.assert_close(out[1][1].double(), expected, rtol=1e-5, atol=1e-4 * cols ** 0.5)
+    exact = weight @ h.double()
+    assert not torch.equal(out[1][1], out[0][1])
+    # the rounding's error is small next to the outputs (per-block scales; 8 bits)
+    assert (out[1][1].double() - exact).norm() < 0.02 * exact.norm()
+
+
 def test_q4_1_dequantisation_is_exact_in_float32():
     """w = d q + m with fp16 d and m: d q has at most 15 significant bits, so the kernel's
     factorised dot (d (q . x) + m sum(x)) and the reference's dequantised weights are the same model."""
@@ -382,15 +418,16 @@ def test_kernel_layout_puts_every_field_where_the_kernels_read_it(rows, blocks, 
                 offset += blocks * n * width
 
 
+@pytest.mark.parametrize("act_q8", [0, 1], ids=["float-inputs", "int8-inputs"])
 @pytest.mark.parametrize("type_name,code", [("Q4_1", kernels.Q4_1), ("Q8_0", kernels.Q8_0)])
-def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, code):
+def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, code, act_q8):
     """9 inputs (passes of 4, 4 and 1 over each group) and 40 rows (two full groups and a short one): every
     input's outputs are those of a GEMV with it alone."""
     rows, cols, batch = 40, 96, 9
     blocks = torch.from_numpy(random_blocks(type_name, rows, cols, seed=5).kernel_layout())
     x, norm_w = torch.randn(batch, cols), torch.rand(cols) + 0.5
     h, y = torch.empty(batch, cols), torch.empty(batch, rows)
-    d = dims(hidden=cols, wtype=code)
+    d = dims(hidden=cols, wtype=code, act_q8=act_q8)
     lib.h2k_norm_gemv_batch(d, batch, P(x), P(norm_w), P(blocks), rows, P(h), P(y))
     for i in range(batch):
         alone, h1 = torch.empty(rows), torch.empty(cols)

@@ -177,8 +177,9 @@ def render(results: list[BenchResult], output: str, metadata: dict) -> str:
     return "".join(json.dumps({"schema": SCHEMA, **r.to_json(), "metadata": metadata}) + "\n" for r in results)
 
 
-def metadata(config_path: str, kv: dict) -> dict:
-    """What produced a result: versions, source revision, machine, kernel build, config."""
+def metadata(config_path: str, kv: dict, decode_types: dict | None = None) -> dict:
+    """What produced a result: versions, source revision, machine, kernel build, config (its kv keys and
+    the decode weights' and inputs' types)."""
     import torch
     import transformers
 
@@ -187,7 +188,7 @@ def metadata(config_path: str, kv: dict) -> dict:
     return {"h2okit": __version__, "git_sha": _git_sha(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_model(),
             "cores": os.cpu_count(), "kernel_build": kernels.build_id(), "kernel_isa": _kernel_isa(),
-            "config": str(config_path), "kv": kv,
+            "config": str(config_path), "kv": kv, **(decode_types or {}),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -356,7 +357,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
     precision = config.model["precision"]
     model_path = resolve_model_path(config)
     texts = load_texts(args.corpus)
-    loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision], weight_dtype=config.model["llm_weight_dtype"])
+    loaded = load_model(model_path, dtype=PRECISION_DTYPE[precision], weight_dtype=config.model["llm_weight_dtype"],
+                        activation_dtype=config.model["llm_activation_dtype"])
     _check_context(args, loaded)
     _warn_if_busy()
     try:
@@ -377,7 +379,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[BenchResult]]:
                 for batch in args.batch:
                     results.append(_measure(engine, loaded, texts, evaluator if batch == args.batch[0] else None,
                                             threads, p, n, args.repeat, precision, batch))
-    return render(results, args.output, metadata(args.config, config.kv.to_keys())), results
+    decode_types = {key: config.model[key] for key in ("llm_weight_dtype", "llm_activation_dtype")}
+    return render(results, args.output, metadata(args.config, config.kv.to_keys(), decode_types)), results
 
 
 def runnable_tasks(samples: int = 5, gap_s: float = 0.02, loadavg: Path = Path("/proc/loadavg")) -> int | None:

@@ -40,6 +40,11 @@ def scope_layers(scope: str, front_n: int, h2o_layers, num_layers: int) -> froze
 # precision's float type), all 4-bit-as-stored (q4_1), all Q8_0, or float copies (bf16, fp32).
 WEIGHT_DTYPES = ("auto", "q4_1", "q8_0", "bf16", "fp32")
 
+# The inputs of the fast path's quantized (Q4_1/Q8_0) GEMVs: float32 (exact against the dequantised
+# weights) or int8 per block of 32 with integer dot products (llama.cpp's and MNN's low precision; faster
+# where unpacking nibbles to floats is the bottleneck, e.g. on AVX2; not exact).
+ACTIVATION_DTYPES = ("fp32", "q8")
+
 # How decode steps run: C kernels where the model allows (auto), always (fast), or the transformers forward.
 DECODE_PATHS = ("auto", "fast", "reference")
 
@@ -79,6 +84,7 @@ MODEL_KEYS: dict[str, _Key] = {
     "thread_num": _Key(int, 2, _clamp(1)),
     "precision": _Key(str, "high", choices=("normal", "high", "low")),
     "llm_weight_dtype": _Key(str, "auto", choices=WEIGHT_DTYPES),
+    "llm_activation_dtype": _Key(str, "fp32", choices=ACTIVATION_DTYPES),
 }
 FILE_KEYS = ("llm_model", "llm_weight", "tokenizer_file")
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1

@@ -40,6 +40,7 @@ this path is slightly *more* precise than transformers' bf16 forward.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -53,6 +54,8 @@ from .cache import H2OCache
 from .config import ConfigError
 from .model import head_dim_of
 from .threads import ThreadChooser
+
+log = logging.getLogger(__name__)
 
 _FLOAT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,6 +114,12 @@ class DecodeWeights:
     def nbytes(self) -> int:
         return sum(m.nbytes for group in (self.qkv, self.o, self.gate_up, self.down) for m in group) \
             + self.head.nbytes
+
+    @property
+    def quantized(self) -> list[str]:
+        """Which matrices are Q4_1/Q8_0 blocks (those `llm_activation_dtype` q8 applies to)."""
+        blocks = (kernels.Q4_1, kernels.Q8_0)
+        return [name for name, code in (("layers", self.layer_code), ("lm_head", self.head.code)) if code in blocks]
 
 
 def _from_modules(model, mat, description: str, head: Matrix | None = None) -> DecodeWeights:
@@ -279,6 +288,14 @@ class FastDecoder:
     fuse_steps = True  # one C call per step where the cache allows it; False: always one call per kernel and
     # layer (the same arithmetic in the same order: tests and benchmarks compare the two)
 
+    @property
+    def inputs_note(self) -> str:
+        """What the quantized matrices take as input, for the decode-path line."""
+        if self.activation_dtype == "q8" and self.weights.quantized:
+            return (f"{' and '.join(self.weights.quantized)} take int8 inputs per block of 32 "
+                    f"(llm_activation_dtype q8, not exact)")
+        return "float32 inputs"
+
     @classmethod
     def for_model(cls, loaded) -> FastDecoder:
         """The model's decoder for `loaded.weight_dtype`, built once: engines share it (its weight
@@ -289,20 +306,28 @@ class FastDecoder:
         if reason is not None:
             raise FastPathUnavailable(reason)
         decoders = cls._by_model.setdefault(model, {})
-        if loaded.weight_dtype not in decoders:
+        key = (loaded.weight_dtype, loaded.activation_dtype)
+        if key not in decoders:
             try:
                 lib = kernels.load()
             except kernels.KernelBuildError as exc:
                 raise FastPathUnavailable(str(exc)) from None
-            decoders[loaded.weight_dtype] = cls(model, lib, decode_weights(loaded), architecture_of(model))
-        decoder = decoders[loaded.weight_dtype]
+            # decoders of one weight type (activations differ) share its weights
+            weights = next((d.weights for (w, _), d in decoders.items() if w == loaded.weight_dtype), None)
+            decoders[key] = cls(model, lib, weights or decode_weights(loaded), architecture_of(model),
+                                activation_dtype=loaded.activation_dtype)
+        decoder = decoders[key]
         decoder.adapt_threads = adapt_threads_setting()
         return decoder
 
-    def __init__(self, model, lib, weights: DecodeWeights, arch: Architecture):
+    def __init__(self, model, lib, weights: DecodeWeights, arch: Architecture, activation_dtype: str = "fp32"):
         """Use `for_model`: it checks the model and builds the kernels first."""
         self.lib = lib
         self.weights = weights
+        self.activation_dtype = activation_dtype
+        if activation_dtype == "q8" and not weights.quantized:
+            log.warning("warning: llm_activation_dtype q8 has no effect: no decode matrix is Q4_1/Q8_0 (%s); "
+                        "inputs stay float32", weights.description)
         self.arch = arch
         cfg = model.config.get_text_config()
         inner = model.model
@@ -318,7 +343,7 @@ class FastDecoder:
         # the lm_head has its own (its weight type may differ: Q8_0 beside Q4_1 layers)
         dims = {"hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
                 "head_dim": self.head_dim, "inter": self.inter, "eps": self.eps, "scale": self.scaling,
-                "act": arch.activation}
+                "act": arch.activation, "act_q8": int(activation_dtype == "q8")}
         self.dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.layer_code})
         self.head_dims = kernels.ffi.new("h2k_dims *", {**dims, "wtype": weights.head.code})
 

@@ -114,6 +114,7 @@ class LoadedModel:
     context_length: int | None = None  # the trained context (max_position_embeddings), if the config says
     sliding_windows: list[int | None] | None = None  # per layer (None: global attention); None: no local layers
     weight_dtype: str = "auto"  # the fast path's decode weights (config.WEIGHT_DTYPES)
+    activation_dtype: str = "fp32"  # the inputs of its quantized GEMVs (config.ACTIVATION_DTYPES)
 
 
 def _gguf_fingerprint(path: Path) -> str:
@@ -227,9 +228,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def load_model(path: Path, dtype: str = "float32", weight_dtype: str = "auto") -> LoadedModel:
+def load_model(path: Path, dtype: str = "float32", weight_dtype: str = "auto",
+               activation_dtype: str = "fp32") -> LoadedModel:
     """The model for prefill and the reference path in `dtype`; `weight_dtype` says which weights
-    the fast path's decode steps read (fastpath.decode_weights)."""
+    the fast path's decode steps read (fastpath.decode_weights), `activation_dtype` in which type
+    their quantized matrices take their inputs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,4 +256,5 @@ def load_model(path: Path, dtype: str = "float32", weight_dtype: str = "auto") -
                        source=path, size_bytes=_size_of(path), num_layers=cfg.num_hidden_layers,
                        kv_heads=getattr(cfg, "num_key_value_heads", q_heads), head_dim=head_dim,
                        q_heads=q_heads, context_length=getattr(cfg, "max_position_embeddings", None),
-                       sliding_windows=sliding_windows_of(cfg), weight_dtype=weight_dtype)
+                       sliding_windows=sliding_windows_of(cfg), weight_dtype=weight_dtype,
+                       activation_dtype=activation_dtype)

@@ -197,8 +197,11 @@ class QualityEvaluator:
         self.texts = texts
         self.settings = settings
         loaded = engine.loaded
+        # the full cache's numbers depend on everything that changes the arithmetic of a step
         self.cache = _DiskCache(f"{loaded.source}:{loaded.size_bytes}:{engine.kv.cache_dtype}:"
-                                f"{next(loaded.model.parameters()).dtype}:{engine.decode_path_used}")
+                                f"{next(loaded.model.parameters()).dtype}:{engine.decode_path_used}"
+                                + ("" if engine.fast is None else
+                                   f":{loaded.weight_dtype}:{engine.fast.activation_dtype}"))
         self.names = list(texts)
         self._tokens: dict[str, np.ndarray] | None = None
 

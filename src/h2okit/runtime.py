@@ -135,6 +135,7 @@ class Engine:
                 self.fast = FastDecoder.for_model(loaded)
                 self.decode_path_note = (f"C kernels ({kernels.vector_isa()}) for decode steps, "
                                          f"weights: {self.fast.weights.description}; "
+                                         f"{self.fast.inputs_note}; "
                                          f"prefill by the transformers forward")
             except FastPathUnavailable as exc:
                 if decode_path == "fast":

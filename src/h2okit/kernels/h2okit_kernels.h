@@ -23,6 +23,8 @@ typedef struct {
     float scale;  /* attention logit scale */
     int act;      /* MLP activation: H2K_SILU or H2K_GELU_TANH */
     int threads;  /* threads of the GEMVs' parallel loops; 0: OpenMP's default (attention takes its own) */
+    int act_q8;   /* Q4_1/Q8_0 weights: 1 = inputs rounded to int8 per block of 32 and integer dot products
+                     (llama.cpp's and MNN's low-precision way; not exact), 0 = float32 inputs (exact) */
 } h2k_dims;
 
 /* h = rmsnorm(x); y = W h ([rows, hidden] row-major); RoPE on the first rope_heads heads of y. */

@@ -4,9 +4,10 @@
  * Decoding one token is a chain of matrix-vector products: every weight is read once per
  * token, so speed is memory bandwidth. These kernels read row-major [out, in] weights
  * (nn.Linear's own layout) with each output row a contiguous dot product, split across
- * OpenMP threads (torch's libgomp, so the two share one thread pool). Activations stay
- * float32; weights are float32 or bfloat16 (widened on load); K/V may be float32, bfloat16
- * or float16. No allocation here: every buffer comes from the caller.
+ * OpenMP threads (torch's libgomp, so the two share one thread pool). Activations are
+ * float32 (the quantized GEMVs may take int8 inputs instead: h2k_dims.act_q8, opt-in);
+ * weights are float32, bfloat16 (widened on load) or GGML Q4_1/Q8_0 blocks; K/V may be
+ * float32, bfloat16 or float16. No allocation here: every buffer comes from the caller.
  *
  * Built at first use by kernels.py with `cc -O3 -march=native -fopenmp`; no -ffast-math
  * (it would set flush-to-zero for the whole process). Reductions use `omp simd`, which
@@ -111,6 +112,9 @@ static inline __m256 exp_approx8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#endif
+
+#if defined(SIMD16) || defined(SIMD8)
 /* The sum of a vector's 8 lanes, by a fixed tree. */
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -565,6 +569,136 @@ static void dot_group(int wtype, const uint8_t *grp, int n, int nb, const float 
     }
 }
 
+/* 8-bit activations (h2k_dims.act_q8, llm_activation_dtype q8): each input's block of 32 values becomes
+ * int8 q with one float scale dx (x ~ dx q, dx = max|x| / 127, rounded to nearest even), and a row's
+ * block dot is the integer q_w . q_x times d_w dx, as llama.cpp does for Q4_1 x Q8_1 and MNN in its low
+ * precision. Not exact: the inputs are rounded. The Q4_1 minima's term takes the sums of the rounded
+ * inputs (qsum = dx sum q): with the float sums, the rounding errors times q_w (0..15, mean ~7.5) would
+ * no longer cancel against m_b (~ -7.5 d_b), and the error was 3.6x larger.
+ * Why: on 8 lanes, widening 32 nibbles to floats takes ~18 instructions per block and row, so Q4_1
+ * with float inputs is compute-bound below memory speed; bytes multiply-added as bytes take ~5. */
+static void quantize_q8(const float *x, int cols, int8_t *q, float *dx, float *qsum) {
+    for (int b = 0; b < cols / QBLOCK; b++) {
+        const float *xb = x + b * QBLOCK;
+        float amax = 0.0f;
+        for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int k = 0; k < QBLOCK; k++) {
+            q[b * QBLOCK + k] = (int8_t)nearbyintf(xb[k] * inv);
+            sum += q[b * QBLOCK + k];
+        }
+        dx[b] = d;
+        qsum[b] = d * (float)sum;
+    }
+}
+
+#if defined(SIMD16) || defined(SIMD8)
+/* A full group against one quantized input: out[r] for its QGROUP rows. Q4_1: two rows per 32-byte
+ * load (lanes 0-3 of an accumulator sum row 2p, lanes 4-7 row 2p + 1), the low nibbles multiplied
+ * with inputs 0..15 and the high with 16..31; Q8_0: 8 rows per pass, the group's second pass from
+ * cache. Integer block dots are exact; only the float sum over blocks is in lane order. */
+static inline __attribute__((always_inline)) void dot_group16_q8(int wtype, const uint8_t *grp, int nb,
+                                                                  const int8_t *qx, const float *dx, const float *xsum,
+                                                                  float *out) {
+    const uint16_t *d16 = (const uint16_t *)grp;
+    const uint8_t *quants = grp + (long)nb * QGROUP * scale_bytes(wtype);
+    const int qbytes = quant_bytes(wtype), lines = QGROUP * qbytes / 64;
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    float result[QGROUP] __attribute__((aligned(32)));
+    __m256 tail[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float scales[nb * QGROUP] __attribute__((aligned(32))); /* d_w dx per block and row */
+    for (int b = 0; b < nb; b++)
+        for (int h = 0; h < 2; h++) {
+            _mm256_store_ps(scales + b * QGROUP + 8 * h,
+                            _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + b * QGROUP + 8 * h))),
+                                          _mm256_set1_ps(dx[b])));
+            if (wtype == Q4_1) {
+                __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + (nb + b) * QGROUP + 8 * h)));
+                tail[h] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xsum[b]), tail[h]);
+            }
+        }
+    if (wtype == Q4_1) {
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+        __m256 acc[8];
+        for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+            prefetch_lines(column, lines);
+            __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qx + b * QBLOCK)));
+            __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(qx + b * QBLOCK + 16)));
+#pragma GCC unroll 8
+            for (int p = 0; p < 8; p++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(column + 32 * p));
+                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+                __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16));
+                const float *sp = scales + b * QGROUP + 2 * p; /* [row 2p x4, row 2p+1 x4] */
+                acc[p] = _mm256_fmadd_ps(s, _mm256_set_m128(_mm_broadcast_ss(sp + 1), _mm_broadcast_ss(sp)), acc[p]);
+            }
+        }
+        /* rows 0..7 from acc[0..3], 8..15 from acc[4..7]: hadd twice gives [r0 r2 r4 r6 r1 r3 r5 r7] */
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (int h = 0; h < 2; h++) {
+            const __m256 *a = acc + 4 * h;
+            __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            _mm256_store_ps(result + 8 * h, _mm256_add_ps(_mm256_permutevar8x32_ps(u, order), tail[h]));
+        }
+    } else {
+        for (int r0 = 0; r0 < QGROUP; r0 += 8) {
+            __m256 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *column = quants + (long)b * QGROUP * qbytes;
+                if (r0 == 0) prefetch_lines(column, lines);
+                __m256i xb = _mm256_loadu_si256((const __m256i *)(qx + b * QBLOCK));
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(column + (r0 + r) * qbytes));
+                    /* |w| (unsigned) times x with w's sign: maddubs wants one unsigned operand */
+                    __m256i s16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xb, w));
+                    __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones16));
+                    acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(scales[b * QGROUP + r0 + r]), acc[r]);
+                }
+            }
+            _mm256_store_ps(result + r0, sum_rows8(acc));
+        }
+    }
+    memcpy(out, result, sizeof result);
+}
+#endif
+
+/* A group of n rows against one input quantized by quantize_q8: out[r]. */
+static void dot_group_q8(int wtype, const uint8_t *grp, int n, int nb, const int8_t *qx, const float *dx,
+                         const float *xsum, float *out) {
+#if defined(SIMD16) || defined(SIMD8)
+    if (n == QGROUP) {
+        if (wtype == Q4_1) dot_group16_q8(Q4_1, grp, nb, qx, dx, xsum, out);
+        else dot_group16_q8(Q8_0, grp, nb, qx, dx, xsum, out);
+        return;
+    }
+#endif
+    const uint8_t *d16 = grp, *quants = grp + (long)nb * n * scale_bytes(wtype);
+    const int qbytes = quant_bytes(wtype);
+    for (int r = 0; r < n; r++) {
+        float total = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *q = quants + ((long)b * n + r) * qbytes;
+            const int8_t *xb = qx + b * QBLOCK;
+            int dot = 0;
+            if (wtype == Q4_1) {
+                for (int i = 0; i < QBLOCK / 2; i++) dot += (q[i] & 0x0F) * xb[i] + (q[i] >> 4) * xb[i + 16];
+                total += f16_at(d16 + 2 * ((long)b * n + r)) * dx[b] * (float)dot
+                         + f16_at(d16 + 2 * ((long)(nb + b) * n + r)) * xsum[b];
+            } else {
+                for (int i = 0; i < QBLOCK; i++) dot += (int8_t)q[i] * xb[i];
+                total += f16_at(d16 + 2 * ((long)b * n + r)) * dx[b] * (float)dot;
+            }
+        }
+        out[r] = total;
+    }
+}
+
 /* Threads of the kernels' parallel loops: the caller's choice (d->threads, e.g. one while another
  * process holds a core), else OpenMP's default. */
 static inline int team_size(const h2k_dims *d) {
@@ -581,6 +715,22 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
         int nb = cols / QBLOCK;
         long group_bytes = (long)QGROUP * nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
         const uint8_t *w = (const uint8_t *)W;
+        if (d->act_q8) { /* each input quantized once; each group read once, dotted with every input */
+            int8_t qx[batch][cols];
+            float dx[batch][nb > 0 ? nb : 1], qsum[batch][nb > 0 ? nb : 1];
+            for (int i = 0; i < batch; i++) quantize_q8(x + (long)i * cols, cols, qx[i], dx[i], qsum[i]);
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int g = 0; g < (rows + QGROUP - 1) / QGROUP; g++) {
+                int r0 = g * QGROUP, n = rows - r0 < QGROUP ? rows - r0 : QGROUP;
+                float v[QGROUP];
+                for (int i = 0; i < batch; i++) {
+                    dot_group_q8(wtype, w + g * group_bytes, n, nb, qx[i], dx[i], qsum[i], v);
+                    float *yi = y + (long)i * rows + r0;
+                    for (int k = 0; k < n; k++) yi[k] = accumulate ? yi[k] + v[k] : v[k];
+                }
+            }
+            return;
+        }
         float xsum[batch][nb > 0 ? nb : 1];
         for (int i = 0; wtype == Q4_1 && i < batch; i++)
             for (int b = 0; b < nb; b++) {

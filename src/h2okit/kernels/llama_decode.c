@@ -581,7 +581,10 @@ static void quantize_q8(const float *x, int cols, int8_t *q, float *dx, float *q
     for (int b = 0; b < cols / QBLOCK; b++) {
         const float *xb = x + b * QBLOCK;
         float amax = 0.0f;
-        for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        for (int k = 0; k < QBLOCK; k++) { /* not fmaxf: gcc calls it out of line */
+            float a = fabsf(xb[k]);
+            amax = a > amax ? a : amax;
+        }
         float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int k = 0; k < QBLOCK; k++) {

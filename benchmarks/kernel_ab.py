@@ -1,7 +1,7 @@
 """This checkout's decode kernels against another revision's, step by step on the same caches.
 
     .venv/bin/python benchmarks/kernel_ab.py --against REV [--weights fp32,bf16,q4_1] [--batch 1,8]
-                                             [--prompt 512] [--steps 64]
+                                             [--prompt 512] [--steps 64] [--inputs fp32|q8]
 
 Both kernel sources (`llama_decode.c` here and at git revision REV) are built with the kernels' own
 flags and loaded side by side; the C interface (the header) must be the same. Per weight type and
@@ -28,7 +28,7 @@ from rounds import interleaved  # this folder: the shared schedule
 
 from h2okit import kernels
 from h2okit.clikit import setup_logging
-from h2okit.config import WEIGHT_DTYPES, load_config
+from h2okit.config import ACTIVATION_DTYPES, WEIGHT_DTYPES, load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
 from h2okit.resources import find
@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--against", required=True, help="a git revision whose kernels to compare with")
     ap.add_argument("--weights", default="fp32", help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
     ap.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    ap.add_argument("--inputs", default="fp32", choices=ACTIVATION_DTYPES,
+                    help="llm_activation_dtype: the quantized matrices' inputs")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="measured steps per build")
     args = ap.parse_args()
@@ -116,7 +118,7 @@ def main() -> int:
               "| per-pair ratio [95 % CI] |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for weight_dtype in weights:
-            loaded = load_model(resolve_model_path(config), weight_dtype=weight_dtype)
+            loaded = load_model(resolve_model_path(config), weight_dtype=weight_dtype, activation_dtype=args.inputs)
             engine = Engine(loaded, config.kv, decode_path="fast")
             stream = token_stream(loaded.tokenizer, texts, args.prompt * max(batches) + 1000)
             for batch in batches:

@@ -602,7 +602,7 @@ static void quantize_q8(const float *x, int cols, int8_t *q, float *dx, float *q
  * with inputs 0..15 and the high with 16..31; Q8_0: 8 rows per pass, the group's second pass from
  * cache. Integer block dots are exact; only the float sum over blocks is in lane order. */
 static inline __attribute__((always_inline)) void dot_group16_q8(int wtype, const uint8_t *grp, int nb,
-                                                                  const int8_t *qx, const float *dx, const float *xsum,
+                                                                  const int8_t *qx, const float *dx, const float *qsum,
                                                                   float *out) {
     const uint16_t *d16 = (const uint16_t *)grp;
     const uint8_t *quants = grp + (long)nb * QGROUP * scale_bytes(wtype);
@@ -618,7 +618,7 @@ static inline __attribute__((always_inline)) void dot_group16_q8(int wtype, cons
                                           _mm256_set1_ps(dx[b])));
             if (wtype == Q4_1) {
                 __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d16 + (nb + b) * QGROUP + 8 * h)));
-                tail[h] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xsum[b]), tail[h]);
+                tail[h] = _mm256_fmadd_ps(mins, _mm256_set1_ps(qsum[b]), tail[h]);
             }
         }
     if (wtype == Q4_1) {
@@ -671,13 +671,13 @@ static inline __attribute__((always_inline)) void dot_group16_q8(int wtype, cons
 }
 #endif
 
-/* A group of n rows against one input quantized by quantize_q8: out[r]. */
+/* A group of n rows against one input quantized by quantize_q8 (qx, dx, qsum): out[r]. */
 static void dot_group_q8(int wtype, const uint8_t *grp, int n, int nb, const int8_t *qx, const float *dx,
-                         const float *xsum, float *out) {
+                         const float *qsum, float *out) {
 #if defined(SIMD16) || defined(SIMD8)
     if (n == QGROUP) {
-        if (wtype == Q4_1) dot_group16_q8(Q4_1, grp, nb, qx, dx, xsum, out);
-        else dot_group16_q8(Q8_0, grp, nb, qx, dx, xsum, out);
+        if (wtype == Q4_1) dot_group16_q8(Q4_1, grp, nb, qx, dx, qsum, out);
+        else dot_group16_q8(Q8_0, grp, nb, qx, dx, qsum, out);
         return;
     }
 #endif
@@ -692,7 +692,7 @@ static void dot_group_q8(int wtype, const uint8_t *grp, int n, int nb, const int
             if (wtype == Q4_1) {
                 for (int i = 0; i < QBLOCK / 2; i++) dot += (q[i] & 0x0F) * xb[i] + (q[i] >> 4) * xb[i + 16];
                 total += f16_at(d16 + 2 * ((long)b * n + r)) * dx[b] * (float)dot
-                         + f16_at(d16 + 2 * ((long)(nb + b) * n + r)) * xsum[b];
+                         + f16_at(d16 + 2 * ((long)(nb + b) * n + r)) * qsum[b];
             } else {
                 for (int i = 0; i < QBLOCK; i++) dot += (int8_t)q[i] * xb[i];
                 total += f16_at(d16 + 2 * ((long)b * n + r)) * dx[b] * (float)dot;

@@ -20,11 +20,10 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
-from rounds import interleaved  # this folder: the shared schedule
+from rounds import alternating_steps  # this folder: the shared schedule
 
 from h2okit.clikit import setup_logging
 from h2okit.config import load_config
@@ -53,24 +52,13 @@ def quality(engines: dict[str, Engine], texts, windows: int, prompt: int, tokens
 
 
 def speed(engines: dict[str, Engine], stream: list[int], prompt: int, batch: int, steps: int) -> None:
-    decoders = {name: engine.fast for name, engine in engines.items()}
+    decoders = {name: engines[name].fast for name in INPUTS}
     for decoder in decoders.values():
         decoder.adapt_threads = False
-    engine = engines["fp32"]  # prefill and caches are the same for both
     prompts = [stream[i * prompt:(i + 1) * prompt] for i in range(batch)]
-    caches = [engine.new_cache() for _ in prompts]
-    feed = [int(engine.forward(cache, ids, 0)[-1].argmax()) for cache, ids in zip(caches, prompts)]
-    position = [prompt]
-
-    def step(name: str) -> float:
-        started = time.perf_counter()
-        logits = decoders[name].step_batch(caches, feed, [position[0]] * batch)
-        seconds = time.perf_counter() - started
-        feed[:] = logits.argmax(-1).tolist()
-        position[0] += 1
-        return seconds
-
-    samples = interleaved({name: (lambda name=name: step(name)) for name in INPUTS}, steps, f"P={prompt} B={batch} ")
+    # prefill is the same for both (the transformers forward); only the decode steps differ
+    samples = alternating_steps(engines["fp32"], prompts, {name: d.step_batch for name, d in decoders.items()}, steps,
+                                f"P={prompt} B={batch} ")
     ratio = paired_ci(samples["fp32"], samples["q8"], kind="ratio")
     print(f"| {prompt} | {batch} | {statistics.median(samples['fp32']) * 1e3:.2f} | "
           f"{statistics.median(samples['q8']) * 1e3:.2f} | {ratio.text('%.3f')} |", flush=True)

@@ -20,11 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from rounds import interleaved  # this folder: the shared schedule
+from rounds import alternating_steps  # this folder: the shared schedule
 
 from h2okit import kernels
 from h2okit.clikit import setup_logging
@@ -60,24 +59,17 @@ def build(source: str, folder: Path, name: str):
 
 
 def alternate(engine: Engine, libs: dict, prompts: list[list[int]], steps: int, label: str) -> dict[str, list]:
-    """Per build, the seconds of its fused decode steps: the prompts prefilled once, then steps taking turns
-    between the builds on the same caches (rounds.interleaved; its first round a warm-up)."""
+    """Per build, the seconds of its fused decode steps on the same caches (rounds.alternating_steps)."""
     fast = engine.fast
     fast.adapt_threads = False
-    caches = [engine.new_cache() for _ in prompts]
-    feed = [int(engine.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
-    position = [len(prompts[0])]
 
-    def step(lib) -> float:
-        fast.lib = lib
-        started = time.perf_counter()
-        logits = fast.step_batch(caches, feed, [position[0]] * len(caches))
-        seconds = time.perf_counter() - started
-        feed[:] = logits.argmax(-1).tolist()
-        position[0] += 1
-        return seconds
+    def stepper(lib):
+        def step(caches, tokens, positions):
+            fast.lib = lib
+            return fast.step_batch(caches, tokens, positions)
+        return step
 
-    return interleaved({name: (lambda lib=lib: step(lib)) for name, lib in libs.items()}, steps, label)
+    return alternating_steps(engine, prompts, {name: stepper(lib) for name, lib in libs.items()}, steps, label)
 
 
 def main() -> int:

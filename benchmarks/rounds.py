@@ -5,6 +5,7 @@ machine; round 0 is a warm-up and is not kept."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,3 +22,24 @@ def interleaved(runs: dict[str, Callable[[], T]], reps: int, label: str = "") ->
                 samples[name].append(result)
         print(f"  {label}round {rnd}/{reps} done", file=sys.stderr, flush=True)
     return samples
+
+
+def alternating_steps(engine, prompts: list[list[int]], steppers: dict[str, Callable], steps: int,
+                      label: str = "") -> dict[str, list[float]]:
+    """Per stepper, the seconds of its fused decode steps: the prompts prefilled once by `engine` (one cache
+    each), then the steppers taking turns (`interleaved`) on the same caches, so all see the same cache
+    lengths and the same phases of the machine. A stepper is `step(caches, tokens, positions) -> logits`
+    (FastDecoder.step_batch, or a variant of it); each step feeds the greedy tokens of the one before."""
+    caches = [engine.new_cache() for _ in prompts]
+    feed = [int(engine.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
+    position = [len(prompts[0])]
+
+    def step(stepper: Callable) -> float:
+        started = time.perf_counter()
+        logits = stepper(caches, feed, [position[0]] * len(caches))
+        seconds = time.perf_counter() - started
+        feed[:] = logits.argmax(-1).tolist()
+        position[0] += 1
+        return seconds
+
+    return interleaved({name: (lambda s=stepper: step(s)) for name, stepper in steppers.items()}, steps, label)

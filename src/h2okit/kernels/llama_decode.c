@@ -718,12 +718,13 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
         int nb = cols / QBLOCK;
         long group_bytes = (long)QGROUP * nb * (wtype == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
         const uint8_t *w = (const uint8_t *)W;
+        int groups = (rows + QGROUP - 1) / QGROUP;
         if (d->act_q8) { /* each input quantized once; each group read once, dotted with every input */
             int8_t qx[batch][cols];
             float dx[batch][nb > 0 ? nb : 1], qsum[batch][nb > 0 ? nb : 1];
             for (int i = 0; i < batch; i++) quantize_q8(x + (long)i * cols, cols, qx[i], dx[i], qsum[i]);
 #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int g = 0; g < (rows + QGROUP - 1) / QGROUP; g++) {
+            for (int g = 0; g < groups; g++) {
                 int r0 = g * QGROUP, n = rows - r0 < QGROUP ? rows - r0 : QGROUP;
                 float v[QGROUP];
                 for (int i = 0; i < batch; i++) {
@@ -742,7 +743,6 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
                 xsum[i][b] = s;
             }
         const float *sums = &xsum[0][0];
-        int groups = (rows + QGROUP - 1) / QGROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int g = 0; g < groups; g++) {
             int r0 = g * QGROUP, n = rows - r0 < QGROUP ? rows - r0 : QGROUP;

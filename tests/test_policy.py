@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from h2okit.policy import (SCORERS, LayerPolicy, PlanParams, build_plan, floor_mask, lossy_ratio, num_blocks)
+from h2okit.policy import (SCORERS, LayerPolicy, PlanParams, build_plan, expected_attention, floor_mask,
+                           lossy_ratio, num_blocks)
 
 SEED = PlanParams(block_tokens=32, sink_tokens=16, recent_tokens=64, keep_ratio=1 / 3.0)
 
@@ -60,12 +61,16 @@ def test_every_policy_keeps_the_same_budget_and_the_floors(name):
     rng = np.random.default_rng(1)
     for step in range(16):
         pol.observe(rng.dirichlet(np.ones(513 + step)))
-    event = pol.maybe_plan(528)
+    inputs = {}
+    if pol.uses_queries:  # keys [kv_heads, T, D], queries [n, q_heads, D]
+        inputs = {"keys": rng.normal(size=(3, 528, 64)), "queries": rng.normal(size=(8, 9, 64)), "scale": 0.125}
+    event = pol.maybe_plan(528, **inputs)
     assert event is not None and event.plan.kept_tokens == 176
     kept = event.plan.kept_blocks[0].tolist()
     assert kept[0] == 0 and kept[-3:] == [14, 15, 16]
     pol.applied(event.plan)
-    assert pol.scorer.scores(6).shape == (1, 6)
+    if not pol.uses_queries:
+        assert pol.scorer.scores(6).shape == (1, 6)
 
 
 def test_streaming_extends_the_recent_window_and_random_is_seeded():
@@ -253,3 +258,80 @@ def test_pooled_scores_keep_a_heavy_hitters_neighbours():
     pol.observe(np.array([0.0, 0.1, 0.0, 0.9, 0.0, 0.2, 0.15, 0.0, 0.0, 0.0]))
     kept = pol.maybe_plan(10).plan.kept_blocks[0].tolist()
     assert kept == [2, 3, 4, 9]  # 3 and both neighbours, and the write head (unpooled: 3, 5, 6, 9)
+
+
+def _reference_expected_attention(keys, queries, scale):
+    """The formula written out: explicit covariance per query head, float64, then summed per KV head."""
+    kv_heads, tokens, _ = keys.shape
+    group = queries.shape[1] // kv_heads
+    q = queries.astype(np.float64)
+    mean, centred = q.mean(0), q - q.mean(0)
+    cov = np.einsum("nhd,nhe->hde", centred, centred) / (len(q) - 1)
+    k = np.repeat(keys.astype(np.float64), group, axis=0)
+    logits = scale * np.einsum("htd,hd->ht", k, mean) + 0.5 * scale**2 * np.einsum("htd,hde,hte->ht", k, cov, k)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p.reshape(kv_heads, group, tokens).sum(1) / queries.shape[1]
+
+
+def test_expected_attention_is_the_gaussian_expectation_of_the_attention_logits():
+    """The closed form (low-rank, float32 products) equals the formula with the covariance written out,
+    and it is what sampling queries from the fitted Gaussian gives (Monte Carlo, 20k draws)."""
+    rng = np.random.default_rng(0)
+    kv_heads, q_heads, dim, tokens = 3, 9, 32, 40
+    keys = rng.normal(size=(kv_heads, tokens, dim)).astype(np.float32)
+    mixing = rng.normal(size=(q_heads, dim, dim)) * 0.15
+    queries = (rng.normal(size=(q_heads, dim)) * 0.5
+               + np.einsum("hde,nhe->nhd", mixing, rng.normal(size=(24, q_heads, dim)))).astype(np.float32)
+    scale = dim ** -0.5
+    got = expected_attention(keys, queries, scale)
+    want = _reference_expected_attention(keys, queries, scale)
+    assert got.shape == (kv_heads, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got.sum(), 1.0, rtol=1e-9)  # a distribution over keys, shared out by heads
+    q = queries.astype(np.float64)
+    cov = np.cov(q.reshape(len(q), -1).T).reshape(q_heads, dim, q_heads, dim)
+    chol = np.stack([np.linalg.cholesky(cov[h, :, h] + 1e-9 * np.eye(dim)) for h in range(q_heads)])
+    draws = q.mean(0) + np.einsum("hde,nhe->nhd", chol, rng.normal(size=(20000, q_heads, dim)))
+    k = np.repeat(keys.astype(np.float64), q_heads // kv_heads, axis=0)
+    sampled = np.exp(scale * np.einsum("nhd,htd->nht", draws, k)).mean(0)
+    sampled = (sampled / sampled.sum(1, keepdims=True)).reshape(kv_heads, -1, tokens).sum(1) / q_heads
+    assert np.abs(sampled - want).max() < 0.05 * want.max()
+
+
+def test_expected_attention_of_one_query_is_its_attention():
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(2, 30, 16))
+    query = rng.normal(size=(1, 4, 16))
+    got = expected_attention(keys, query, 0.25)
+    logits = 0.25 * np.einsum("htd,hd->ht", np.repeat(keys, 2, axis=0), query[0])
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, p.reshape(2, 2, 30).sum(1) / 4, rtol=1e-6)
+
+
+def test_expected_scorer_keeps_the_keys_the_queries_point_at_and_weighs_heads_by_their_own_norms():
+    """Two KV heads; the queries point at key 3 in head 0 and key 5 in head 1, so a 2-block budget beyond
+    the floors keeps those; with value norms each head's scores are weighed by its own head's norms."""
+    params = PlanParams(block_tokens=1, sink_tokens=1, recent_tokens=1, keep_ratio=0.5, budget_basis="tokens",
+                        budget_tokens=4, value_norm=True)
+    pol = LayerPolicy(layer=0, params=params, ema_alpha=0.9, update_interval=1, trigger_min_tokens=1,
+                      policy="expected")
+    keys = np.zeros((2, 10, 4))
+    keys[0, 3, 0] = keys[1, 5, 1] = 4.0
+    keys[0, 7, 2] = 4.0  # a key no query points at
+    queries = np.zeros((6, 2, 4))
+    queries[:, 0, 0] = queries[:, 1, 1] = 3.0
+    queries[::2, :, 3] = 0.1  # a little spread (a covariance)
+    pol.tick()
+    norms = np.ones((2, 10))
+    event = pol.maybe_plan(10, keys=keys, queries=queries, scale=1.0, value_norms=norms)
+    assert event.plan.kept_blocks.tolist() == [[0, 3, 5, 9]]
+    pol.applied(event.plan)
+    norms[0, 3] = 0.0  # head 0's heavy key has no value: only head 1's choice is left for it
+    pol.tick()
+    event = pol.maybe_plan(10, keys=keys, queries=queries, scale=1.0, value_norms=norms)
+    assert 5 in event.plan.kept_blocks[0] and 3 not in event.plan.kept_blocks[0]
+    with pytest.raises(ValueError, match="keys and queries"):
+        pol.tick()
+        pol.maybe_plan(10)

@@ -53,9 +53,10 @@ def kv_config(policy: str, per_head: bool = False, cache_dtype: str = "float32",
                          "kv_cache_dtype": cache_dtype, **extra}).kv
 
 
-def teacher_forced(engine: Engine, ids: list[int], prompt: int, scores: list | None = None):
+def teacher_forced(engine: Engine, ids: list[int], prompt: int, scores: list | None = None,
+                   caches: list | None = None):
     """(logits, plans, lengths) of teacher-forcing `ids` after a `prompt`-token prefill; `scores` gets
-    every evicting layer's final block scores."""
+    every evicting layer's final block scores, `caches` the cache."""
     cache = engine.new_cache()
     logits = [engine.forward(cache, ids[:prompt], 0)[-1]]
     for i, token in enumerate(ids[prompt:-1]):
@@ -63,17 +64,20 @@ def teacher_forced(engine: Engine, ids: list[int], prompt: int, scores: list | N
     plans = eviction_plans(cache)
     if scores is not None:
         scores.extend(layer.policy.scorer.state.copy() for layer in cache.layers if layer.policy is not None)
+    if caches is not None:
+        caches.append(cache)
     return torch.stack(logits).float(), plans, cache.seq_lengths().tolist()
 
 
 @pytest.mark.parametrize("layout, policy, per_head", [
     ("mha-d32", "h2o", False), ("gqa3-d64", "tova", True), ("gqa2-d128", "mean", False), ("mqa-d64", "window", True),
     ("gqa3-d64", "streaming", False), ("gqa2-d128", "h2o", True), ("mqa-d64", "random", False),
+    ("gqa3-d64", "expected", False), ("gqa2-d128", "expected", True),
 ])  # every layout and every policy family at least once
 def test_fast_path_matches_reference_float32(layout, policy, per_head):
     loaded = tiny_llama(*LAYOUTS[layout], torch.float32)
     ids = np.random.default_rng(1).integers(0, 320, 90).tolist()
-    kv = kv_config(policy, per_head, kv_h2o_value_norm=policy == "h2o")
+    kv = kv_config(policy, per_head, kv_h2o_value_norm=policy in ("h2o", "expected"), kv_h2o_query_window=8)
     fast = Engine(loaded, kv, decode_path="fast")
     ref = Engine(loaded, kv, decode_path="reference")
     assert fast.decode_path_used == "fast"
@@ -109,7 +113,7 @@ def test_no_eviction_fast_equals_reference_exactly_in_greedy_tokens():
     assert fast == ref
 
 
-@pytest.mark.parametrize("policy", ["h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["h2o", "streaming", "expected"])
 def test_chunked_prefill_bounds_the_peak_kv(policy):
     """kv_h2o_prefill_chunk_tokens: the prompt goes in chunks and every evicting layer shrinks to its
     budget between them, so the peak K/V is about budget + one chunk, not the whole prompt."""
@@ -150,6 +154,7 @@ def test_chunked_prefill_without_eviction_is_the_same_computation():
 @pytest.mark.parametrize("policy, per_head, extra", [
     ("h2o", False, {"kv_h2o_value_norm": True}), ("h2o", True, {}), ("tova", True, {}), ("window", False, {}),
     ("streaming", False, {}), ("mean", False, {}),  # mean: its step is not decay * s + gain * m, never fused
+    ("expected", True, {"kv_h2o_value_norm": True}),  # queries copied by the fused step into the ring
     ("h2o", False, {"kv_lossless_enable": True, "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_mode": "full"}),
     ("h2o", False, {"kv_lossless_enable": True, "kv_lossless_codec": "gear_delta",
                      "kv_lossless_runtime_mode": "store"}),  # store mode: not fused
@@ -173,10 +178,11 @@ def test_one_call_per_step_is_the_per_layer_path_bit_for_bit(monkeypatch, policy
 
     monkeypatch.setattr(engine.fast, "lib", Counting())
     fused_scores, per_layer_scores = [], []
-    fused = teacher_forced(engine, ids, 40, fused_scores)
+    caches = []
+    fused = teacher_forced(engine, ids, 40, fused_scores, caches)
     fused_calls = len(calls)
     monkeypatch.setattr(FastDecoder, "fuse_steps", False)
-    per_layer = teacher_forced(engine, ids, 40, per_layer_scores)
+    per_layer = teacher_forced(engine, ids, 40, per_layer_scores, caches)
     assert len(calls) == fused_calls  # the switch works: no fused call without it
     expect_fused = policy != "mean" and extra.get("kv_lossless_runtime_mode") != "store"
     assert fused_calls == (len(ids) - 41 if expect_fused else 0)
@@ -187,6 +193,11 @@ def test_one_call_per_step_is_the_per_layer_path_bit_for_bit(monkeypatch, policy
     for a, b in zip(fused_scores, per_layer_scores):
         np.testing.assert_array_equal(a, b)
         assert a.any() or not SCORERS[policy].uses_attention
+    if policy == "expected":  # the query rings too (each layer's last 32 queries, this window's)
+        rings = [[layer.recent_queries().copy() for layer in c.layers] for c in caches]
+        for a, b in zip(*rings):
+            assert a.shape == (32, 9, 64)
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("fuse", [True, False])

@@ -75,6 +75,8 @@ def h2o_attention(module, query, key, value, attention_mask, scaling=None, dropo
         scaling = query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     layer = h2o_cache.layers[module.layer_idx] if h2o_cache is not None else None
+    if layer is not None and layer.needs_queries:  # (prompt rows too: the first plan has a full window)
+        layer.record_queries(query[0], scaling)
     if sliding_window:  # a local layer: never an H2O layer, so no mass is needed
         if layer is not None and getattr(layer, "window", None) != sliding_window:
             raise ValueError(f"layer {module.layer_idx} attends to a window of {sliding_window} tokens, but its "

@@ -20,6 +20,7 @@ from . import hugepages
 from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
 from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights
+from .threads import one_blas_thread
 
 log = logging.getLogger(__name__)
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
@@ -142,6 +143,9 @@ class H2OLayer(CacheLayerMixin):
         self.on_event = on_event
         self.on_size = None  # the cache's callback: (layer index, physical bytes) after every size change
         self.tokens_seen = 0
+        self._queries: np.ndarray | None = None  # [query_window, q_heads, D] ring of recent queries
+        self._queries_recorded = 0
+        self.query_scale = 1.0  # the attention's logit scale, recorded with the queries
 
     # `keys` and `values` (transformers' attributes) are views of the buffer's live tokens, sliced again
     # on the first read after the buffer grew: a fused decode step grows every layer of every sequence,
@@ -265,10 +269,63 @@ class H2OLayer(CacheLayerMixin):
         self.keys = self.values = self.buffer = None
         self.is_initialized = False
         self.tokens_seen = 0
+        self._queries, self._queries_recorded = None, 0
         if self.policy is not None:
             self.policy.reset()
         if self.codec is not None:
             self.codec.reset()
+
+    # --- recent queries (for a policy that `uses_queries`) ------------------------------
+    @property
+    def needs_queries(self) -> bool:
+        """Does this layer keep its recent queries (an evicting layer whose scorer plans from them)?"""
+        return self.policy is not None and self.policy.uses_queries
+
+    def _query_ring(self, q_heads: int, dim: int) -> np.ndarray:
+        if self._queries is None or self._queries.shape[1:] != (q_heads, dim):
+            self._queries = np.zeros((self.policy.query_window, q_heads, dim), dtype=np.float32)
+            self._queries_recorded = 0
+        return self._queries
+
+    def record_queries(self, queries: torch.Tensor, scale: float) -> None:
+        """queries [q_heads, n, D] (after RoPE, unscaled, as attention takes them): the ring keeps the last
+        `query_window` rows; `scale` is the attention's logit scale."""
+        q_heads, n, dim = queries.shape
+        ring = self._query_ring(q_heads, dim)
+        rows = queries[:, -len(ring):].detach().float().transpose(0, 1).numpy()  # [m, q_heads, D]
+        # the query of the i-th recording goes to row i % len(ring), so the ring always holds the last ones
+        ring[(self._queries_recorded + n - len(rows) + np.arange(len(rows))) % len(ring)] = rows
+        self._queries_recorded += n
+        self.query_scale = scale
+
+    def query_slot(self, q_heads: int, dim: int, scale: float) -> np.ndarray:
+        """The ring row a decode step writes its query into itself (the fast path's fused step), [q_heads, D];
+        counted as recorded now."""
+        ring = self._query_ring(q_heads, dim)
+        row = ring[self._queries_recorded % len(ring)]
+        self._queries_recorded += 1
+        self.query_scale = scale
+        return row
+
+    def recent_queries(self) -> np.ndarray:
+        """[n, q_heads, D]: the recorded queries still in the ring (in no particular order)."""
+        if self._queries is None:
+            return np.zeros((0, 0, 0), dtype=np.float32)
+        return self._queries[:min(self._queries_recorded, len(self._queries))]
+
+    def _plan(self, length: int, force: bool) -> EvictionEvent | None:
+        """The policy's plan if one is due (`force`: chunked prefill), with what its scorer needs: value
+        norms, and for one that `uses_queries` the keys [kv_heads, T, D], the recent queries and the
+        attention's scale (its products on one BLAS thread: threads.one_blas_thread)."""
+        if not (self.policy.due(length) or (force and length >= self.policy.trigger_min_tokens)):
+            return None
+        norms = self.value_norms() if self.policy.params.value_norm else None
+        if not self.policy.uses_queries:
+            return self.policy.maybe_plan(length, self.tokens_seen, norms, force=force)
+        keys, _ = self._this_steps_kv()
+        with one_blas_thread():
+            return self.policy.maybe_plan(length, self.tokens_seen, norms, force=force, keys=keys[0].float().numpy(),
+                                          queries=self.recent_queries(), scale=self.query_scale)
 
     # --- H2O ---------------------------------------------------------------------------
     @property
@@ -330,8 +387,7 @@ class H2OLayer(CacheLayerMixin):
         """After a decode step was scored: the eviction if one is due, then the codec's cadence."""
         if self.policy is not None:
             length = self.get_seq_length()
-            norms = self.value_norms() if self.policy.params.value_norm and self.policy.due(length) else None
-            event = self.policy.maybe_plan(length, self.tokens_seen, norms)
+            event = self._plan(length, force=False)
             if event is not None:
                 self.compact(event.plan)
                 self.policy.applied(event.plan)
@@ -352,9 +408,7 @@ class H2OLayer(CacheLayerMixin):
             self.policy.observe_blocks(self.block_mass(head_mass))
         else:
             self.policy.tick()
-        length = self.get_seq_length()
-        norms = self.value_norms() if self.policy.params.value_norm else None
-        event = self.policy.maybe_plan(length, self.tokens_seen, norms, force=True)
+        event = self._plan(self.get_seq_length(), force=True)
         if event is not None:
             self.compact(event.plan)
             self.policy.applied(event.plan)
@@ -567,7 +621,8 @@ class H2OCache(Cache):
                 policy = LayerPolicy(layer=i, params=params, ema_alpha=kv.h2o_ema_alpha,
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
-                                     seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill)
+                                     seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill,
+                                     query_window=kv.h2o_query_window)
             layer_class = ColdStoreLayer if codec is not None and codec.mode == "store" else H2OLayer
             layers.append(layer_class(i, policy, store_dtype, on_event=self._record, codec=codec))
             layers[-1].on_size = self._resized

@@ -158,6 +158,8 @@ class KVConfig:
     h2o_score_prefill: bool = _kv(False, doc="also score the prompt's attention (H2O paper); SPEC: decode only")
     h2o_score_prefill_rows: int = _kv(0, _clamp(0), doc="with score_prefill: only the prompt's last N query rows "
                                                          "(SnapKV's observation window); 0: all rows")
+    h2o_query_window: int = _kv(32, _clamp(1), doc="policy `expected`: the recent queries whose mean and covariance "
+                                                    "model the next ones")
     lossless_enable: bool = _kv(False, doc="lossless codec on")
     lossless_scope: str = _kv("front_n", choices=LOSSLESS_SCOPES)
     lossless_front_n: int = _kv(2, _clamp(0), doc="front_n scope: layers [0, N)")

@@ -432,6 +432,8 @@ class FastDecoder:
         """One sequence's attention in one layer after its attention input: the token's k and v into the
         cache (written by the kernel into `slot`, or appended in store mode), attention over what the
         layer attends to (into `attn_out`), then the layer's scoring and eviction."""
+        if layer.needs_queries:
+            layer.record_queries(qkv_row[:self.q_dim].view(self.q_heads, 1, self.head_dim), self.scaling)
         if slot is not None:
             keys, values = layer.commit_slot()
         else:
@@ -459,6 +461,7 @@ class FastDecoder:
         ropes = self._rope_rows(positions)
         scored: list[list[bool]] = [[] for _ in caches]
         longest = 0
+        recording = []  # (slot, layer) of the layers that keep their recent queries
         for index, kind in enumerate(self.arch.rope_kinds):
             for s, cache in enumerate(caches):
                 i = index * batch + s
@@ -492,7 +495,13 @@ class FastDecoder:
                         slot.score_rows, slot.score_stride = scores.shape
                     self._slot_sources[i] = (weakref.ref(layer), k, v, stride, block,
                                              None if scores is None else weakref.ref(scores))
+                    slot.query_out = kernels.NULL
+                if layer.needs_queries:
+                    recording.append((slot, layer))
                 scored[s].append(bool(block))
+        for slot, layer in recording:  # (only once the step is sure to run fused) its row of the query ring
+            slot.query_out = kernels.ffi.cast("float *", layer.query_slot(self.q_heads, self.head_dim,
+                                                                           self.scaling).ctypes.data)
         self._scratch(longest, 1, copies)  # a copy of the attention's scratch per thread
         return scored
 

@@ -56,6 +56,7 @@ class Scorer:
 
     name: ClassVar[str] = ""
     uses_attention: ClassVar[bool] = True  # False: the runtime need not compute attention mass
+    uses_queries: ClassVar[bool] = False  # True: plans need the layer's keys and its recent queries (`prepare`)
     doc: ClassVar[str] = ""
 
     def __init__(self, alpha: float = 0.9, seed: int = 0, layer: int = 0):
@@ -195,8 +196,76 @@ class RandomScorer(Scorer):
         return np.random.default_rng([self.seed, self.layer, self.evictions]).random((1, nb))
 
 
+def expected_attention(keys: np.ndarray, queries: np.ndarray, scale: float) -> np.ndarray:
+    """[kv_heads, tokens]: the attention a query drawn from N(mean, covariance) of `queries` would pay each
+    key, per query head, summed over each KV head's query heads (divided by all query heads, as SPEC §2's
+    mass). keys [kv_heads, T, D] (after RoPE, as cached), queries [n, q_heads, D] (after RoPE, unscaled).
+
+    For q ~ N(mu, S), E[exp(s q.k)] = exp(s mu.k + s^2 k'Sk / 2), so each key's expected logit is
+    s mu.k + s^2 k'Sk / 2 and its expected attention the softmax of those over the keys (kvpress's
+    Expected Attention, with the queries' statistics taken after RoPE: the recent queries' mean keeps the
+    slowly rotating dimensions and averages the fast ones out)."""
+    kv_heads, tokens, dim = keys.shape
+    n, q_heads, _ = queries.shape
+    group = q_heads // kv_heads
+    q = np.asarray(queries, dtype=np.float32)
+    mean = q.mean(axis=0)  # [q_heads, D]
+    # k'Sk = |C k|^2 / (n - 1) with C the centred queries: one product per KV head with its query heads'
+    # mean and centred queries stacked, [group (n + 1), D] @ [D, T] (cheaper than S itself while n < D)
+    rows = np.concatenate([mean[None], q - mean], axis=0)  # [n + 1, q_heads, D]
+    out = np.zeros((kv_heads, tokens))
+    for g in range(kv_heads):
+        heads = np.ascontiguousarray(rows[:, g * group:(g + 1) * group].transpose(1, 0, 2)).reshape(-1, dim)
+        products = (heads @ np.asarray(keys[g], dtype=np.float32).T).reshape(group, n + 1, tokens)
+        products = products.astype(np.float64)
+        logits = scale * products[:, 0]  # [group, T]
+        if n > 1:
+            logits += 0.5 * scale * scale * np.square(products[:, 1:]).sum(axis=1) / (n - 1)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        out[g] = (probs / probs.sum(axis=1, keepdims=True)).sum(axis=0)
+    return out / q_heads
+
+
+class ExpectedAttentionScorer(Scorer):
+    """kvpress's Expected Attention: no past attention at all. At plan time each key scores the attention
+    the layer's next queries are expected to pay it, modelling them as a Gaussian fitted to its recent
+    queries (`expected_attention`). Scores are per KV head ([kv_heads, blocks]); a shared choice sums them
+    (after the value-norm weighting, per head)."""
+
+    name = "expected"
+    uses_attention = False
+    uses_queries = True
+    doc = "expected attention of the next queries (Gaussian fitted to the recent ones; kvpress)"
+    # Added to every token's expected attention (probabilities, ~1/T each), as kvpress's epsilon, so that
+    # the value-norm weighting still separates keys no query is expected to attend.
+    EPSILON = 1e-4
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._token_scores: np.ndarray | None = None
+        self._block = 1
+
+    def prepare(self, keys: np.ndarray, queries: np.ndarray, scale: float, block_tokens: int) -> None:
+        """The layer's keys and recent queries for the next `scores` (see `expected_attention`)."""
+        if len(queries) == 0:
+            raise ValueError(f"layer {self.layer}: expected attention needs at least one recorded query")
+        self._token_scores = expected_attention(keys, queries, scale) + self.EPSILON
+        self._block = block_tokens
+
+    def scores(self, nb):
+        if self._token_scores is None:
+            raise RuntimeError(f"layer {self.layer}: `prepare` must run before expected-attention scores")
+        tokens, self._token_scores = self._token_scores, None
+        starts = np.arange(0, tokens.shape[1], self._block)
+        block_scores = np.add.reduceat(tokens, starts, axis=1)
+        if block_scores.shape[1] != nb:
+            raise ValueError(f"layer {self.layer}: {block_scores.shape[1]} blocks of keys for {nb} blocks")
+        return block_scores
+
+
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (
-    EMAScorer, LastStepScorer, MeanScorer, WindowScorer, RecencyScorer, RandomScorer)}
+    EMAScorer, LastStepScorer, MeanScorer, WindowScorer, RecencyScorer, RandomScorer, ExpectedAttentionScorer)}
 # "full" is a policy too: the same runtime, no eviction (the baseline of every comparison).
 POLICIES: tuple[str, ...] = (*SCORERS, "full")
 
@@ -407,6 +476,7 @@ class LayerPolicy:
     policy: str = "h2o"
     seed: int = 0
     score_prefill: bool = False
+    query_window: int = 32  # `expected`: how many recent queries the layer keeps (the runtime records them)
     scorer: Scorer = field(init=False)
     steps_since_eviction: int = 0
 
@@ -422,6 +492,10 @@ class LayerPolicy:
     @property
     def uses_attention(self) -> bool:
         return self.scorer.uses_attention
+
+    @property
+    def uses_queries(self) -> bool:
+        return self.scorer.uses_queries
 
     @property
     def evictions(self) -> int:
@@ -480,16 +554,27 @@ class LayerPolicy:
         return length >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval
 
     def maybe_plan(self, length: int, seen: int | None = None, value_norms: np.ndarray | None = None,
-                   force: bool = False) -> EvictionEvent | None:
+                   force: bool = False, keys: np.ndarray | None = None, queries: np.ndarray | None = None,
+                   scale: float = 1.0) -> EvictionEvent | None:
         """After a decode step: the plan to apply now, or None. Call `applied` once it is applied.
         `value_norms` ([kv_heads, blocks], with `params.value_norm`) weigh the scores. `force` (chunked
-        prefill) plans whenever the layer holds trigger_min_tokens, whatever the step clock says."""
+        prefill) plans whenever the layer holds trigger_min_tokens, whatever the step clock says.
+        A scorer that `uses_queries` needs `keys` [kv_heads, length, D], the recent `queries` [n, q_heads, D]
+        and the attention's `scale`."""
         if not (self.due(length) or (force and length >= self.trigger_min_tokens)):
             return None
         started = time.perf_counter()
+        if self.scorer.uses_queries:
+            if keys is None or queries is None:
+                raise ValueError(f"layer {self.layer}: policy {self.policy!r} plans from keys and queries")
+            self.scorer.prepare(keys, queries, scale, self.params.block_tokens)
         scores = self.scorer.scores(num_blocks(length, self.params.block_tokens))
         if self.params.value_norm and value_norms is not None:
-            scores = scores * self._rows(value_norms)
+            norms = np.atleast_2d(np.asarray(value_norms, dtype=np.float64))
+            # per-head scores are weighed by their own head's norms; one shared row by the summed ones
+            scores = scores * (norms if scores.shape[0] == norms.shape[0] else self._rows(norms))
+        if not self.params.per_head and scores.shape[0] > 1:
+            scores = scores.sum(axis=0, keepdims=True)
         scores = max_pool(scores, self.params.score_pool)
         plan = build_plan(length, scores, self.params, seen)
         plan_us = (time.perf_counter() - started) * 1e6

@@ -26,6 +26,8 @@ The chooser is pure logic (no torch, no clock): the caller times the steps.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -105,3 +107,17 @@ def set_openmp_wait() -> None:
     if "torch" in sys.modules or any(key in os.environ for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
         return
     os.environ.update(OPENMP_WAIT)
+
+
+@functools.cache
+def _blas_pools():
+    import threadpoolctl  # (only policies that multiply matrices at plan time need it)
+
+    return threadpoolctl.ThreadpoolController()
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """A context in which numpy's BLAS runs on one thread (~55 us to enter and leave). OpenBLAS's threads
+    spin after each call, as the kernels' OpenMP threads do between loops; on 2 cores the two sets of
+    spinning threads took an expected-attention plan (P=2048, 3 KV heads) from 2.8 ms to 41 ms."""
+    return _blas_pools().limit(limits=1, user_api="blas")

@@ -99,6 +99,8 @@ typedef struct {
     long score_stride;
     double decay;
     double gain;
+    float *query_out;            /* [q_heads, head_dim] or NULL: where this step's query (after RoPE, unscaled)
+                                    is copied, for a policy that plans from recent queries */
 } h2k_layer_cache;
 
 /* A whole decode step for `batch` sequences: for each layer, attention input (each sequence's k/v into

@@ -1368,6 +1368,9 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
         }
         h2k_attention_input_batch(d, batch, x, lw->attn_in_norm, lw->qkv, h, qkv, lw->q_norm, lw->k_norm, cos, sin,
                                   k_slot, v_slot, stride, lc->kvtype);
+        for (int s = 0; s < batch; s++)
+            if (lc[s].query_out != NULL)
+                memcpy(lc[s].query_out, qkv + (long)s * width, (size_t)q_dim * sizeof(float));
         attend_batch(d, lc, batch, qkv, width, attn, probs, head_mass, partial, parts, scratch_tokens);
         h2k_mlp_block_batch(d, batch, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down,
                             lw->mlp_out_norm, h, gu);

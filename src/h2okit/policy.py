@@ -35,6 +35,11 @@ def _grown(state: np.ndarray, rows: int, nb: int) -> np.ndarray:
     return state
 
 
+def block_sums(values: np.ndarray, block_tokens: int) -> np.ndarray:
+    """[rows, tokens] -> [rows, blocks]: each block's sum (the last block may be partial)."""
+    return np.add.reduceat(values, np.arange(0, values.shape[1], block_tokens), axis=1)
+
+
 def _take_blocks(state: np.ndarray, kept_blocks: np.ndarray) -> np.ndarray:
     """Each row's kept blocks (a shared plan's one row serves every row of a per-head state)."""
     return np.take_along_axis(state, np.broadcast_to(kept_blocks, (state.shape[0], kept_blocks.shape[1])), axis=1)
@@ -257,8 +262,7 @@ class ExpectedAttentionScorer(Scorer):
         if self._token_scores is None:
             raise RuntimeError(f"layer {self.layer}: `prepare` must run before expected-attention scores")
         tokens, self._token_scores = self._token_scores, None
-        starts = np.arange(0, tokens.shape[1], self._block)
-        block_scores = np.add.reduceat(tokens, starts, axis=1)
+        block_scores = block_sums(tokens, self._block)
         if block_scores.shape[1] != nb:
             raise ValueError(f"layer {self.layer}: {block_scores.shape[1]} blocks of keys for {nb} blocks")
         return block_scores
@@ -546,9 +550,8 @@ class LayerPolicy:
 
     def observe(self, token_mass: np.ndarray) -> None:
         """Per-token mass [tokens] or [kv_heads, tokens], summed per block here (tests, tools)."""
-        mass = np.atleast_2d(np.asarray(token_mass, dtype=np.float64))
-        starts = np.arange(0, mass.shape[1], self.params.block_tokens)
-        self.observe_blocks(np.add.reduceat(mass, starts, axis=1))
+        self.observe_blocks(block_sums(np.atleast_2d(np.asarray(token_mass, dtype=np.float64)),
+                                       self.params.block_tokens))
 
     def due(self, length: int) -> bool:
         return length >= self.trigger_min_tokens and self.steps_since_eviction >= self.update_interval

@@ -111,6 +111,12 @@ VARIANTS = {
                                  "kv_h2o_query_window": 128, **SMALL_FLOORS},
     "expected_vnorm_head_r64": {"kv_h2o_policy": "expected", "kv_h2o_value_norm": True, "kv_h2o_per_head": True,
                                 **SMALL_FLOORS, "kv_h2o_recent_tokens": 64},
+    "expected_vnorm_head_h0": {"kv_h2o_policy": "expected", "kv_h2o_value_norm": True, "kv_h2o_per_head": True,
+                               "kv_h2o_query_horizon": 0, **SMALL_FLOORS},
+    "expected_vnorm_head_h64": {"kv_h2o_policy": "expected", "kv_h2o_value_norm": True, "kv_h2o_per_head": True,
+                                "kv_h2o_query_horizon": 64, **SMALL_FLOORS},
+    "expected_vnorm_h0": {"kv_h2o_policy": "expected", "kv_h2o_value_norm": True, "kv_h2o_query_horizon": 0,
+                          **SMALL_FLOORS},
 }
 DEFAULT_VARIANTS = "streaming,random,h2o_seed_floors,h2o,tova,h2o_vnorm"
 

@@ -368,6 +368,8 @@ WARN_CASES = [
     ("unknown-model-key", {"sampler_type": "greedy"}, "'sampler_type' is not used by h2okit; ignored"),
     ("slope-above-1", {"kv_h2o_layer_budget_slope": 3.0}, "using 1.0"),
     ("front-n-negative", {"kv_lossless_front_n": -1}, "using 0"),
+    ("query-window-0", {"kv_h2o_query_window": 0}, "'kv_h2o_query_window' = 0 is out of range; using 1"),
+    ("query-horizon-negative", {"kv_h2o_query_horizon": -8}, "'kv_h2o_query_horizon' = -8 is out of range; using 0"),
 ]
 
 

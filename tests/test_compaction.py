@@ -1,6 +1,7 @@
 """Torch-side correctness without the model: the scoring attention and compaction (SPEC §4)."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -172,3 +173,44 @@ def test_sliding_layers_are_outside_the_h2o_and_codec_scopes():
     assert cache.h2o_layer_ids == [1, 3] and cache.lossless_layer_ids == {1}
     assert [type(layer) is SlidingWindowLayer for layer in cache.layers] == [True, False, True, False]
     assert cache.layers[1].policy is not None and cache.layers[1].codec is not None
+
+
+def _tables(positions, dim=8, base=10000.0):
+    angles = np.outer(positions, base ** (-np.arange(0, dim, 2) / dim))
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def test_query_ring_knows_each_query_position_and_moves_them_ahead_for_the_plan():
+    """The ring's rows keep the last `query_window` queries, whichever way they were recorded (prompt
+    rows, then the fused step's slots); each row's position is its recording's index, and the plan's
+    queries are those rows moved to the next `query_horizon` positions with the model's tables."""
+    from h2okit.cache import H2OCache
+    from h2okit.config import parse_config
+    from h2okit.policy import queries_ahead
+
+    kv = parse_config({"kv_h2o_enable": True, "kv_h2o_layer_start": 0, "kv_h2o_policy": "expected",
+                       "kv_h2o_query_window": 4, "kv_h2o_query_horizon": 6}).kv
+    asked = []
+    cache = H2OCache(2, kv, rope=lambda layer, positions: (asked.append((layer, list(positions))),
+                                                           _tables(positions))[1])
+    layer = cache.layers[1]
+    rows = torch.arange(7, dtype=torch.float32)[None, :, None].expand(2, 7, 8)  # row value = its position
+    layer.record_queries(rows, scale=0.25)
+    for position in (7, 8):
+        layer.query_slot(2, 8, 0.25)[:] = position
+    got = layer.recent_queries()
+    positions = layer.recent_query_positions()
+    assert sorted(positions.tolist()) == [5, 6, 7, 8]
+    assert (got[:, 0, 0] == positions).all()  # every row sits where its position says
+    own, ahead = _tables(positions), _tables(np.arange(9, 15))
+    np.testing.assert_allclose(layer.queries_for_plan(),
+                               queries_ahead(got, *own, ahead[0].mean(0), ahead[1].mean(0)), rtol=1e-6)
+    assert asked == [(1, positions.tolist()), (1, list(range(9, 15)))]
+    with pytest.raises(ValueError, match="RoPE tables"):
+        H2OCache(2, kv)
+    off = parse_config({"kv_h2o_enable": True, "kv_h2o_layer_start": 0, "kv_h2o_policy": "expected",
+                        "kv_h2o_query_horizon": 0}).kv
+    plain = H2OCache(2, off).layers[0]
+    plain.record_queries(rows, scale=0.25)
+    assert np.array_equal(plain.queries_for_plan(), plain.recent_queries())

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from h2okit.policy import (SCORERS, LayerPolicy, PlanParams, build_plan, expected_attention, floor_mask,
-                           lossy_ratio, num_blocks)
+                           lossy_ratio, num_blocks, queries_ahead)
 
 SEED = PlanParams(block_tokens=32, sink_tokens=16, recent_tokens=64, keep_ratio=1 / 3.0)
 
@@ -308,6 +308,54 @@ def test_expected_attention_of_one_query_is_its_attention():
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     np.testing.assert_allclose(got, p.reshape(2, 2, 30).sum(1) / 4, rtol=1e-6)
+
+
+def _rope(positions, dim, base=10000.0, factor=1.0):
+    """RoPE tables as transformers builds them (rotate-half pairing), times an attention factor."""
+    inv_freq = base ** (-np.arange(0, dim, 2) / dim)
+    angles = np.outer(positions, inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return factor * np.cos(angles), factor * np.sin(angles)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.3])
+def test_queries_ahead_turns_each_query_to_the_next_position(factor):
+    """A query asked at position p, moved ahead with the tables of one position p', is the same pre-RoPE
+    query asked at p' (RoPE's attention factor carried once, as in the model)."""
+    rng = np.random.default_rng(2)
+    n, heads, dim = 5, 3, 16
+    raw = rng.normal(size=(n, heads, dim))
+    own = np.array([3, 17, 40, 41, 900])
+    cos, sin = _rope(own, dim, factor=factor)
+    asked = _rotate(raw, cos[:, None], sin[:, None])
+    ahead_cos, ahead_sin = _rope([1234], dim, factor=factor)
+    got = queries_ahead(asked, cos, sin, ahead_cos[0], ahead_sin[0])
+    want = _rotate(raw, ahead_cos[0], ahead_sin[0])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_queries_ahead_averages_the_rotation_over_the_horizon():
+    """Over F positions the moved query is the mean of the query asked at each of them: the fast-turning
+    dimensions shrink towards 0, the slow ones hardly change."""
+    rng = np.random.default_rng(3)
+    dim = 32
+    raw = rng.normal(size=(1, 2, dim))
+    cos, sin = _rope([100], dim)
+    asked = _rotate(raw, cos[:, None], sin[:, None])
+    future = np.arange(101, 101 + 64)
+    fcos, fsin = _rope(future, dim)
+    got = queries_ahead(asked, cos, sin, fcos.mean(0), fsin.mean(0))
+    want = np.mean([_rotate(raw, fcos[i], fsin[i]) for i in range(len(future))], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    fast, slow = [0, dim // 2], [dim // 2 - 1, dim - 1]  # the first and last frequency's pairs
+    assert np.linalg.norm(got[..., fast]) < 0.1 * np.linalg.norm(raw[..., fast])
+    assert np.linalg.norm(got[..., slow]) > 0.99 * np.linalg.norm(raw[..., slow])
 
 
 def test_expected_scorer_keeps_the_keys_the_queries_point_at_and_weighs_heads_by_their_own_norms():

@@ -242,3 +242,39 @@ def test_the_fused_step_keeps_no_finished_cache_alive():
     del cache
     gc.collect()
     assert layer() is None
+
+
+@pytest.mark.parametrize("decode_path, chunk", [("fast", 0), ("reference", 0), ("fast", 16)])
+def test_each_recorded_query_is_at_its_tokens_position(decode_path, chunk):
+    """`expected` moves its queries ahead from the positions they were asked at, which the ring derives
+    from its count of recordings: every token a layer sees must be recorded once, in order (prompt rows,
+    chunks, the fused step's slots), so that count is the layer's tokens seen."""
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    engine = Engine(loaded, kv_config("expected", kv_h2o_query_window=8, kv_h2o_prefill_chunk_tokens=chunk),
+                    decode_path=decode_path)
+    ids = torch.randint(0, 320, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    caches = []
+    teacher_forced(engine, ids, 40, caches=caches)
+    layers = [layer for layer in caches[0].layers if layer.policy is not None]
+    assert layers and caches[0].events.evictions  # the plans ran (and moved their queries ahead)
+    for layer in layers:
+        assert layer._queries_recorded == layer.tokens_seen == 69
+        assert sorted(layer.recent_query_positions().tolist()) == list(range(61, 69))
+
+
+def test_queries_ahead_need_the_models_rope_tables(monkeypatch):
+    """A model whose RoPE tables the runtime does not know gets one ConfigError naming the key and the
+    allowed value; with the key at 0 the policy runs on the queries as asked."""
+    import h2okit.runtime as runtime
+    from h2okit.arch import ArchitectureUnsupported
+    from h2okit.config import ConfigError
+
+    def unknown(model):
+        raise ArchitectureUnsupported("model_type 'mystery'")
+
+    monkeypatch.setattr(runtime, "architecture_of", unknown)
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    with pytest.raises(ConfigError, match="kv_h2o_query_horizon 32: .*mystery.*allowed for it: 0"):
+        Engine(loaded, kv_config("expected"), decode_path="reference")
+    engine = Engine(loaded, kv_config("expected", kv_h2o_query_horizon=0), decode_path="reference")
+    assert engine.rope_tables is None and engine.new_cache().layers[0].rope_tables is None

@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -55,6 +56,12 @@ class Architecture:
     rope_kinds: list[str | None]  # per layer: which RoPE table (the rotary module's layer_type, or None)
     rotary: Callable[[torch.Tensor, str | None], tuple[torch.Tensor, torch.Tensor]]  # positions -> cos, sin
     gguf_qk_permuted: bool  # llama.cpp's converter permuted attn_q / attn_k rows in the GGUF
+
+    def rope_tables(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s RoPE tables (cos, sin) at `positions`, each [n, D] float32 numpy."""
+        cos, sin = self.rotary(torch.as_tensor(np.asarray(positions), dtype=torch.long).unsqueeze(0),
+                               self.rope_kinds[layer])
+        return cos[0].float().numpy(), sin[0].float().numpy()
 
 
 def _f32(weight: torch.Tensor) -> torch.Tensor:

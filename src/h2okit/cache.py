@@ -16,13 +16,17 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from collections.abc import Callable
+
 from . import hugepages
 from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
-from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights
+from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights, queries_ahead
 from .threads import one_blas_thread
 
 log = logging.getLogger(__name__)
+# positions [n] -> a layer's RoPE tables (cos, sin), each [n, D] numpy
+RopeTables = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 
 
@@ -146,6 +150,9 @@ class H2OLayer(CacheLayerMixin):
         self._queries: np.ndarray | None = None  # [query_window, q_heads, D] ring of recent queries
         self._queries_recorded = 0
         self.query_scale = 1.0  # the attention's logit scale, recorded with the queries
+        # positions [n] -> this layer's RoPE tables (cos, sin) [n, D] as numpy: set by H2OCache when the
+        # policy moves its queries ahead (kv_h2o_query_horizon)
+        self.rope_tables: RopeTables | None = None
 
     # `keys` and `values` (transformers' attributes) are views of the buffer's live tokens, sliced again
     # on the first read after the buffer grew: a fused decode step grows every layer of every sequence,
@@ -313,6 +320,30 @@ class H2OLayer(CacheLayerMixin):
             return np.zeros((0, 0, 0), dtype=np.float32)
         return self._queries[:min(self._queries_recorded, len(self._queries))]
 
+    def recent_query_positions(self) -> np.ndarray:
+        """[n]: the position each row of `recent_queries` was asked at. Every token the layer sees is
+        recorded once, in order (prompt rows, then one per decode step), so the r-th recording is the
+        query of position r, and ring row i holds the latest r with r % len(ring) == i."""
+        if self._queries is None:
+            return np.zeros(0, dtype=np.int64)
+        ring, recorded = len(self._queries), self._queries_recorded
+        rows = np.arange(min(recorded, ring))
+        return recorded - 1 - (recorded - 1 - rows) % ring
+
+    def queries_for_plan(self) -> np.ndarray:
+        """The recent queries as the scorer takes them: moved ahead to the next `query_horizon`
+        positions (policy.queries_ahead) when the policy asks for it, else as recorded."""
+        queries = self.recent_queries()
+        horizon = self.policy.query_horizon
+        if horizon == 0 or len(queries) == 0:
+            return queries
+        if self.rope_tables is None:
+            raise RuntimeError(f"layer {self.layer_idx}: kv_h2o_query_horizon needs the model's RoPE tables")
+        own_cos, own_sin = self.rope_tables(self.recent_query_positions())
+        # the next query is at position `recorded`, the one after at recorded + 1, ...
+        ahead_cos, ahead_sin = self.rope_tables(np.arange(self._queries_recorded, self._queries_recorded + horizon))
+        return queries_ahead(queries, own_cos, own_sin, ahead_cos.mean(axis=0), ahead_sin.mean(axis=0))
+
     def _plan(self, length: int, force: bool) -> EvictionEvent | None:
         """The policy's plan if one is due (`force`: chunked prefill), with what its scorer needs: value
         norms, and for one that `uses_queries` the keys [kv_heads, T, D], the recent queries and the
@@ -325,7 +356,7 @@ class H2OLayer(CacheLayerMixin):
         keys, _ = self._this_steps_kv()
         with one_blas_thread():
             return self.policy.maybe_plan(length, self.tokens_seen, norms, force=force, keys=keys[0].float().numpy(),
-                                          queries=self.recent_queries(), scale=self.query_scale)
+                                          queries=self.queries_for_plan(), scale=self.query_scale)
 
     # --- H2O ---------------------------------------------------------------------------
     @property
@@ -583,9 +614,11 @@ class CacheEvents:
 class H2OCache(Cache):
     """A transformers `Cache` made of `H2OLayer`s, configured from a KVConfig. `sliding_windows`
     gives, per layer, the model's attention window (None: global attention); a windowed layer is a
-    `SlidingWindowLayer`, outside the H2O and codec scopes."""
+    `SlidingWindowLayer`, outside the H2O and codec scopes. `rope` (layer, positions) -> (cos, sin)
+    gives the model's RoPE tables, which a policy that moves its queries ahead needs."""
 
-    def __init__(self, num_layers: int, kv: KVConfig, sliding_windows: list[int | None] | None = None):
+    def __init__(self, num_layers: int, kv: KVConfig, sliding_windows: list[int | None] | None = None,
+                 rope: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None):
         self.kv = kv
         windows = list(sliding_windows) if sliding_windows is not None else [None] * num_layers
         if len(windows) != num_layers:
@@ -622,10 +655,14 @@ class H2OCache(Cache):
                                      update_interval=kv.h2o_update_interval,
                                      trigger_min_tokens=kv.h2o_trigger_min_tokens, policy=kv.h2o_policy,
                                      seed=kv.h2o_seed, score_prefill=kv.h2o_score_prefill,
-                                     query_window=kv.h2o_query_window)
+                                     query_window=kv.h2o_query_window, query_horizon=kv.h2o_query_horizon)
             layer_class = ColdStoreLayer if codec is not None and codec.mode == "store" else H2OLayer
             layers.append(layer_class(i, policy, store_dtype, on_event=self._record, codec=codec))
             layers[-1].on_size = self._resized
+            if policy is not None and policy.uses_queries and policy.query_horizon:
+                if rope is None:
+                    raise ValueError("kv_h2o_query_horizon > 0 needs the model's RoPE tables (H2OCache's rope)")
+                layers[-1].rope_tables = lambda positions, layer=i: rope(layer, positions)
         super().__init__(layers=layers)
         self._layer_bytes = [0] * num_layers
         self._bytes = 0

@@ -160,6 +160,9 @@ class KVConfig:
                                                          "(SnapKV's observation window); 0: all rows")
     h2o_query_window: int = _kv(32, _clamp(1), doc="policy `expected`: the recent queries whose mean and covariance "
                                                     "model the next ones")
+    h2o_query_horizon: int = _kv(32, _clamp(0), doc="policy `expected`: the recent queries are moved (RoPE) to the "
+                                                     "next N positions, averaged, as kvpress's n_future_positions; "
+                                                     "0: kept where they were asked")
     lossless_enable: bool = _kv(False, doc="lossless codec on")
     lossless_scope: str = _kv("front_n", choices=LOSSLESS_SCOPES)
     lossless_front_n: int = _kv(2, _clamp(0), doc="front_n scope: layers [0, N)")

@@ -232,6 +232,30 @@ def expected_attention(keys: np.ndarray, queries: np.ndarray, scale: float) -> n
     return out / q_heads
 
 
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """RoPE's pairing as transformers applies it (Llama, Gemma 3): dimension i turns with i + D/2."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def queries_ahead(queries: np.ndarray, own_cos: np.ndarray, own_sin: np.ndarray, ahead_cos: np.ndarray,
+                  ahead_sin: np.ndarray) -> np.ndarray:
+    """The recent queries moved to the positions the next queries will take (kvpress's n_future_positions).
+
+    queries [n, q_heads, D] after RoPE at their own positions, whose tables are own_cos/own_sin [n, D];
+    ahead_cos/ahead_sin [D]: the tables averaged over the next positions. Each query is turned back to
+    position 0 (R(-p) q) and then by the averaged rotation (mean over f of R(f)), which is a rotation
+    shrunk where the angle turns fast over the horizon. The tables may carry a RoPE attention factor
+    (cos^2 + sin^2 = a^2): turning back divides it out, so the result carries the factor once, as a query
+    rotated at one position does. Returns float32 [n, q_heads, D]."""
+    q = np.asarray(queries, dtype=np.float32)
+    own_cos, own_sin = np.asarray(own_cos, np.float32)[:, None], np.asarray(own_sin, np.float32)[:, None]
+    factor_sq = own_cos * own_cos + own_sin * own_sin
+    at_zero = (q * own_cos - rotate_half(q) * own_sin) / factor_sq
+    ahead_cos, ahead_sin = np.asarray(ahead_cos, np.float32), np.asarray(ahead_sin, np.float32)
+    return (at_zero * ahead_cos + rotate_half(at_zero) * ahead_sin).astype(np.float32)
+
+
 class ExpectedAttentionScorer(Scorer):
     """kvpress's Expected Attention: no past attention at all. At plan time each key scores the attention
     the layer's next queries are expected to pay it, modelling them as a Gaussian fitted to its recent
@@ -481,6 +505,7 @@ class LayerPolicy:
     seed: int = 0
     score_prefill: bool = False
     query_window: int = 32  # `expected`: how many recent queries the layer keeps (the runtime records them)
+    query_horizon: int = 0  # `expected`: the next positions the queries are moved to (0: where they were asked)
     scorer: Scorer = field(init=False)
     steps_since_eviction: int = 0
 

@@ -15,9 +15,10 @@ import torch
 
 from .cache import H2OCache
 from . import kernels
-from .config import DECODE_PATHS, KVConfig
+from .arch import ArchitectureUnsupported, architecture_of
+from .config import DECODE_PATHS, ConfigError, KVConfig
 from .model import LoadedModel, float32_twin
-from .policy import lossy_ratio
+from .policy import SCORERS, lossy_ratio
 from .table import MIB, RequestStats
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,13 @@ class Engine:
             log.info("note: %d of the H2O range's layers are sliding-window layers (%s); they keep their window "
                      "exactly and are not evicted", len(sliding), ",".join(map(str, sliding)))
         self.model = loaded.model
+        self.rope_tables = None  # (layer, positions) -> RoPE (cos, sin): for a policy that moves its queries ahead
+        if kv.evicting and SCORERS[kv.h2o_policy].uses_queries and kv.h2o_query_horizon:
+            try:
+                self.rope_tables = architecture_of(loaded.model).rope_tables
+            except ArchitectureUnsupported as exc:
+                raise ConfigError(f"kv_h2o_query_horizon {kv.h2o_query_horizon}: the model's RoPE tables are not "
+                                  f"known for {exc}; allowed for it: 0") from None
         # bf16 weights: prefill computes in float32 (transformers' bf16 matmuls run at ~1/5 of float32's
         # speed on this CPU); decode steps stay on the bf16 model or the fast path's bf16 weights
         self.prefill_model = float32_twin(loaded.model)
@@ -147,7 +155,7 @@ class Engine:
         return "fast" if self.fast is not None else "reference"
 
     def new_cache(self) -> H2OCache:
-        return H2OCache(self.loaded.num_layers, self.kv, self.loaded.sliding_windows)
+        return H2OCache(self.loaded.num_layers, self.kv, self.loaded.sliding_windows, rope=self.rope_tables)
 
     @torch.inference_mode()
     def forward(self, cache: H2OCache, ids: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:

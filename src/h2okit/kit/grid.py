@@ -40,6 +40,7 @@ AXES: dict[str, tuple[str, type]] = {
     "h2o_value_norm": ("kv_h2o_value_norm", bool),
     "h2o_score_prefill": ("kv_h2o_score_prefill", bool),
     "h2o_query_windows": ("kv_h2o_query_window", int),
+    "h2o_query_horizons": ("kv_h2o_query_horizon", int),
     "h2o_layer_budget_slopes": ("kv_h2o_layer_budget_slope", float),
     "h2o_prefill_chunk_tokens": ("kv_h2o_prefill_chunk_tokens", int),
     "kv_lossless_scope": ("kv_lossless_scope", str),

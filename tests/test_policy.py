@@ -222,6 +222,9 @@ def test_plan_invariants(kv, block, sink, recent, ratio, seed, basis, extra_seen
             assert chosen.min() >= rest.max()
     idx = plan.kept_token_indices()
     assert idx.shape == (heads, plan.kept_tokens) and np.all(np.diff(idx, axis=1) > 0)
+    sizes = block_sizes_of(kv, block)
+    for row, tokens in zip(plan.kept_blocks, idx):  # exactly the kept blocks' tokens
+        assert np.array_equal(tokens, np.concatenate([np.arange(k * block, k * block + sizes[k]) for k in row]))
 
 
 def block_sizes_of(kv, block):

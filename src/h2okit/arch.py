@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,11 +57,23 @@ class Architecture:
     rotary: Callable[[torch.Tensor, str | None], tuple[torch.Tensor, torch.Tensor]]  # positions -> cos, sin
     gguf_qk_permuted: bool  # llama.cpp's converter permuted attn_q / attn_k rows in the GGUF
 
+    _rope_memo: dict = field(default_factory=dict, repr=False, compare=False)
+
     def rope_tables(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Layer `layer`'s RoPE tables (cos, sin) at `positions`, each [n, D] float32 numpy."""
-        cos, sin = self.rotary(torch.as_tensor(np.asarray(positions), dtype=torch.long).unsqueeze(0),
-                               self.rope_kinds[layer])
-        return cos[0].float().numpy(), sin[0].float().numpy()
+        """Layer `layer`'s RoPE tables (cos, sin) at `positions`, each [n, D] float32 numpy (read-only).
+        Every evicting layer plans at the same step and asks for the same positions, and the rotary module
+        takes ~0.2 ms a call, so the last few answers are kept."""
+        positions = np.asarray(positions, dtype=np.int64)
+        key = (self.rope_kinds[layer], positions.tobytes())
+        if key not in self._rope_memo:
+            if len(self._rope_memo) >= 8:
+                self._rope_memo.clear()
+            cos, sin = self.rotary(torch.from_numpy(positions).unsqueeze(0), self.rope_kinds[layer])
+            tables = cos[0].float().numpy(), sin[0].float().numpy()
+            for table in tables:
+                table.setflags(write=False)
+            self._rope_memo[key] = tables
+        return self._rope_memo[key]
 
 
 def _f32(weight: torch.Tensor) -> torch.Tensor:

@@ -222,10 +222,10 @@ def expected_attention(keys: np.ndarray, queries: np.ndarray, scale: float) -> n
     for g in range(kv_heads):
         heads = np.ascontiguousarray(rows[:, g * group:(g + 1) * group].transpose(1, 0, 2)).reshape(-1, dim)
         products = (heads @ np.asarray(keys[g], dtype=np.float32).T).reshape(group, n + 1, tokens)
-        products = products.astype(np.float64)
-        logits = scale * products[:, 0]  # [group, T]
+        logits = scale * products[:, 0].astype(np.float64)  # [group, T]
         if n > 1:
-            logits += 0.5 * scale * scale * np.square(products[:, 1:]).sum(axis=1) / (n - 1)
+            centred = products[:, 1:]
+            logits += 0.5 * scale * scale * np.einsum("gnt,gnt->gt", centred, centred).astype(np.float64) / (n - 1)
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         out[g] = (probs / probs.sum(axis=1, keepdims=True)).sum(axis=0)
@@ -363,8 +363,7 @@ class KeepPlan:
 
     def kept_token_indices(self) -> np.ndarray:
         """[rows, kept_tokens] ascending token indices per row."""
-        return np.stack([np.concatenate([np.arange(b, b + n, dtype=np.int64) for b, n in row])
-                         for row in self.runs])
+        return np.stack([_run_tokens(np.asarray(row, dtype=np.int64).reshape(-1, 2)) for row in self.runs])
 
 
 def num_blocks(length: int, block_tokens: int) -> int:
@@ -450,14 +449,22 @@ def build_plan(length: int, scores: np.ndarray, params: PlanParams, seen: int | 
 
 
 def _runs(kept_blocks: np.ndarray, sizes: np.ndarray, b: int) -> tuple[tuple[int, int], ...]:
-    runs: list[list[int]] = []
-    for block in kept_blocks.tolist():
-        begin, length = block * b, int(sizes[block])
-        if runs and runs[-1][0] + runs[-1][1] == begin:
-            runs[-1][1] += length
-        else:
-            runs.append([begin, length])
-    return tuple((begin, length) for begin, length in runs)
+    """Ascending kept blocks -> their (begin, length) token runs, neighbouring blocks merged (in numpy:
+    at block 1 a plan keeps hundreds of blocks per row, and a Python loop over them was most of it)."""
+    blocks = np.asarray(kept_blocks, dtype=np.int64)
+    if blocks.size == 0:
+        return ()
+    begins, ends = blocks * b, blocks * b + sizes[blocks]
+    first = np.flatnonzero(np.r_[True, begins[1:] != ends[:-1]])  # blocks that start a run
+    last = np.r_[first[1:], len(blocks)] - 1
+    return tuple(zip(begins[first].tolist(), (ends[last] - begins[first]).tolist()))
+
+
+def _run_tokens(runs: np.ndarray) -> np.ndarray:
+    """[(begin, length)] -> the token indices they cover, ascending."""
+    begins, lengths = runs[:, 0], runs[:, 1]
+    # token i of the concatenation sits in run r at begin_r + (i - tokens before run r)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(begins - (np.cumsum(lengths) - lengths), lengths)
 
 
 def max_pool(scores: np.ndarray, width: int) -> np.ndarray:

@@ -10,13 +10,12 @@ touched: plans are per layer (SPEC §9: one plan for all layers was a defect).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
-
-from collections.abc import Callable
 
 from . import hugepages
 from .config import CACHE_DTYPES, KVConfig

@@ -278,3 +278,34 @@ def test_queries_ahead_need_the_models_rope_tables(monkeypatch):
         Engine(loaded, kv_config("expected"), decode_path="reference")
     engine = Engine(loaded, kv_config("expected", kv_h2o_query_horizon=0), decode_path="reference")
     assert engine.rope_tables is None and engine.new_cache().layers[0].rope_tables is None
+
+
+def test_a_recorded_query_moved_ahead_is_the_query_asked_there():
+    """The ring holds queries after RoPE; turned back and moved to one later position they must be the
+    layer's own pre-RoPE query (q_proj of the normed hidden state) rotated by the model at that position:
+    this pins the ring's positions and RoPE's pairing (rotate-half) to the model's."""
+    from h2okit.policy import queries_ahead
+
+    q_heads, kv_heads, dim = LAYOUTS["gqa3-d64"]
+    loaded = tiny_llama(q_heads, kv_heads, dim, torch.float32)
+    engine = Engine(loaded, kv_config("expected", kv_h2o_query_window=8), decode_path="reference")
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    cache = engine.new_cache()
+    engine.forward(cache, ids, 0)  # 40 prompt rows: the ring keeps positions 32..39
+    with torch.no_grad():
+        hidden = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    model = loaded.model.model
+    target = 45
+    for index in range(3):
+        layer, block = cache.layers[index], model.layers[index]
+        positions = layer.recent_query_positions()
+        order = np.argsort(positions)
+        with torch.no_grad():
+            raw = block.self_attn.q_proj(block.input_layernorm(hidden[index][0, positions[order]]))
+            cos, sin = model.rotary_emb(raw, torch.full((1, len(order)), target))
+            raw = raw.view(len(order), q_heads, dim)
+            want = raw * cos[0, :, None] + torch.cat([-raw[..., dim // 2:], raw[..., :dim // 2]], -1) * sin[0, :, None]
+        own = layer.rope_tables(positions[order])
+        ahead = layer.rope_tables(np.array([target]))
+        got = queries_ahead(layer.recent_queries()[order], *own, ahead[0][0], ahead[1][0])
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)

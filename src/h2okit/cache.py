@@ -149,8 +149,8 @@ class H2OLayer(CacheLayerMixin):
         self._queries: np.ndarray | None = None  # [query_window, q_heads, D] ring of recent queries
         self._queries_recorded = 0
         self.query_scale = 1.0  # the attention's logit scale, recorded with the queries
-        # positions [n] -> this layer's RoPE tables (cos, sin) [n, D] as numpy: set by H2OCache when the
-        # policy moves its queries ahead (kv_h2o_query_horizon)
+        # positions [n] -> this layer's RoPE tables (cos, sin) [n, D] as numpy: H2OCache sets it (or refuses
+        # to build) whenever the policy moves its queries ahead (kv_h2o_query_horizon)
         self.rope_tables: RopeTables | None = None
 
     # `keys` and `values` (transformers' attributes) are views of the buffer's live tokens, sliced again
@@ -336,8 +336,6 @@ class H2OLayer(CacheLayerMixin):
         horizon = self.policy.query_horizon
         if horizon == 0 or len(queries) == 0:
             return queries
-        if self.rope_tables is None:
-            raise RuntimeError(f"layer {self.layer_idx}: kv_h2o_query_horizon needs the model's RoPE tables")
         own_cos, own_sin = self.rope_tables(self.recent_query_positions())
         # the next query is at position `recorded`, the one after at recorded + 1, ...
         ahead_cos, ahead_sin = self.rope_tables(np.arange(self._queries_recorded, self._queries_recorded + horizon))

@@ -225,6 +225,46 @@ def test_a_batch_step_gives_each_sequence_its_own_step(monkeypatch, fuse):
     assert all(len(cache.events.evictions) >= 3 for cache in together)
 
 
+def test_layers_that_only_append_stay_exact_across_buffer_moves(monkeypatch):
+    """Between two fills of a layer's slot, a fused step sets only the length and RoPE rows of a layer that
+    only appends (no policy, no codec): when its buffer moves (little headroom here), a new cache takes
+    the slot, or a sequence joins the batch, the slot must be filled again. The fused batch step equals
+    each sequence stepped alone on the per-layer path, bit for bit."""
+    from h2okit.cache import KVBuffer
+    from h2okit.fastpath import FastDecoder
+
+    monkeypatch.setattr(KVBuffer, "HEADROOM", 8)
+    loaded = tiny_llama(*LAYOUTS["gqa3-d64"], torch.float32)
+    engine = Engine(loaded, kv_config("h2o", kv_h2o_layer_start=1), decode_path="fast")  # layer 0 plain
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 320, n).tolist() for n in (37, 44, 29)]
+
+    def run(fuse: bool, batches: list[int]) -> list[torch.Tensor]:
+        monkeypatch.setattr(FastDecoder, "fuse_steps", fuse)
+        caches = [engine.new_cache() for _ in prompts]
+        for cache, prompt in zip(caches, prompts):
+            engine.forward(cache, prompt, 0)
+        out, steps = [], [0] * len(prompts)
+        for batch in batches:  # a batch of the first `batch` sequences, one step
+            feed = [(7 * steps[i] + i) % 320 for i in range(batch)]
+            if fuse:
+                positions = [len(prompts[i]) + steps[i] for i in range(batch)]
+                logits = engine.fast.step_batch(caches[:batch], feed, positions)
+            else:
+                logits = torch.stack([engine.fast.step(caches[i], feed[i], len(prompts[i]) + steps[i])
+                                      for i in range(batch)])
+            for i in range(batch):
+                steps[i] += 1
+            out.append(logits)
+        assert caches[0].layers[0].policy is None
+        assert caches[0].layers[0].buffer.moves >= 2  # the prefill's allocation, then at least one while decoding
+        return out
+
+    schedule = [1] * 12 + [3] * 20 + [2] * 6 + [3] * 10
+    for fused, per_layer in zip(run(True, schedule), run(False, schedule)):
+        assert torch.equal(fused, per_layer)
+
+
 def test_the_fused_step_keeps_no_finished_cache_alive():
     """The decoder remembers which layer each of its slots last served (to skip re-casting pointers), by
     weak reference: a cache dropped after its request is freed."""

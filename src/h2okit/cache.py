@@ -54,6 +54,7 @@ class KVBuffer:
         self.v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=dtype)
         self.bytes_per_token = 2 * self.k.shape[1] * self.k.shape[-1] * self.k.element_size()  # K and V
         self._addresses: tuple[int, int, int] | None = None  # (K, V, head stride) until the buffers move
+        self.moves = 0  # how often the buffers were reallocated (a kernel holding their addresses checks it)
 
     @property
     def capacity(self) -> int:
@@ -70,6 +71,7 @@ class KVBuffer:
         v[:, :, :self.length] = self.v[:, :, :self.length]
         self.k, self.v = k, v
         self._addresses = None
+        self.moves += 1
 
     def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty K and V buffers for at least `capacity` tokens. When whole huge pages fit the pair to
@@ -237,6 +239,12 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             return None
         return *self.buffer.layout(), 0
+
+    @property
+    def plain_decode(self) -> bool:
+        """A decode step only appends to this layer: no policy, no codec, every slot attended (so a fused
+        step's slot needs nothing but its length and RoPE rows until the buffer moves)."""
+        return type(self) is H2OLayer and self.policy is None and self.codec is None
 
     def after_fused_step(self, scored: bool) -> None:
         """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the

@@ -46,6 +46,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import hugepages, kernels
@@ -60,6 +61,24 @@ log = logging.getLogger(__name__)
 _FLOAT_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _KV_CODES = {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16, torch.float16: kernels.F16}
+
+
+@dataclass(frozen=True)
+class _SlotSource:
+    """What a fused step's cache slot (`h2k_layer_cache`) was last filled from; its fields are set again
+    only when these change (casting pointers was most of the per-step Python). Weak references: a
+    finished request's cache must not be kept alive by its old slots."""
+
+    layer: weakref.ref
+    k: int
+    v: int
+    stride: int
+    block: int
+    scores: weakref.ref | None
+    plain: bool  # H2OLayer.plain_decode: later steps set only the slot's length and RoPE rows...
+    buffer: weakref.ref  # ...while the layer keeps this buffer (KVBuffer)...
+    moves: int  # ...which has not moved...
+    capacity: int  # ...and has room for the step's token
 
 
 class FastPathUnavailable(Exception):
@@ -339,6 +358,9 @@ class FastDecoder:
         self.eps = float(cfg.rms_norm_eps)
         self.scaling = float(inner.layers[0].self_attn.scaling)
         self.embed = inner.embed_tokens.weight
+        # float32 embeddings are also read through numpy: a decode step's Python runs with caches the step's
+        # weights just flushed, and a numpy row copy touches far less memory than torch's indexing + copy_
+        self._embed_rows = self.embed.detach().numpy() if self.embed.dtype == torch.float32 else None
         # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h);
         # the lm_head has its own (its weight type may differ: Q8_0 beside Q4_1 layers)
         dims = {"hidden": self.hidden, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
@@ -360,7 +382,7 @@ class FastDecoder:
             {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
              "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])
         self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs))
-        self._slot_sources: list[tuple | None] = [None] * len(self._ptrs)  # whose fields each slot holds
+        self._slot_sources: list[_SlotSource | None] = [None] * len(self._ptrs)  # whose fields each slot holds
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.vocab = model.lm_head.weight.shape[0]
@@ -369,11 +391,10 @@ class FastDecoder:
         self.qkv = torch.empty(q_dim + 2 * kv_dim)
         self.attn = torch.empty(q_dim)
         self.gate_up = torch.empty(2 * self.inter)
-        self.logits = torch.empty(self.vocab)
         # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
         self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
-        self._final_norm_ptr, self._head_ptr, self._logits_ptr = (_ptr(t) for t in (arch.final_norm,
-                                                                                       weights.head.data, self.logits))
+        self._x_row = self.x.numpy()
+        self._final_norm_ptr, self._head_ptr = _ptr(arch.final_norm), _ptr(weights.head.data)
         self._probs = self._head_mass = self._partial = torch.empty(0)
         self._scratch_tokens = self._scratch_copies = 0
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
@@ -466,6 +487,15 @@ class FastDecoder:
             for s, cache in enumerate(caches):
                 i = index * batch + s
                 layer, slot = cache.layers[index], self._layer_caches[i]
+                known = self._slot_sources[i]
+                if known is not None and known.plain and known.layer() is layer:
+                    buffer = layer.buffer  # only appended to since the slot was filled: length and RoPE rows
+                    if known.buffer() is buffer and buffer.moves == known.moves and buffer.length < known.capacity:
+                        slot.length = buffer.length
+                        slot.cos, slot.sin = ropes[s][kind]
+                        longest = max(longest, buffer.length + 1)
+                        scored[s].append(False)
+                        continue
                 layout = layer.decode_layout()
                 if layout is None:
                     return None
@@ -482,9 +512,9 @@ class FastDecoder:
                 # the fields below change only when the layer's buffers or scores are reallocated (or the
                 # slot serves another layer): set again only then (casting pointers is most of the cost).
                 # Weak references: a finished request's cache must not be kept alive by its old slots.
-                known = self._slot_sources[i]
-                if (known is None or known[0]() is not layer or known[1] != k or known[2] != v or known[3] != stride
-                        or known[4] != block or (known[5] and known[5]()) is not scores):
+                if (known is None or known.layer() is not layer or known.k != k or known.v != v
+                        or known.stride != stride or known.block != block
+                        or (known.scores and known.scores()) is not scores or known.moves != layer.buffer.moves):
                     slot.K, slot.V, slot.head_stride = kernels.address(k), kernels.address(v), stride
                     slot.kvtype = _KV_CODES[layer.store_dtype]
                     slot.block = block
@@ -493,8 +523,10 @@ class FastDecoder:
                     else:
                         slot.scores = kernels.ffi.cast("double *", scores.ctypes.data)
                         slot.score_rows, slot.score_stride = scores.shape
-                    self._slot_sources[i] = (weakref.ref(layer), k, v, stride, block,
-                                             None if scores is None else weakref.ref(scores))
+                    self._slot_sources[i] = _SlotSource(weakref.ref(layer), k, v, stride, block,
+                                                        None if scores is None else weakref.ref(scores),
+                                                        layer.plain_decode, weakref.ref(layer.buffer),
+                                                        layer.buffer.moves, layer.buffer.capacity)
                     slot.query_out = kernels.NULL
                 if layer.needs_queries:
                     recording.append((slot, layer))
@@ -533,12 +565,19 @@ class FastDecoder:
         One C call for the whole step (h2k_decode_step) when every layer allows it; the layers' scoring
         bookkeeping and any eviction that came due follow in Python. Else one call per kernel per layer."""
         lib, dims, null = self.lib, self.dims, kernels.NULL
-        self.x.copy_(self.embed[token])
+        if self._embed_rows is not None:
+            self._x_row[:] = self._embed_rows[token]
+        else:
+            self.x.copy_(self.embed[token])
         if self.arch.embed_scale is not None:
-            self.x.mul_(self.arch.embed_scale)
+            self._x_row *= self.arch.embed_scale
         x, h, qkv, attn, gate_up = self._buffers
-        if self._fused_step([cache], [position], x, h, qkv, attn, gate_up, self._logits_ptr):
-            return self._logits_copy()
+        # the lm_head writes straight into the array returned (no copy, and no torch op between steps:
+        # torch copies a vocabulary's worth on its OpenMP threads, which woke an idle thread, threads.py)
+        logits = np.empty(self.vocab, dtype=np.float32)
+        logits_ptr = kernels.ffi.cast("float *", logits.ctypes.data)
+        if self._fused_step([cache], [position], x, h, qkv, attn, gate_up, logits_ptr):
+            return torch.from_numpy(logits)
         ropes = self._rope_rows([position])[0]
         threads = self._threads()
         self._use_threads(threads)
@@ -552,13 +591,8 @@ class FastDecoder:
             self._attend(layer, slot, self.qkv, attn, threads)
             lib.h2k_mlp_block(dims, x, attn, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
-                          self._logits_ptr, 0, null, null)
-        return self._logits_copy()
-
-    def _logits_copy(self) -> torch.Tensor:
-        """The step's logits as a new tensor, copied by numpy: torch copies a vocabulary's worth on its
-        OpenMP threads, which woke an idle thread between every two steps (threads.py)."""
-        return torch.from_numpy(self.logits.numpy().copy())
+                          logits_ptr, 0, null, null)
+        return torch.from_numpy(logits)
 
     @torch.inference_mode()
     def step_batch(self, caches: list[H2OCache], tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -396,6 +396,7 @@ class FastDecoder:
         self._x_row = self.x.numpy()
         self._final_norm_ptr, self._head_ptr = _ptr(arch.final_norm), _ptr(weights.head.data)
         self._probs = self._head_mass = self._partial = torch.empty(0)
+        self._batch_rows: dict[int, tuple[tuple[torch.Tensor, ...], tuple[object, ...]]] = {}
         self._scratch_tokens = self._scratch_copies = 0
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
         self.adapt_threads = adapt_threads_setting()
@@ -424,6 +425,16 @@ class FastDecoder:
         for kind in self._rope_kinds:
             self._rope_at(max(positions), kind)
         return [{kind: self._rope_at(p, kind) for kind in self._rope_kinds} for p in positions]
+
+    def _batch_buffers(self, batch: int) -> tuple[tuple[torch.Tensor, ...], tuple[object, ...]]:
+        """A batch step's working rows (x, h, qkv, attn, gate_up: [batch, width] each) and their pointers,
+        kept per batch size (fresh tensors every step were a visible share of a batch step's Python)."""
+        if batch not in self._batch_rows:
+            rows = tuple(torch.empty(batch, width) for width in (self.hidden, self.hidden,
+                                                                  self.q_dim + 2 * self.kv_dim, self.q_dim,
+                                                                  2 * self.inter))
+            self._batch_rows[batch] = rows, tuple(_ptr(t) for t in rows)
+        return self._batch_rows[batch]
 
     def _scratch(self, tokens: int, block: int, copies: int = 1) -> tuple[object, torch.Tensor]:
         """The attention's probability rows (pointer) and a [kv_heads, blocks] per-head block-mass
@@ -570,7 +581,7 @@ class FastDecoder:
         else:
             self.x.copy_(self.embed[token])
         if self.arch.embed_scale is not None:
-            self._x_row *= self.arch.embed_scale
+            self.x.mul_(self.arch.embed_scale)
         x, h, qkv, attn, gate_up = self._buffers
         # the lm_head writes straight into the array returned (no copy, and no torch op between steps:
         # torch copies a vocabulary's worth on its OpenMP threads, which woke an idle thread, threads.py)
@@ -601,13 +612,16 @@ class FastDecoder:
         Returns logits [B, vocab]; row i is what `step(caches[i], tokens[i], positions[i])` returns."""
         lib, dims, ffi = self.lib, self.dims, kernels.ffi
         batch = len(caches)
-        x = self.embed[torch.tensor(tokens)].float()
+        (x, h, qkv, attn, gate_up), pointers = self._batch_buffers(batch)
+        if self._embed_rows is not None:
+            np.take(self._embed_rows, tokens, axis=0, out=x.numpy())
+        else:
+            x.copy_(self.embed[torch.tensor(tokens)])
         if self.arch.embed_scale is not None:
             x.mul_(self.arch.embed_scale)
-        h, qkv = torch.empty(batch, self.hidden), torch.empty(batch, self.q_dim + 2 * self.kv_dim)
-        attn, gate_up = torch.empty(batch, self.q_dim), torch.empty(batch, 2 * self.inter)
-        logits = torch.empty(batch, self.vocab)
-        if self._fused_step(caches, positions, *(_ptr(t) for t in (x, h, qkv, attn, gate_up, logits))):
+        logits_rows = np.empty((batch, self.vocab), dtype=np.float32)  # returned: a new array every step
+        logits = torch.from_numpy(logits_rows)
+        if self._fused_step(caches, positions, *pointers, kernels.ffi.cast("float *", logits_rows.ctypes.data)):
             return logits
         rows = self._rope_rows(positions)
         rope_ptrs = {kind: (ffi.new("float *[]", [row[kind][0] for row in rows]),

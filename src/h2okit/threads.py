@@ -18,8 +18,8 @@ probe, the prefill, torch's own ops), and one-thread steps ran beside it. h2okit
 `OPENMP_WAIT` (10,000 spins: 0.1-0.3 ms, longer than the serial stretches inside a step, even a
 batch's) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; 1,000 spins (under
 20 us) cost a wake-up at nearly every loop of a batched step (B=8 fp32 20 % slower). The fast path
-keeps torch's ops out of the decode loop (numpy copies the logits and takes the argmax), so an
-idle thread stays asleep between steps. The README's "Decode next to a busy process" measures it.
+keeps torch's ops out of the decode loop (the lm_head writes into a numpy array, and numpy takes the
+argmax), so an idle thread stays asleep between steps. The README's "Decode next to a busy process" measures it.
 
 The chooser is pure logic (no torch, no clock): the caller times the steps.
 """

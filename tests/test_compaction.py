@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from h2okit.attention import attention_with_mass, _causal_mask
-from h2okit.cache import H2OLayer
+from h2okit.cache import H2OLayer, gather_tokens
 from h2okit.policy import PlanParams, build_plan, num_blocks
 
 torch.manual_seed(0)
@@ -214,3 +214,17 @@ def test_query_ring_knows_each_query_position_and_moves_them_ahead_for_the_plan(
     plain = H2OCache(2, off).layers[0]
     plain.record_queries(rows, scale=0.25)
     assert np.array_equal(plain.queries_for_plan(), plain.recent_queries())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kept", [(1, 5), (3, 17), (4, 1)])
+def test_gather_tokens_takes_each_heads_own_rows(dtype, heads, kept):
+    """Per-head compaction's gather (one row copy per head) against torch.gather's element-wise reference;
+    a shared [1, n] index takes the same rows for every head."""
+    rng = np.random.default_rng(heads * 100 + kept)
+    x = torch.randn(1, heads, 40, 8).to(dtype)
+    index = torch.from_numpy(np.stack([np.sort(rng.choice(40, kept, replace=False)) for _ in range(heads)]))
+    expected = torch.gather(x, 2, index[None, :, :, None].expand(1, -1, -1, 8))
+    assert torch.equal(gather_tokens(x, index), expected)
+    shared = index[:1]
+    assert torch.equal(gather_tokens(x, shared), x[:, :, shared[0]])

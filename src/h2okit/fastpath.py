@@ -377,7 +377,7 @@ class FastDecoder:
                       for n, qkv, o, gu, down, kind
                       in zip(arch.norms, weights.qkv, weights.o, weights.gate_up, weights.down, arch.rope_kinds)]
         # the same pointers as one C array for the fused step (h2k_decode_step), and its per-layer cache
-        # slots, refilled before every step
+        # slots, filled before every step (_fill_layer_caches)
         self._layer_weights = kernels.ffi.new("h2k_layer_weights[]", [
             {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
              "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])

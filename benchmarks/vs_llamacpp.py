@@ -155,6 +155,9 @@ def main() -> int:
                           verbose=False)
     engines = {}
     for activation in activations:
+        if activation != "fp32" and h2okit_weights is not None:  # float copies: building it would only warn
+            print(f"h2okit: {h2okit_weights} weights, so no {activation} rows", file=sys.stderr)
+            continue
         inputs = dataclasses.replace(loaded, activation_dtype=activation)
         fast = Engine(inputs, parse_config({}).kv)
         if activation != "fp32" and (fast.fast is None or not fast.fast.weights.quantized):

@@ -248,8 +248,9 @@ class H2OLayer(CacheLayerMixin):
     @property
     def plain_decode(self) -> bool:
         """A decode step only appends to this layer: no policy, no codec, every slot attended (so a fused
-        step's slot needs nothing but its length and RoPE rows until the buffer moves)."""
-        return type(self) is H2OLayer and self.policy is None and self.codec is None
+        step's slot needs nothing but its length and RoPE rows until the buffer moves; store mode has a
+        codec, a sliding layer moves its first visible slot)."""
+        return self.policy is None and self.codec is None and not self.is_sliding
 
     def after_fused_step(self, scored: bool) -> None:
         """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the

@@ -358,8 +358,7 @@ class FastDecoder:
         self.eps = float(cfg.rms_norm_eps)
         self.scaling = float(inner.layers[0].self_attn.scaling)
         self.embed = inner.embed_tokens.weight
-        # float32 embeddings are also read through numpy: a decode step's Python runs with caches the step's
-        # weights just flushed, and a numpy row copy touches far less memory than torch's indexing + copy_
+        # float32 embedding rows as numpy too (_embed)
         self._embed_rows = self.embed.detach().numpy() if self.embed.dtype == torch.float32 else None
         # the layer dimensions, once, as the C struct every kernel takes (kernels/h2okit_kernels.h);
         # the lm_head has its own (its weight type may differ: Q8_0 beside Q4_1 layers)
@@ -393,7 +392,7 @@ class FastDecoder:
         self.gate_up = torch.empty(2 * self.inter)
         # cffi pointers of the fixed buffers and weights, made once (a cast per call costs ~0.3 us)
         self._buffers = tuple(_ptr(t) for t in (self.x, self.h, self.qkv, self.attn, self.gate_up))
-        self._x_row = self.x.numpy()
+        self._x_rows = self.x.view(1, self.hidden)  # the single step's x as a batch of one (_embed)
         self._final_norm_ptr, self._head_ptr = _ptr(arch.final_norm), _ptr(weights.head.data)
         self._probs = self._head_mass = self._partial = torch.empty(0)
         self._batch_rows: dict[int, tuple[tuple[torch.Tensor, ...], tuple[object, ...]]] = {}
@@ -576,19 +575,11 @@ class FastDecoder:
         One C call for the whole step (h2k_decode_step) when every layer allows it; the layers' scoring
         bookkeeping and any eviction that came due follow in Python. Else one call per kernel per layer."""
         lib, dims, null = self.lib, self.dims, kernels.NULL
-        if self._embed_rows is not None:
-            self._x_row[:] = self._embed_rows[token]
-        else:
-            self.x.copy_(self.embed[token])
-        if self.arch.embed_scale is not None:
-            self.x.mul_(self.arch.embed_scale)
+        self._embed([token], self._x_rows)
         x, h, qkv, attn, gate_up = self._buffers
-        # the lm_head writes straight into the array returned (no copy, and no torch op between steps:
-        # torch copies a vocabulary's worth on its OpenMP threads, which woke an idle thread, threads.py)
-        logits = np.empty(self.vocab, dtype=np.float32)
-        logits_ptr = kernels.ffi.cast("float *", logits.ctypes.data)
+        logits, logits_ptr = self._new_logits(1)
         if self._fused_step([cache], [position], x, h, qkv, attn, gate_up, logits_ptr):
-            return torch.from_numpy(logits)
+            return logits[0]
         ropes = self._rope_rows([position])[0]
         threads = self._threads()
         self._use_threads(threads)
@@ -603,7 +594,25 @@ class FastDecoder:
             lib.h2k_mlp_block(dims, x, attn, w_o, attn_out_norm, mlp_norm, w_gu, w_down, mlp_out_norm, h, gate_up)
         lib.h2k_norm_gemv(self.head_dims, x, self._final_norm_ptr, self._head_ptr, self.vocab, h,
                           logits_ptr, 0, null, null)
-        return torch.from_numpy(logits)
+        return logits[0]
+
+    def _embed(self, tokens: list[int], x: torch.Tensor) -> None:
+        """x [len(tokens), hidden] = the tokens' embedding rows (times the family's scale). Float32 rows are
+        copied by numpy: a decode step's Python runs on caches the step's weights just flushed, and numpy
+        touches far less memory than torch's indexing."""
+        if self._embed_rows is not None:
+            np.take(self._embed_rows, tokens, axis=0, out=x.numpy())
+        else:
+            x.copy_(self.embed[torch.tensor(tokens)])
+        if self.arch.embed_scale is not None:
+            x.mul_(self.arch.embed_scale)
+
+    def _new_logits(self, rows: int) -> tuple[torch.Tensor, object]:
+        """A new [rows, vocab] logits tensor for the step to return, and its pointer: the lm_head writes
+        straight into it (no copy, and no torch op between steps: torch fills a vocabulary's worth on its
+        OpenMP threads, which woke an idle thread, threads.py)."""
+        logits = np.empty((rows, self.vocab), dtype=np.float32)
+        return torch.from_numpy(logits), kernels.ffi.cast("float *", logits.ctypes.data)
 
     @torch.inference_mode()
     def step_batch(self, caches: list[H2OCache], tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -613,15 +622,9 @@ class FastDecoder:
         lib, dims, ffi = self.lib, self.dims, kernels.ffi
         batch = len(caches)
         (x, h, qkv, attn, gate_up), pointers = self._batch_buffers(batch)
-        if self._embed_rows is not None:
-            np.take(self._embed_rows, tokens, axis=0, out=x.numpy())
-        else:
-            x.copy_(self.embed[torch.tensor(tokens)])
-        if self.arch.embed_scale is not None:
-            x.mul_(self.arch.embed_scale)
-        logits_rows = np.empty((batch, self.vocab), dtype=np.float32)  # returned: a new array every step
-        logits = torch.from_numpy(logits_rows)
-        if self._fused_step(caches, positions, *pointers, kernels.ffi.cast("float *", logits_rows.ctypes.data)):
+        self._embed(tokens, x)
+        logits, logits_ptr = self._new_logits(batch)
+        if self._fused_step(caches, positions, *pointers, logits_ptr):
             return logits
         rows = self._rope_rows(positions)
         rope_ptrs = {kind: (ffi.new("float *[]", [row[kind][0] for row in rows]),

@@ -1069,14 +1069,10 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
 #endif
 
 #ifdef SIMD8
-/* The row at `base` as 8 vectors (load_row64 on 8 lanes), prefetching ahead when `ahead`. */
-static inline __attribute__((always_inline)) void load_row64_8(const void *kv, int kvtype, long base, int ahead,
-                                                                __m256 r[8]) {
-    const char *row = (const char *)kv + base * (kvtype == F32 ? 4 : 2);
-    for (int line = 0; ahead && line < (kvtype == F32 ? 4 : 2); line++) {
-        _mm_prefetch(row + PREFETCH + 64 * line, _MM_HINT_T0);
-        _mm_prefetch(row + PREFETCH_L2 + 64 * line, _MM_HINT_T1);
-    }
+/* The row at `base` as 8 vectors (load_row64 on 8 lanes). No software prefetch: with the logits'
+ * three K streams read side by side (below), the hardware prefetcher alone was faster (an A/B of
+ * h2k_attend from memory on one thread, 544 tokens: the prefetch cost 4-10 %). */
+static inline __attribute__((always_inline)) void load_row64_8(const void *kv, int kvtype, long base, __m256 r[8]) {
     if (kvtype == F32) {
         const float *p = (const float *)kv + base;
         for (int d = 0; d < 8; d++) r[d] = _mm256_loadu_ps(p + 8 * d);
@@ -1091,15 +1087,17 @@ static inline __attribute__((always_inline)) void load_row64_8(const void *kv, i
     }
 }
 
-/* attend_logits64 on 8 lanes: the K row in registers, the group's queries read from L1. */
+/* attend_logits64 on 8 lanes: the K row in registers, the group's queries read from L1. Token by
+ * token, every KV head's row: the heads' K streams are read side by side, which kept more of memory
+ * busy than one head's tokens after another's (1.2x from memory on one thread, float32 K). */
 static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
                             int kv_heads, int group, int t0, int t1, float *probs) {
-    for (int g = 0; g < kv_heads; g++) {
-        const float *qg = q + g * group * 64;
-        float *p = probs + (long)g * group * T;
-        for (int t = t0; t < t1; t++) {
+    for (int t = t0; t < t1; t++) {
+        for (int g = 0; g < kv_heads; g++) {
+            const float *qg = q + g * group * 64;
+            float *p = probs + (long)g * group * T;
             __m256 k[8];
-            load_row64_8(K, kvtype, g * head_stride + (long)t * 64, 1, k);
+            load_row64_8(K, kvtype, g * head_stride + (long)t * 64, k);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 if (j < group) {
@@ -1133,7 +1131,7 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
                 for (int d = 0; d < 8; d++) a[d] = _mm256_loadu_ps(out + j * 64 + 8 * d);
                 for (int t = s0; t < s1; t++) {
                     __m256 v[8], w = _mm256_set1_ps(p[(long)j * T + t]);
-                    load_row64_8(V, kvtype, g * head_stride + (long)t * 64, j == 0, v);
+                    load_row64_8(V, kvtype, g * head_stride + (long)t * 64, v);
                     for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, v[d], a[d]);
                 }
                 for (int d = 0; d < 8; d++) _mm256_storeu_ps(out + j * 64 + 8 * d, a[d]);

@@ -215,6 +215,30 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
         return;
     }
 #elif defined(SIMD8)
+    /* float32 rows with more than 4 inputs: one row at a time against all of them (an accumulator per
+       input, the inputs' vectors read from L1 into the FMAs). Each row is read once, from memory, as
+       memory delivers it; with FROWS rows in passes of 4 inputs (below), the second pass over them
+       issued no reads of its own (B=8: the layers' GEMVs 1.14x faster from memory; bf16 rows, whose
+       widening would then repeat per row for fewer FMAs, were 4 % slower). */
+    if (!bf16 && n % 8 == 0 && m > 4) {
+        for (int r = 0; r < rows; r++) {
+            const float *wf = (const float *)w + r * row_stride;
+            __m256 acc[MULTI];
+            for (int j = 0; j < MULTI; j++) acc[j] = _mm256_setzero_ps();
+            for (int c = 0; c < n; c += 8) {
+                if (c % 16 == 0) { /* once per cache line */
+                    _mm_prefetch((const char *)(wf + c) + PREFETCH, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wf + c) + PREFETCH_L2, _MM_HINT_T1);
+                }
+                __m256 wv = _mm256_loadu_ps(wf + c);
+#pragma GCC unroll 8
+                for (int j = 0; j < MULTI; j++)
+                    if (j < m) acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * xstride + c), acc[j]);
+            }
+            for (int j = 0; j < m; j++) out[r * MULTI + j] = sum8(acc[j]);
+        }
+        return;
+    }
     /* 16 registers: the inputs in passes of 4 (FROWS x 4 accumulators), the rows' bytes from cache after
        the first pass */
     if (n % 8 == 0) {

@@ -170,7 +170,7 @@ static float exp_shifted(float *p, int n, float m) {
 /* PREFETCH: bytes ahead of the block being read that are fetched into L1 (below); PREFETCH_L2: further
  * ahead, into L2, so that memory stays busy while a batch's arithmetic holds the core
  * (benchmarks/kernel_ab.py against the build without it, P=512: fp32 1.04x at B=1, 1.09x at B=8). */
-enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384 };
+enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384, WIDE_ROW = 768 };
 
 /* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
  * gets its own loop with the unused accumulators gone. */
@@ -219,8 +219,10 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
        input, the inputs' vectors read from L1 into the FMAs). Each row is read once, from memory, as
        memory delivers it; with FROWS rows in passes of 4 inputs (below), the second pass over them
        issued no reads of its own (B=8: the layers' GEMVs 1.14x faster from memory; bf16 rows, whose
-       widening would then repeat per row for fewer FMAs, were 4 % slower). */
-    if (!bf16 && n % 8 == 0 && m > 4) {
+       widening would then repeat per row for fewer FMAs, were 4 % slower). Only for rows of up to
+       WIDE_ROW columns: 8 longer inputs do not fit L1 beside the rows (the MLP's down matrix, 1536
+       columns: 8 inputs are 48 KB), and the passes of 4 were faster there (the layers' GEMVs 1.12x). */
+    if (!bf16 && n % 8 == 0 && m > 4 && n <= WIDE_ROW) {
         for (int r = 0; r < rows; r++) {
             const float *wf = (const float *)w + r * row_stride;
             __m256 acc[MULTI];

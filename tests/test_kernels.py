@@ -435,6 +435,29 @@ def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, c
         assert torch.equal(y[i], alone), i
 
 
+@pytest.mark.parametrize("cols", [96, 800], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)],
+                         ids=["fp32", "bf16"])
+def test_float_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, dtype, code, cols):
+    """Float weights, 21 rows (not a whole number of any kernel's row group) and 13 inputs (one pass of
+    8 and one of 5: one row against many inputs on narrow rows, passes of 4 on rows wider than L1 holds
+    for 8 inputs): every input's outputs are those of a GEMV with it alone (rows 8 at a time there),
+    bit for bit, and the torch product within float tolerance."""
+    rows, batch = 21, 13
+    torch.manual_seed(11)
+    w = (torch.randn(rows, cols) * 0.2).to(dtype)
+    x, norm_w = torch.randn(batch, cols), torch.rand(cols) + 0.5
+    h, y = torch.empty(batch, cols), torch.empty(batch, rows)
+    d = dims(hidden=cols, wtype=code)
+    lib.h2k_norm_gemv_batch(d, batch, P(x), P(norm_w), P(w), rows, P(h), P(y))
+    for i in range(batch):
+        alone, h1 = torch.empty(rows), torch.empty(cols)
+        lib.h2k_norm_gemv(d, P(x[i]), P(norm_w), P(w), rows, P(h1), P(alone), 0, kernels.NULL, kernels.NULL)
+        assert torch.equal(y[i], alone), i
+        expected = w.float() @ rms_norm(x[i], norm_w, 1e-5)
+        torch.testing.assert_close(alone, expected, rtol=1e-4, atol=1e-4)
+
+
 def _weights(kind, rows, cols, seed):
     """(the kernels' weight tensor, its code) for a weight kind."""
     if kind in ("Q4_1", "Q8_0"):

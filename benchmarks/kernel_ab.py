@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernel_ab.py --against REV [--weights fp32,bf16,q4_1] [--batch 1,8]
                                              [--prompt 512] [--steps 64] [--inputs fp32|q8]
+                                             [--config smollm2-135m-seed]
 
 Both kernel sources (`llama_decode.c` here and at git revision REV) are built with the kernels' own
 flags and loaded side by side; the C interface (the header) must be the same. Per weight type and
@@ -9,13 +10,15 @@ batch size, B prompts of Austen are prefilled once, then fused decode steps alte
 builds on the same caches (so both see the same cache lengths and the same phases of the machine),
 the first pair a warm-up. Printed: median step time of each build and the ratio of the medians, with
 the 95 % t-CI of the per-pair ratio (REV's step time / this checkout's: above 1 means this checkout
-is faster). The default config (H2O off), threads fixed (no adaptive choice), 2 threads. Timing
-only: run it alone.
+is faster). The default config (H2O off) unless --config names another (a shipped config's name or
+a path; its codec is switched off, as in roofline.py, so that every step is fused), threads fixed
+(no adaptive choice), 2 threads. Timing only: run it alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -27,7 +30,7 @@ from rounds import alternating_steps  # this folder: the shared schedule
 
 from h2okit import kernels
 from h2okit.clikit import setup_logging
-from h2okit.config import ACTIVATION_DTYPES, WEIGHT_DTYPES, load_config
+from h2okit.config import ACTIVATION_DTYPES, WEIGHT_DTYPES, ConfigError, load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
 from h2okit.resources import find
@@ -82,6 +85,8 @@ def main() -> int:
                     help="llm_activation_dtype: the quantized matrices' inputs")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="measured steps per build")
+    ap.add_argument("--config", default="smollm2-135m",
+                    help="config (shipped name or path) whose model and KV settings to decode with; codec off")
     args = ap.parse_args()
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     if unknown := [w for w in weights if w not in WEIGHT_DTYPES]:
@@ -100,8 +105,13 @@ def main() -> int:
         print(f"kernel_ab: error: the kernel header at '{args.against}' differs from this checkout's; the A/B "
               "needs the same C interface", file=sys.stderr)
         return 2
+    try:
+        config = load_config(find("configs", args.config))
+    except ConfigError as err:
+        print(f"kernel_ab: error: {err}", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(config, kv=dataclasses.replace(config.kv, lossless_enable=False))
     torch.set_num_threads(2)
-    config = load_config(find("configs", "smollm2-135m"))
     texts = load_texts()
     with tempfile.TemporaryDirectory(prefix="h2okit-kernel-ab-") as tmp:
         libs = {"this checkout": build(kernels.SOURCE.read_text(), Path(tmp), "here"),

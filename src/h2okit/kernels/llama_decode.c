@@ -169,7 +169,8 @@ static float exp_shifted(float *p, int n, float m) {
  * what it gets alone, bit for bit. */
 /* PREFETCH: bytes ahead of the block being read that are fetched into L1 (below); PREFETCH_L2: further
  * ahead, into L2, so that memory stays busy while a batch's arithmetic holds the core
- * (benchmarks/kernel_ab.py against the build without it, P=512: fp32 1.04x at B=1, 1.09x at B=8). */
+ * (benchmarks/kernel_ab.py against the build without it, P=512: fp32 1.04x at B=1, 1.09x at B=8; on
+ * AVX2 a float32 GEMV of one input now reads 8 rows without it instead, dot_rows1_f32). */
 enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384, WIDE_ROW = 768 };
 
 /* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
@@ -292,6 +293,26 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
         }
     }
 }
+
+#ifdef SIMD8
+/* One float32 input against ROWS1 rows of float32 weights (one FMA chain per row, as dot_float_multi's,
+ * so the result is the same bits): out[r]. Eight rows' streams in flight kept memory busier than
+ * FROWS rows with software prefetch (the layers' GEMVs from memory at B=1: 1.03-1.18x over four
+ * interleaved runs; prefetch on top of the eight rows took back a third of it). bf16 rows stay with
+ * dot_float_multi: eight rows were 5 % slower there. */
+enum { ROWS1 = 8 };
+static inline __attribute__((always_inline)) void dot_rows1_f32(const float *w, long row_stride, int rows,
+                                                                 const float *x, int n, float *out) {
+    __m256 acc[ROWS1];
+    for (int r = 0; r < ROWS1; r++) acc[r] = _mm256_setzero_ps();
+    for (int c = 0; c < n; c += 8) {
+        __m256 xv = _mm256_loadu_ps(x + c);
+        for (int r = 0; r < ROWS1; r++)
+            if (r < rows) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * row_stride + c), xv, acc[r]);
+    }
+    for (int r = 0; r < rows; r++) out[r] = sum8(acc[r]);
+}
+#endif
 
 static inline float dot_f32(const float *w, const float *x, int n) {
     float acc = 0.0f;
@@ -727,26 +748,6 @@ static void dot_group_q8(int wtype, const uint8_t *grp, int n, int nb, const int
         out[r] = total;
     }
 }
-
-#ifdef SIMD8
-/* One float32 input against ROWS1 rows of float32 weights (one FMA chain per row, as dot_float_multi's,
- * so the result is the same bits): out[r]. Eight rows' streams in flight kept memory busier than
- * FROWS rows with software prefetch (the layers' GEMVs from memory at B=1: 1.03-1.18x over four
- * interleaved runs; prefetch on top of the eight rows took back a third of it). bf16 rows stay with
- * dot_float_multi: eight rows were 5 % slower there. */
-enum { ROWS1 = 8 };
-static inline __attribute__((always_inline)) void dot_rows1_f32(const float *w, long row_stride, int rows,
-                                                                 const float *x, int n, float *out) {
-    __m256 acc[ROWS1];
-    for (int r = 0; r < ROWS1; r++) acc[r] = _mm256_setzero_ps();
-    for (int c = 0; c < n; c += 8) {
-        __m256 xv = _mm256_loadu_ps(x + c);
-        for (int r = 0; r < ROWS1; r++)
-            if (r < rows) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * row_stride + c), xv, acc[r]);
-    }
-    for (int r = 0; r < rows; r++) out[r] = sum8(acc[r]);
-}
-#endif
 
 /* Threads of the kernels' parallel loops: the caller's choice (d->threads, e.g. one while another
  * process holds a core), else OpenMP's default. */

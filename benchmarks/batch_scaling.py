@@ -5,8 +5,9 @@
 `llm_bench --batch 1,8,1,8` times each batch size's repetitions one after the other, so a change of
 the machine's bandwidth phase between them (common here) moves the ratio by 20 % or more. This
 benchmark prefills one sequence and, per batch size B, B others (P tokens of Austen each, every
-sequence its own cache), then takes fused decode steps (`FastDecoder.step_batch` plus the greedy
-argmax) in turns: a B=1 step, then a step of each batch, and again; the first round is a warm-up.
+sequence its own cache), then takes fused decode steps (`FastDecoder.step_batch`; the greedy argmax
+that feeds the next step is not timed) in turns: a B=1 step, then a step of each batch, and again;
+the first round is a warm-up.
 Per round, the aggregate speed-up is B x (the B=1 step's time) / (the batch step's time); printed
 are the median step times and the mean speed-up with its 95 % t-CI over rounds. The default config
 (H2O off), 2 threads fixed (no adaptive choice). Steps only: `llm_bench`'s decode figure also
@@ -18,12 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
-from rounds import interleaved  # this folder: the shared schedule
+from rounds import interleaved, prefilled  # this folder: the shared schedule
 
-from h2okit.clikit import setup_logging
+from h2okit.clikit import OneLineParser, comma_arg, setup_logging
 from h2okit.config import WEIGHT_DTYPES, load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
@@ -32,45 +32,22 @@ from h2okit.runtime import Engine
 from h2okit.stats import paired_ci
 
 
-def stepper(engine: Engine, prompts: list[list[int]]):
-    """One fused decode step of `prompts`' sequences (prefilled here, each in its own cache) per call;
-    returns its seconds. Each step feeds the greedy tokens of the one before."""
-    fast = engine.fast
-    caches = [engine.new_cache() for _ in prompts]
-    feed = [int(engine.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
-    position = [len(prompts[0])]
-
-    def step() -> float:
-        started = time.perf_counter()
-        logits = fast.step_batch(caches, feed, [position[0]] * len(caches))
-        feed[:] = logits.argmax(-1).tolist()
-        seconds = time.perf_counter() - started
-        position[0] += 1
-        return seconds
-    return step
-
-
 def main() -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="fp32", help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
-    ap.add_argument("--batch", default="8", help="comma list of batch sizes above 1 (each against B=1)")
+    ap = OneLineParser(prog="batch_scaling", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default="fp32", type=comma_arg(str),
+                    help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
+    ap.add_argument("--batch", default="8", type=comma_arg(int),
+                    help="comma list of batch sizes above 1 (each against B=1)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="measured steps per batch size")
     args = ap.parse_args()
-    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+    weights, batches = args.weights, args.batch
     if unknown := [w for w in weights if w not in WEIGHT_DTYPES]:
-        print(f"batch_scaling: error: unknown weight type(s) {', '.join(unknown)}; allowed: "
-              f"{', '.join(WEIGHT_DTYPES)}", file=sys.stderr)
-        return 2
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 2 or args.steps < 2 or args.prompt < 1:
-        print("batch_scaling: error: --batch takes integers of at least 2, --steps at least 2, --prompt at "
-              "least 1", file=sys.stderr)
-        return 2
+        ap.error(f"unknown weight type(s) {', '.join(unknown)}; allowed: {', '.join(WEIGHT_DTYPES)}")
+    if min(batches) < 2 or args.steps < 2 or args.prompt < 1:
+        ap.error("--batch takes integers of at least 2, --steps at least 2, --prompt at least 1")
     torch.set_num_threads(2)
     config = load_config(find("configs", "smollm2-135m"))
     texts = load_texts()
@@ -85,10 +62,11 @@ def main() -> int:
         engine.fast.adapt_threads = False
         stream = token_stream(loaded.tokenizer, texts, args.prompt * (1 + sum(batches)))
         prompts = [stream[i * args.prompt:(i + 1) * args.prompt] for i in range(1 + sum(batches))]
-        runs, first = {1: stepper(engine, prompts[:1])}, 1
+        steps, first = {1: prefilled(engine, prompts[:1])}, 1
         for batch in batches:
-            runs[batch] = stepper(engine, prompts[first:first + batch])
+            steps[batch] = prefilled(engine, prompts[first:first + batch])
             first += batch
+        runs = {batch: (lambda step=step, fast=engine.fast: step(fast.step_batch)) for batch, step in steps.items()}
         samples = interleaved(runs, args.steps, f"{weight_dtype} ")
         single = samples[1]
         print(f"| {weight_dtype} | {args.prompt} | 1 | {statistics.median(single) * 1e3:.2f} | "

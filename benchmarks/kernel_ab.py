@@ -29,7 +29,7 @@ import torch
 from rounds import alternating_steps  # this folder: the shared schedule
 
 from h2okit import kernels
-from h2okit.clikit import setup_logging
+from h2okit.clikit import OneLineParser, comma_arg, setup_logging
 from h2okit.config import ACTIVATION_DTYPES, WEIGHT_DTYPES, ConfigError, load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
@@ -77,10 +77,11 @@ def alternate(engine: Engine, libs: dict, prompts: list[list[int]], steps: int, 
 
 def main() -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="kernel_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", required=True, help="a git revision whose kernels to compare with")
-    ap.add_argument("--weights", default="fp32", help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
-    ap.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    ap.add_argument("--weights", default="fp32", type=comma_arg(str),
+                    help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
+    ap.add_argument("--batch", default="1,8", type=comma_arg(int), help="comma list of batch sizes")
     ap.add_argument("--inputs", default="fp32", choices=ACTIVATION_DTYPES,
                     help="llm_activation_dtype: the quantized matrices' inputs")
     ap.add_argument("--prompt", type=int, default=512)
@@ -88,28 +89,18 @@ def main() -> int:
     ap.add_argument("--config", default="smollm2-135m",
                     help="config (shipped name or path) whose model and KV settings to decode with; codec off")
     args = ap.parse_args()
-    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+    weights, batches = args.weights, args.batch
     if unknown := [w for w in weights if w not in WEIGHT_DTYPES]:
-        print(f"kernel_ab: error: unknown weight type(s) {', '.join(unknown)}; allowed: {', '.join(WEIGHT_DTYPES)}",
-              file=sys.stderr)
-        return 2
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1 or args.steps < 2 or args.prompt < 1:
-        print("kernel_ab: error: --batch takes positive integers, --steps at least 2, --prompt at least 1",
-              file=sys.stderr)
-        return 2
+        ap.error(f"unknown weight type(s) {', '.join(unknown)}; allowed: {', '.join(WEIGHT_DTYPES)}")
+    if min(batches) < 1 or args.steps < 2 or args.prompt < 1:
+        ap.error("--batch takes positive integers, --steps at least 2, --prompt at least 1")
     if revision_text(args.against, kernels.HEADER) != kernels.HEADER.read_text():
-        print(f"kernel_ab: error: the kernel header at '{args.against}' differs from this checkout's; the A/B "
-              "needs the same C interface", file=sys.stderr)
-        return 2
+        ap.error(f"the kernel header at '{args.against}' differs from this checkout's; the A/B needs the same "
+                 "C interface")
     try:
         config = load_config(find("configs", args.config))
     except ConfigError as err:
-        print(f"kernel_ab: error: {err}", file=sys.stderr)
-        return 2
+        ap.error(str(err))
     config = dataclasses.replace(config, kv=dataclasses.replace(config.kv, lossless_enable=False))
     torch.set_num_threads(2)
     texts = load_texts()

@@ -24,12 +24,10 @@ def interleaved(runs: dict[str, Callable[[], T]], reps: int, label: str = "") ->
     return samples
 
 
-def alternating_steps(engine, prompts: list[list[int]], steppers: dict[str, Callable], steps: int,
-                      label: str = "") -> dict[str, list[float]]:
-    """Per stepper, the seconds of its fused decode steps: the prompts prefilled once by `engine` (one cache
-    each), then the steppers taking turns (`interleaved`) on the same caches, so all see the same cache
-    lengths and the same phases of the machine. A stepper is `step(caches, tokens, positions) -> logits`
-    (FastDecoder.step_batch, or a variant of it); each step feeds the greedy tokens of the one before."""
+def prefilled(engine, prompts: list[list[int]]) -> Callable[[Callable], float]:
+    """The prompts prefilled by `engine` (one cache each), and `step(stepper) -> seconds`: one decode step
+    of all of them by `stepper(caches, tokens, positions) -> logits` (FastDecoder.step_batch, or a
+    variant of it), timed without the greedy argmax that feeds the next step its tokens."""
     caches = [engine.new_cache() for _ in prompts]
     feed = [int(engine.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
     position = [len(prompts[0])]
@@ -41,5 +39,13 @@ def alternating_steps(engine, prompts: list[list[int]], steppers: dict[str, Call
         feed[:] = logits.argmax(-1).tolist()
         position[0] += 1
         return seconds
+    return step
 
+
+def alternating_steps(engine, prompts: list[list[int]], steppers: dict[str, Callable], steps: int,
+                      label: str = "") -> dict[str, list[float]]:
+    """Per stepper, the seconds of its fused decode steps: the prompts prefilled once (`prefilled`), then
+    the steppers taking turns (`interleaved`) on the same caches, so all see the same cache lengths and
+    the same phases of the machine."""
+    step = prefilled(engine, prompts)
     return interleaved({name: (lambda s=stepper: step(s)) for name, stepper in steppers.items()}, steps, label)

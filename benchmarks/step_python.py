@@ -21,7 +21,7 @@ import time
 import torch
 from rounds import interleaved  # this folder: the shared schedule
 
-from h2okit.clikit import setup_logging
+from h2okit.clikit import OneLineParser, comma_arg, setup_logging
 from h2okit.config import load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
@@ -51,20 +51,15 @@ class TimedLib:
 
 def main() -> int:
     setup_logging()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="step_python", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    ap.add_argument("--batch", default="1,8", type=comma_arg(int), help="comma list of batch sizes")
     args = ap.parse_args()
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1 or min(args.prompt, args.gen, args.reps) < 1:
-        print("step_python: error: --batch takes positive integers; --prompt, --gen and --reps at least 1",
-              file=sys.stderr)
-        return 2
+    batches = args.batch
+    if min(batches) < 1 or min(args.prompt, args.gen, args.reps) < 1:
+        ap.error("--batch takes positive integers; --prompt, --gen and --reps at least 1")
     torch.set_num_threads(2)
     seed = load_config(find("configs", "smollm2-135m-seed"))
     loaded = load_model(resolve_model_path(seed))

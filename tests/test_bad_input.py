@@ -13,6 +13,7 @@ import pytest
 
 from h2okit import bench
 from h2okit import cli as h2okit_cli
+from h2okit.clikit import OneLineParser, comma_arg
 from h2okit.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,3 +395,16 @@ def test_llm_bench_never_installs_a_missing_corpus(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "run `h2okit prepare` once" in err
     assert not (tmp_path / "empty-cache" / "corpus").exists()
+
+
+@pytest.mark.parametrize("value,message", [("4,x", "argument --batch: the value must be a comma list of ints, got '4,x'"),
+                                           (",", "argument --batch: the value is empty; give a comma list")])
+def test_a_bad_comma_list_flag_is_one_line_and_exit_2(capsys, value, message):
+    parser = OneLineParser(prog="prog")
+    parser.add_argument("--batch", default="1,8", type=comma_arg(int))
+    assert parser.parse_args([]).batch == [1, 8]
+    assert parser.parse_args(["--batch", " 2, 16 "]).batch == [2, 16]
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--batch", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"prog: error: {message}\n"

@@ -72,3 +72,9 @@ def comma_list(text: str, kind: type, flag: str, error: type[Exception]) -> list
         return [kind(item) for item in items]
     except ValueError:
         raise error(f"{flag} must be a comma list of {kind.__name__}s, got '{text}'") from None
+
+
+def comma_arg(kind: type) -> Callable[[str], list]:
+    """An argparse `type`: the value as a comma list of `kind` (comma_list); a bad one is argparse's own
+    error, which names the flag (one line with OneLineParser)."""
+    return lambda text: comma_list(text, kind, "the value", argparse.ArgumentTypeError)

@@ -53,6 +53,11 @@ def rms_norm(x, w, eps):
     return w * (x * torch.rsqrt(x.pow(2).mean() + eps))
 
 
+def laid_out(weights: torch.Tensor) -> torch.Tensor:
+    """A float weight matrix as the kernels read it (bf16: tiled)."""
+    return kernels.bf16_tiles(weights) if weights.dtype == torch.bfloat16 else weights
+
+
 def rotate(v, cos, sin):  # HF Llama: v * cos + rotate_half(v) * sin
     half = v.shape[-1] // 2
     return v * cos + torch.cat([-v[..., half:], v[..., :half]], dim=-1) * sin
@@ -66,8 +71,9 @@ def test_norm_gemv_with_rope_matches_torch(lib, dtype, code):
     weight = torch.randn(rows, cols).to(dtype)
     cos, sin = torch.rand(head_dim), torch.rand(head_dim)
     h, y = torch.empty(cols), torch.empty(rows)
-    lib.h2k_norm_gemv(dims(hidden=cols, head_dim=head_dim, wtype=code), P(x), P(norm_w), P(weight), rows, P(h),
-                      P(y), rope_heads, P(cos), P(sin))
+    kernel_weight = laid_out(weight)  # held in a name: the kernels get a raw pointer
+    lib.h2k_norm_gemv(dims(hidden=cols, head_dim=head_dim, wtype=code), P(x), P(norm_w), P(kernel_weight), rows,
+                      P(h), P(y), rope_heads, P(cos), P(sin))
     expected = weight.float() @ rms_norm(x, norm_w, 1e-5)
     roped = rope_heads * head_dim
     expected[:roped] = rotate(expected[:roped].view(rope_heads, head_dim), cos, sin).reshape(-1)
@@ -86,6 +92,7 @@ def test_mlp_block_matches_torch(lib, dtype, code):
     gate_up = w_gu.float() @ rms_norm(residual, post, 1e-6)
     expected = residual + w_down.float() @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:])
     h, gu = torch.empty(hidden), torch.empty(2 * inter)
+    w_o, w_gu, w_down = (laid_out(w) for w in (w_o, w_gu, w_down))
     lib.h2k_mlp_block(dims(hidden=hidden, q_heads=attn_dim // 16, head_dim=16, inter=inter, wtype=code, eps=1e-6),
                       P(x), P(a), P(w_o), kernels.NULL, P(post), P(w_gu), P(w_down), kernels.NULL, P(h), P(gu))
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-4)
@@ -435,27 +442,46 @@ def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, c
         assert torch.equal(y[i], alone), i
 
 
-@pytest.mark.parametrize("cols", [96, 800], ids=["narrow", "wide"])
+@pytest.mark.parametrize("cols", [96, 800, 100], ids=["narrow", "wide", "tail"])
 @pytest.mark.parametrize("dtype,code", [(torch.float32, kernels.F32), (torch.bfloat16, kernels.BF16)],
                          ids=["fp32", "bf16"])
 def test_float_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, dtype, code, cols):
-    """Float weights, 21 rows (not a whole number of any kernel's row group) and 13 inputs (one pass of
-    8 and one of 5: one row against many inputs on narrow rows, passes of 4 on rows wider than L1 holds
-    for 8 inputs): every input's outputs are those of a GEMV with it alone (rows 8 at a time there),
+    """Float weights, 21 rows (not a whole number of any kernel's row group or tile) and 13 inputs (one
+    pass of 8 and one of 5: one row against many inputs on narrow rows, passes of 4 on rows wider than
+    L1 holds for 8 inputs; bf16 tiles 2 rows by 4 inputs; `tail`: columns past the last whole vector or
+    bf16 block): every input's outputs are those of a GEMV with it alone (rows 8 at a time there),
     bit for bit, and the torch product within float tolerance."""
     rows, batch = 21, 13
     torch.manual_seed(11)
     w = (torch.randn(rows, cols) * 0.2).to(dtype)
     x, norm_w = torch.randn(batch, cols), torch.rand(cols) + 0.5
     h, y = torch.empty(batch, cols), torch.empty(batch, rows)
-    d = dims(hidden=cols, wtype=code)
-    lib.h2k_norm_gemv_batch(d, batch, P(x), P(norm_w), P(w), rows, P(h), P(y))
+    d, kernel_w = dims(hidden=cols, wtype=code), laid_out(w)
+    lib.h2k_norm_gemv_batch(d, batch, P(x), P(norm_w), P(kernel_w), rows, P(h), P(y))
     for i in range(batch):
         alone, h1 = torch.empty(rows), torch.empty(cols)
-        lib.h2k_norm_gemv(d, P(x[i]), P(norm_w), P(w), rows, P(h1), P(alone), 0, kernels.NULL, kernels.NULL)
+        lib.h2k_norm_gemv(d, P(x[i]), P(norm_w), P(kernel_w), rows, P(h1), P(alone), 0, kernels.NULL, kernels.NULL)
         assert torch.equal(y[i], alone), i
         expected = w.float() @ rms_norm(x[i], norm_w, 1e-5)
         torch.testing.assert_close(alone, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_tiles_lay_out_tiles_of_pair_ordered_blocks():
+    """Where kernels.bf16_tiles puts each weight (the layout gemv_bf16_tiles reads): 11 rows (a tile of
+    8 and one of 3) by 37 columns (two blocks of 16 and 5 more)."""
+    rows, cols, tile = 11, 37, kernels.BF16_TILE
+    index = torch.arange(rows * cols).view(rows, cols)  # each weight's row-major position
+    laid = kernels.bf16_tiles(index).reshape(-1)
+    assert sorted(laid.tolist()) == list(range(rows * cols))  # a permutation
+    pair_order = [c for i in range(8) for c in (i, i + 8)]
+    expected = []
+    for r0, n in ((0, tile), (tile, rows - tile)):
+        for block in (0, 16):
+            for r in range(r0, r0 + n):
+                expected += [r * cols + block + c for c in pair_order]
+        for r in range(r0, r0 + n):
+            expected += [r * cols + c for c in range(32, cols)]
+    assert laid.tolist() == expected
 
 
 def _weights(kind, rows, cols, seed):
@@ -464,7 +490,7 @@ def _weights(kind, rows, cols, seed):
         return torch.from_numpy(random_blocks(kind, rows, cols, seed).kernel_layout()), getattr(kernels, kind)
     torch.manual_seed(seed)
     w = torch.randn(rows, cols) * 0.2
-    return (w.to(torch.bfloat16), kernels.BF16) if kind == "bf16" else (w, kernels.F32)
+    return (laid_out(w.to(torch.bfloat16)), kernels.BF16) if kind == "bf16" else (w, kernels.F32)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "Q4_1", "Q8_0"])

@@ -101,8 +101,9 @@ _ptr = kernels.ptr
 
 @dataclass
 class Matrix:
-    """One decode weight matrix as the kernels read it: `data` is float32/bf16 [rows, cols] or uint8
-    GGML blocks [rows, block bytes per row] regrouped for the kernels (gguf_blocks.QuantMatrix.kernel_layout);
+    """One decode weight matrix as the kernels read it: `data` is float32 [rows, cols], bf16 [rows, cols]
+    in tiles (kernels.bf16_tiles) or uint8 GGML blocks [rows, block bytes per row] regrouped for the
+    kernels (gguf_blocks.QuantMatrix.kernel_layout);
     `code` the kernels' dtype (kept alive here: the kernels get pointers)."""
 
     data: torch.Tensor
@@ -158,7 +159,8 @@ def _float_weights(model, dtype: torch.dtype, description: str, head: Matrix | N
     code = _FLOAT_CODES[dtype]
 
     def mat(*parts) -> Matrix:
-        return Matrix(torch.cat([p.weight.detach().to(dtype) for p in parts]).contiguous(), code)
+        data = torch.cat([p.weight.detach().to(dtype) for p in parts]).contiguous()
+        return Matrix(kernels.bf16_tiles(data) if code == kernels.BF16 else data, code)
 
     return _from_modules(model, mat, description, head)
 

@@ -35,10 +35,36 @@ ffi.cdef(HEADER.read_text())
 _DTYPES = ffi.typeof("enum h2k_dtype").relements
 F32, BF16, F16 = _DTYPES["H2K_F32"], _DTYPES["H2K_BF16"], _DTYPES["H2K_F16"]
 Q4_1, Q8_0 = _DTYPES["H2K_Q4_1"], _DTYPES["H2K_Q8_0"]
-QGROUP = ffi.typeof("enum h2k_layout").relements["H2K_QGROUP"]  # rows per group of a quantized matrix's blocks
+_LAYOUT = ffi.typeof("enum h2k_layout").relements
+QGROUP = _LAYOUT["H2K_QGROUP"]  # rows per group of a quantized matrix's blocks
+BF16_TILE = _LAYOUT["H2K_BF16_TILE"]  # rows per tile of a bf16 weight matrix
+_PAIR_BLOCK = 16  # columns per pair-ordered block of a bf16 tile (two 8-lane vectors)
 _ACTS = ffi.typeof("enum h2k_act").relements
 SILU, GELU_TANH = _ACTS["H2K_SILU"], _ACTS["H2K_GELU_TANH"]
 NULL = ffi.NULL
+
+
+def bf16_tiles(weights):
+    """A bf16 weight matrix [rows, cols] in the kernels' tiled layout (llama_decode.c, gemv_bf16_tiles),
+    same shape and dtype: rows in tiles of BF16_TILE (the last may be shorter); per tile, each full
+    block of 16 columns as the tile's rows' 16 weights in pair order (32-bit word i: columns i and
+    i + 8), then the rows' remaining cols % 16 weights row by row."""
+    import torch
+
+    rows, cols = weights.shape
+    full = cols // _PAIR_BLOCK * _PAIR_BLOCK
+
+    def tiles(part, n):  # part [count * n, cols] -> [count, n * cols], each tile laid out
+        count = part.shape[0] // n
+        blocks = (part[:, :full].reshape(count, n, full // _PAIR_BLOCK, 2, _PAIR_BLOCK // 2)
+                  .permute(0, 2, 1, 4, 3).reshape(count, n * full))
+        return torch.cat([blocks, part[:, full:].reshape(count, n * (cols - full))], dim=1)
+
+    whole = rows // BF16_TILE * BF16_TILE
+    laid = [tiles(weights[:whole], BF16_TILE).reshape(-1)]
+    if whole < rows:
+        laid.append(tiles(weights[whole:], rows - whole).reshape(-1))
+    return torch.cat(laid).view(rows, cols)
 
 
 def ptr(tensor) -> object:

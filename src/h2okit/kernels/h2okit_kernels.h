@@ -2,18 +2,20 @@
  * kernels/__init__.py hands it to cffi (ABI mode), so Python and C cannot disagree about an
  * argument. Keep it to plain declarations (no macros): cffi parses it as it is. */
 
-/* F32/BF16/F16: plain elements. Q4_1 and Q8_0: GGML's blocks of 32 weights (Q4_1: fp16 scale d, fp16
- * minimum m, 16 bytes of nibbles, w = d q + m; Q8_0: fp16 d, 32 int8, w = d q), weights only, with the
- * rows' blocks regrouped by H2K_QGROUP rows (llama_decode.c; gguf_blocks.QuantMatrix.kernel_layout). */
+/* F32/F16: plain elements. BF16: plain elements in the K/V cache; as weights, rows regrouped in tiles
+ * of H2K_BF16_TILE rows (llama_decode.c; kernels.bf16_tiles). Q4_1 and Q8_0: GGML's blocks of 32
+ * weights (Q4_1: fp16 scale d, fp16 minimum m, 16 bytes of nibbles, w = d q + m; Q8_0: fp16 d, 32 int8,
+ * w = d q), weights only, with the rows' blocks regrouped by H2K_QGROUP rows (llama_decode.c;
+ * gguf_blocks.QuantMatrix.kernel_layout). */
 enum h2k_dtype { H2K_F32 = 0, H2K_BF16 = 1, H2K_F16 = 2, H2K_Q4_1 = 3, H2K_Q8_0 = 4 };
-enum h2k_layout { H2K_QGROUP = 16 };
+enum h2k_layout { H2K_QGROUP = 16, H2K_BF16_TILE = 8 };
 
 /* The MLP's gate activation: SiLU (Llama) or GELU with the tanh approximation (Gemma 3). */
 enum h2k_act { H2K_SILU = 0, H2K_GELU_TANH = 1 };
 
 /* A model's layer dimensions, passed by pointer instead of a dozen positional ints. */
 typedef struct {
-    int wtype;    /* weight dtype: H2K_F32, H2K_BF16, H2K_Q4_1 or H2K_Q8_0 (rows of whole blocks) */
+    int wtype;    /* weight dtype: H2K_F32, H2K_BF16 (tiled), H2K_Q4_1 or H2K_Q8_0 (rows of whole blocks) */
     int hidden;   /* model width (the input of every GEMV but down) */
     int q_heads;
     int kv_heads;
@@ -27,7 +29,8 @@ typedef struct {
                      (llama.cpp's and MNN's low-precision way; not exact), 0 = float32 inputs (exact) */
 } h2k_dims;
 
-/* h = rmsnorm(x); y = W h ([rows, hidden] row-major); RoPE on the first rope_heads heads of y. */
+/* h = rmsnorm(x); y = W h (W [rows, hidden] in its weight type's layout); RoPE on the first rope_heads
+ * heads of y. */
 void h2k_norm_gemv(const h2k_dims *d, const float *x, const float *norm_w, const void *W, int rows, float *h,
                    float *y, int rope_heads, const float *cos, const float *sin);
 

@@ -160,7 +160,14 @@ static float exp_shifted(float *p, int n, float m) {
     return s;
 }
 
-/* Dot products of FROWS weight rows (row r at w + r * row_stride elements) with up to MULTI inputs
+static inline float dot_f32(const float *w, const float *x, int n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < n; c++) acc += w[c] * x[c];
+    return acc;
+}
+
+/* Dot products of FROWS float32 weight rows (row r at w + r * row_stride elements) with up to MULTI inputs
  * (x_j = x + j * xstride), one accumulator per row and input: the rows are loaded once per 16 columns
  * for all inputs and each input's 16 columns once for all rows, and the independent accumulators keep
  * the FMA units busy (one input alone is a single latency-bound chain, hidden behind memory in a
@@ -173,9 +180,9 @@ static float exp_shifted(float *p, int n, float m) {
  * AVX2 a float32 GEMV of one input now reads 8 rows without it instead, dot_rows1_f32). */
 enum { MULTI = 8, FROWS = 2, PREFETCH = 4096, PREFETCH_L2 = 16384, WIDE_ROW = 768 };
 
-/* w is float32 or bf16 (`bf16`); always inlined, so each call site (literal type, rows and inputs)
- * gets its own loop with the unused accumulators gone. */
-static inline __attribute__((always_inline)) void dot_float_multi(const void *w, long row_stride, int rows, int bf16,
+/* Always inlined, so each call site (literal rows and inputs) gets its own loop with the unused
+ * accumulators gone. */
+static inline __attribute__((always_inline)) void dot_float_multi(const float *w, long row_stride, int rows,
                                                                    const float *x, long xstride, int m, int n,
                                                                    float *out) {
 #ifdef SIMD16
@@ -188,18 +195,12 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
             for (int r = 0; r < FROWS; r++) {
                 wv[r] = _mm512_setzero_ps();
                 if (r < rows) {
-                    const float *wf = (const float *)w + r * row_stride;
-                    const uint16_t *wh = (const uint16_t *)w + r * row_stride;
+                    const float *wf = w + r * row_stride;
                     /* the row's bytes PREFETCH ahead: with a batch, each line takes long enough to use
                        that the hardware prefetcher alone left memory idle (B=8 cost load + compute) */
-                    const char *at = bf16 ? (const char *)(wh + c) : (const char *)(wf + c);
-                    if (!bf16 || c % 32 == 0) { /* once per cache line (16 bf16 weights are half a line) */
-                        _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
-                        _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
-                    }
-                    wv[r] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wh + c))), 16))
-                                 : _mm512_loadu_ps(wf + c);
+                    _mm_prefetch((const char *)(wf + c) + PREFETCH, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wf + c) + PREFETCH_L2, _MM_HINT_T1);
+                    wv[r] = _mm512_loadu_ps(wf + c);
                 }
             }
 #pragma GCC unroll 8
@@ -216,16 +217,15 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
         return;
     }
 #elif defined(SIMD8)
-    /* float32 rows with more than 4 inputs: one row at a time against all of them (an accumulator per
-       input, the inputs' vectors read from L1 into the FMAs). Each row is read once, from memory, as
-       memory delivers it; with FROWS rows in passes of 4 inputs (below), the second pass over them
-       issued no reads of its own (B=8: the layers' GEMVs 1.14x faster from memory; bf16 rows, whose
-       widening would then repeat per row for fewer FMAs, were 4 % slower). Only for rows of up to
+    /* more than 4 inputs: one row at a time against all of them (an accumulator per input, the
+       inputs' vectors read from L1 into the FMAs). Each row is read once, from memory, as memory
+       delivers it; with FROWS rows in passes of 4 inputs (below), the second pass over them issued no
+       reads of its own (B=8: the layers' GEMVs 1.14x faster from memory). Only for rows of up to
        WIDE_ROW columns: 8 longer inputs do not fit L1 beside the rows (the MLP's down matrix, 1536
        columns: 8 inputs are 48 KB), and the passes of 4 were faster there (the layers' GEMVs 1.12x). */
-    if (!bf16 && n % 8 == 0 && m > 4 && n <= WIDE_ROW) {
+    if (n % 8 == 0 && m > 4 && n <= WIDE_ROW) {
         for (int r = 0; r < rows; r++) {
-            const float *wf = (const float *)w + r * row_stride;
+            const float *wf = w + r * row_stride;
             __m256 acc[MULTI];
             for (int j = 0; j < MULTI; j++) acc[j] = _mm256_setzero_ps();
             for (int c = 0; c < n; c += 8) {
@@ -254,16 +254,12 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
                 for (int r = 0; r < FROWS; r++) {
                     wv[r] = _mm256_setzero_ps();
                     if (r < rows) {
-                        const float *wf = (const float *)w + r * row_stride;
-                        const uint16_t *wh = (const uint16_t *)w + r * row_stride;
-                        const char *at = bf16 ? (const char *)(wh + c) : (const char *)(wf + c);
-                        if (j0 == 0 && (bf16 ? c % 32 == 0 : c % 16 == 0)) { /* once per cache line */
-                            _mm_prefetch(at + PREFETCH, _MM_HINT_T0);
-                            _mm_prefetch(at + PREFETCH_L2, _MM_HINT_T1);
+                        const float *wf = w + r * row_stride;
+                        if (j0 == 0 && c % 16 == 0) { /* once per cache line */
+                            _mm_prefetch((const char *)(wf + c) + PREFETCH, _MM_HINT_T0);
+                            _mm_prefetch((const char *)(wf + c) + PREFETCH_L2, _MM_HINT_T1);
                         }
-                        wv[r] = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                                           _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wh + c))), 16))
-                                     : _mm256_loadu_ps(wf + c);
+                        wv[r] = _mm256_loadu_ps(wf + c);
                     }
                 }
 #pragma GCC unroll 4
@@ -281,25 +277,15 @@ static inline __attribute__((always_inline)) void dot_float_multi(const void *w,
         return;
     }
 #endif
-    for (int r = 0; r < rows; r++) {
-        const float *wf = (const float *)w + r * row_stride;
-        const uint16_t *wh = (const uint16_t *)w + r * row_stride;
-        for (int j = 0; j < m; j++) {
-            float acc = 0.0f;
-            const float *xj = x + j * xstride;
-#pragma omp simd reduction(+ : acc)
-            for (int c = 0; c < n; c++) acc += (bf16 ? bf16_to_f32(wh[c]) : wf[c]) * xj[c];
-            out[r * MULTI + j] = acc;
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < m; j++) out[r * MULTI + j] = dot_f32(w + r * row_stride, x + j * xstride, n);
 }
 
 #ifdef SIMD8
 /* One float32 input against ROWS1 rows of float32 weights (one FMA chain per row, as dot_float_multi's,
  * so the result is the same bits): out[r]. Eight rows' streams in flight kept memory busier than
  * FROWS rows with software prefetch (the layers' GEMVs from memory at B=1: 1.03-1.18x over four
- * interleaved runs; prefetch on top of the eight rows took back a third of it). bf16 rows stay with
- * dot_float_multi: eight rows were 5 % slower there. */
+ * interleaved runs; prefetch on top of the eight rows took back a third of it). */
 enum { ROWS1 = 8 };
 static inline __attribute__((always_inline)) void dot_rows1_f32(const float *w, long row_stride, int rows,
                                                                  const float *x, int n, float *out) {
@@ -314,11 +300,147 @@ static inline __attribute__((always_inline)) void dot_rows1_f32(const float *w, 
 }
 #endif
 
-static inline float dot_f32(const float *w, const float *x, int n) {
+/* bf16 weights, tiled (kernels.bf16_tiles writes them): the rows in tiles of BTILE (the last may be
+ * shorter); a tile of n rows holds, for each of the cols / 16 full column blocks, its n rows' 16 weights
+ * (32 bytes a row) in pair order: the 32-bit word i of a row's block holds column i in its low half and
+ * column i + 8 in its high half. Then the tile's rows' last cols % 16 weights, row by row, in order.
+ * Why: widening bf16 to float32 took a load, a zero-extension and a shift per 8 weights (vpmovzxwd +
+ * vpslld), which held a one-sequence GEMV to ~21 GB/s even from L3, below what memory delivers; in pair
+ * order one 256-bit load, a shift (the low halves) and an AND (the high halves) widen 16, and the
+ * FMAs still run over the columns in their natural order, so the result is the bits of a plain
+ * row-major dot with one 8-lane chain (what the previous layout gave). A tile's blocks are one
+ * contiguous stream instead of 8 rows' streams. The layers' GEMVs from memory at B=1: 1.29x (25.8
+ * against 19.4 GB/s, fp32 rows 24.5 GB/s in the same run); at B=8 1.08x with the next tile
+ * prefetched during the passes over this one. */
+enum { BTILE = H2K_BF16_TILE, BCOLS = 16 };
+
+/* The dot of a row's last cols % 16 weights with x's; one copy, so every path adds the same bits. */
+static __attribute__((noinline)) float bf16_tail_dot(const uint16_t *w, const float *x, int n) {
     float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int c = 0; c < n; c++) acc += w[c] * x[c];
+    for (int c = 0; c < n; c++) acc += bf16_to_f32(w[c]) * x[c];
     return acc;
+}
+
+#if !defined(SIMD16) && !defined(SIMD8)
+/* Weight k (< 16) of a row's pair-ordered block: where it sits. */
+static inline int pair_slot(int k) { return k < 8 ? 2 * k : 2 * (k - 8) + 1; }
+
+/* Row r (of n) of a tile with input x, one element at a time (the portable build). */
+static float bf16_tile_dot(const uint16_t *tile, int n, int r, const float *x, int cols) {
+    int full = cols / BCOLS * BCOLS;
+    float acc = 0.0f;
+    for (int c = 0; c < full; c += BCOLS)
+        for (int k = 0; k < BCOLS; k++) acc += bf16_to_f32(tile[(long)c * n + r * BCOLS + pair_slot(k)]) * x[c + k];
+    return acc + bf16_tail_dot(tile + (long)full * n + (long)r * (cols - full), x + full, cols - full);
+}
+#endif
+
+#if defined(SIMD16) || defined(SIMD8)
+/* Prefetch cursor: each call fetches the next `lines` cache lines of the span [*at, end) into L2. A
+ * batch's passes over a tile walk it forward, so the next tile is in flight while the current one is
+ * computed on (B=8, the layers' GEMVs from memory: 1.08x against no prefetch, whose memory idled
+ * during the passes from L1). One input makes one pass: it reads its own stream AHEAD1 bytes ahead into
+ * L1 instead (the 4 lines of the block 4 blocks on; 1.17x against the cursor, which was no better
+ * than no prefetch; 512 or 2048 bytes ahead 0.98x and 0.92x). */
+enum { AHEAD1 = 1024 };
+static inline __attribute__((always_inline)) void prefetch_next(const char **at, const char *end, int lines) {
+    for (int l = 0; l < lines && *at < end; l++, *at += 64) _mm_prefetch(*at, _MM_HINT_T1);
+}
+
+/* Rows r0..r0+RR-1 of a tile of n rows against m <= MM inputs (x_j = x + j * xstride): out[r * MULTI +
+ * j]. Per row and input one 8-lane FMA chain over the columns in order, then the tail: the same bits
+ * for any RR, MM, n. `lines`: cache lines of the next tile fetched per column block (prefetch_next);
+ * with MM == 1 the block AHEAD1 bytes on is fetched instead. */
+static inline __attribute__((always_inline)) void bf16_tile_multi(const uint16_t *tile, int n, int r0, int RR,
+                                                                   const float *x, long xstride, int m, int MM,
+                                                                   int cols, float *out, const char **pf,
+                                                                   const char *pf_end, int lines) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int full = cols / BCOLS * BCOLS;
+    __m256 acc[BTILE][4];
+    for (int r = 0; r < RR; r++)
+        for (int j = 0; j < MM; j++) acc[r][j] = _mm256_setzero_ps();
+    for (int c = 0; c < full; c += BCOLS) {
+        const uint16_t *block = tile + (long)c * n + r0 * BCOLS;
+        if (MM == 1) { /* one input: a row's two halves go straight into its chain */
+            for (int l = 0; l < BTILE * 32 / 64; l++) /* a whole block ahead: n == BTILE rows, 4 lines */
+                _mm_prefetch((const char *)block + AHEAD1 + 64 * l, _MM_HINT_T0);
+            __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+            for (int r = 0; r < RR; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(block + r * BCOLS));
+                acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), x0, acc[r][0]);
+                acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), x1, acc[r][0]);
+            }
+        } else { /* several: each row widened once for all of them */
+            prefetch_next(pf, pf_end, lines);
+            __m256 lo[BTILE], hi[BTILE];
+            for (int r = 0; r < RR; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(block + r * BCOLS));
+                lo[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                hi[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            }
+            for (int j = 0; j < MM; j++) {
+                if (j < m) {
+                    __m256 x0 = _mm256_loadu_ps(x + j * xstride + c), x1 = _mm256_loadu_ps(x + j * xstride + c + 8);
+                    for (int r = 0; r < RR; r++) {
+                        acc[r][j] = _mm256_fmadd_ps(lo[r], x0, acc[r][j]);
+                        acc[r][j] = _mm256_fmadd_ps(hi[r], x1, acc[r][j]);
+                    }
+                }
+            }
+        }
+    }
+    const uint16_t *tails = tile + (long)full * n;
+    for (int r = 0; r < RR; r++)
+        for (int j = 0; j < m; j++)
+            out[r * MULTI + j] = sum8(acc[r][j]) + bf16_tail_dot(tails + (long)(r0 + r) * (cols - full),
+                                                                 x + j * xstride + full, cols - full);
+}
+#endif
+
+/* y_b (+)= W x_b for a bf16 tiled W, tile by tile in parallel: one input takes a full tile's rows at
+ * once (8 chains); a batch takes them 2 rows by 4 inputs per pass (16 registers), the tile from L1
+ * after the first pass. */
+static void gemv_bf16_tiles(const uint16_t *W, const float *x, float *y, int rows, int cols, int accumulate,
+                            int batch, int threads) {
+    int tiles = (rows + BTILE - 1) / BTILE;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < tiles; t++) {
+        int r0 = t * BTILE, n = rows - r0 < BTILE ? rows - r0 : BTILE;
+        const uint16_t *tile = W + (long)r0 * cols;
+        float v[BTILE * MULTI];
+#if defined(SIMD16) || defined(SIMD8)
+        const char *pf = (const char *)(tile + (long)n * cols), *pf_end = (const char *)(W + (long)rows * cols);
+        if (pf_end > pf + (long)BTILE * cols * 2) pf_end = pf + (long)BTILE * cols * 2; /* the next tile only */
+        if (batch == 1 && n == BTILE) {
+            bf16_tile_multi(tile, BTILE, 0, BTILE, x, cols, 1, 1, cols, v, &pf, pf_end, 0);
+            for (int k = 0; k < n; k++) y[r0 + k] = accumulate ? y[r0 + k] + v[k * MULTI] : v[k * MULTI];
+            continue;
+        }
+        for (int i0 = 0; i0 < batch; i0 += 4) {
+            int m = batch - i0 < 4 ? batch - i0 : 4;
+            const float *xi = x + (long)i0 * cols;
+            for (int k0 = 0; k0 < n; k0 += 2) { /* passes of 2 rows: a line of the next tile each block */
+                if (k0 + 2 <= n && m == 4) bf16_tile_multi(tile, n, k0, 2, xi, cols, 4, 4, cols, v, &pf, pf_end, 1);
+                else if (k0 + 2 <= n) bf16_tile_multi(tile, n, k0, 2, xi, cols, m, 4, cols, v, &pf, pf_end, 1);
+                else bf16_tile_multi(tile, n, k0, 1, xi, cols, m, 4, cols, v, &pf, pf_end, 1);
+                for (int k = k0; k < k0 + 2 && k < n; k++)
+                    for (int j = 0; j < m; j++) {
+                        float *yi = y + (long)(i0 + j) * rows + r0 + k;
+                        *yi = accumulate ? *yi + v[(k - k0) * MULTI + j] : v[(k - k0) * MULTI + j];
+                    }
+            }
+        }
+#else
+        (void)v;
+        for (int k = 0; k < n; k++)
+            for (int i = 0; i < batch; i++) {
+                float *yi = y + (long)i * rows + r0 + k;
+                float dot = bf16_tile_dot(tile, n, k, x + (long)i * cols, cols);
+                *yi = accumulate ? *yi + dot : dot;
+            }
+#endif
+    }
 }
 
 /* The short dots of attention (one K row against one query head). `omp simd` sums the 16 lanes
@@ -803,6 +925,8 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
                 }
             }
         }
+    } else if (wtype == BF16) {
+        gemv_bf16_tiles((const uint16_t *)W, x, y, rows, cols, accumulate, batch, threads);
 #ifdef SIMD8
     } else if (wtype == F32 && batch == 1 && cols % 8 == 0) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -822,18 +946,10 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
             float v[FROWS * MULTI];
             for (int i0 = 0; i0 < batch; i0 += MULTI) {
                 int m = batch - i0 < MULTI ? batch - i0 : MULTI;
-                const float *xi = x + (long)i0 * cols;
-                if (wtype == BF16) {
-                    const uint16_t *w = (const uint16_t *)W + (long)r0 * cols;
-                    if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, 1, xi, cols, 1, cols, v);
-                    else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, 1, xi, cols, MULTI, cols, v);
-                    else dot_float_multi(w, cols, n, 1, xi, cols, m, cols, v);
-                } else {
-                    const float *w = (const float *)W + (long)r0 * cols;
-                    if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, 0, xi, cols, 1, cols, v);
-                    else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, 0, xi, cols, MULTI, cols, v);
-                    else dot_float_multi(w, cols, n, 0, xi, cols, m, cols, v);
-                }
+                const float *xi = x + (long)i0 * cols, *w = (const float *)W + (long)r0 * cols;
+                if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, xi, cols, 1, cols, v);
+                else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, xi, cols, MULTI, cols, v);
+                else dot_float_multi(w, cols, n, xi, cols, m, cols, v);
                 for (int k = 0; k < n; k++)
                     for (int j = 0; j < m; j++) {
                         float *yi = y + (long)(i0 + j) * rows + r0 + k;

@@ -1295,6 +1295,38 @@ static inline __attribute__((always_inline)) void prefetch_row64(const void *kv,
     for (int line = 0; line < (kvtype == F32 ? 4 : 2); line++) _mm_prefetch(row + 64 * line, _MM_HINT_T0);
 }
 
+/* a[0..7] += w * the V row at `base`. A bf16 row is widened 16 dims at a time by one load, a shift (the
+ * even dims, low halves) and an AND (the odd dims): a[2k] holds dims 16k + 2i, a[2k + 1] dims 16k + 2i + 1
+ * (natural_from_pairs64 restores the order). Each dim's sum takes the same steps as in natural order,
+ * so the same bits; the widening took twice the instructions (h2k_attend from memory, bf16 K/V, 2048
+ * tokens: 1.20x on one thread, 1.14x on two). */
+static inline __attribute__((always_inline)) void fma_row64_8(const void *kv, int kvtype, long base, __m256 w,
+                                                              __m256 a[8]) {
+    if (kvtype == BF16) {
+        const uint16_t *p = (const uint16_t *)kv + base;
+        const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+        for (int k = 0; k < 4; k++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 * k));
+            a[2 * k] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[2 * k]);
+            a[2 * k + 1] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_and_si256(v, high)), a[2 * k + 1]);
+        }
+    } else {
+        __m256 v[8];
+        load_row64_8(kv, kvtype, base, v);
+        for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, v[d], a[d]);
+    }
+}
+
+/* 64 sums from fma_row64_8's bf16 order (per 16 dims: 8 even, then 8 odd) back to natural order. */
+static inline void natural_from_pairs64(float *o) {
+    for (int k = 0; k < 4; k++, o += 16) {
+        __m256 even = _mm256_loadu_ps(o), odd = _mm256_loadu_ps(o + 8);
+        __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd); /* per 128-bit half */
+        _mm256_storeu_ps(o, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+}
+
 /* attend_values64 on 8 lanes: one head's 8 accumulators in registers at a time, over tiles of VTILE
  * tokens, so the group's other heads read the tile's V rows from L1. Each head still sums its tokens
  * in order from zero. While the second head of the group goes over the tile from L1 (the first, if
@@ -1314,15 +1346,14 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
                 __m256 a[8];
                 for (int d = 0; d < 8; d++) a[d] = _mm256_loadu_ps(out + j * 64 + 8 * d);
                 for (int t = s0; t < s1; t++) {
-                    __m256 v[8], w = _mm256_set1_ps(p[(long)j * T + t]);
-                    load_row64_8(V, kvtype, g * head_stride + (long)t * 64, v);
+                    fma_row64_8(V, kvtype, g * head_stride + (long)t * 64, _mm256_set1_ps(p[(long)j * T + t]), a);
                     if (j == ahead && t + VTILE < t1)
                         prefetch_row64(V, kvtype, g * head_stride + (long)(t + VTILE) * 64);
-                    for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, v[d], a[d]);
                 }
                 for (int d = 0; d < 8; d++) _mm256_storeu_ps(out + j * 64 + 8 * d, a[d]);
             }
         }
+        for (int j = 0; kvtype == BF16 && j < group; j++) natural_from_pairs64(out + j * 64);
     }
 }
 #endif

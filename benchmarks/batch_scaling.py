@@ -36,7 +36,7 @@ def main() -> int:
     setup_logging()
     ap = OneLineParser(prog="batch_scaling", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="fp32", type=comma_arg(str),
+    ap.add_argument("--weights", default="fp32", type=comma_arg(str, WEIGHT_DTYPES),
                     help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
     ap.add_argument("--batch", default="8", type=comma_arg(int),
                     help="comma list of batch sizes above 1 (each against B=1)")
@@ -44,8 +44,6 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64, help="measured steps per batch size")
     args = ap.parse_args()
     weights, batches = args.weights, args.batch
-    if unknown := [w for w in weights if w not in WEIGHT_DTYPES]:
-        ap.error(f"unknown weight type(s) {', '.join(unknown)}; allowed: {', '.join(WEIGHT_DTYPES)}")
     if min(batches) < 2 or args.steps < 2 or args.prompt < 1:
         ap.error("--batch takes integers of at least 2, --steps at least 2, --prompt at least 1")
     torch.set_num_threads(2)

@@ -79,7 +79,7 @@ def main() -> int:
     setup_logging()
     ap = OneLineParser(prog="kernel_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", required=True, help="a git revision whose kernels to compare with")
-    ap.add_argument("--weights", default="fp32", type=comma_arg(str),
+    ap.add_argument("--weights", default="fp32", type=comma_arg(str, WEIGHT_DTYPES),
                     help=f"comma list from: {', '.join(WEIGHT_DTYPES)}")
     ap.add_argument("--batch", default="1,8", type=comma_arg(int), help="comma list of batch sizes")
     ap.add_argument("--inputs", default="fp32", choices=ACTIVATION_DTYPES,
@@ -90,8 +90,6 @@ def main() -> int:
                     help="config (shipped name or path) whose model and KV settings to decode with; codec off")
     args = ap.parse_args()
     weights, batches = args.weights, args.batch
-    if unknown := [w for w in weights if w not in WEIGHT_DTYPES]:
-        ap.error(f"unknown weight type(s) {', '.join(unknown)}; allowed: {', '.join(WEIGHT_DTYPES)}")
     if min(batches) < 1 or args.steps < 2 or args.prompt < 1:
         ap.error("--batch takes positive integers, --steps at least 2, --prompt at least 1")
     if revision_text(args.against, kernels.HEADER) != kernels.HEADER.read_text():

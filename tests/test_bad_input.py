@@ -397,14 +397,18 @@ def test_llm_bench_never_installs_a_missing_corpus(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "empty-cache" / "corpus").exists()
 
 
-@pytest.mark.parametrize("value,message", [("4,x", "argument --batch: the value must be a comma list of ints, got '4,x'"),
-                                           (",", "argument --batch: the value is empty; give a comma list")])
-def test_a_bad_comma_list_flag_is_one_line_and_exit_2(capsys, value, message):
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch", "4,x", "argument --batch: the value must be a comma list of ints, got '4,x'"),
+    ("--batch", ",", "argument --batch: the value is empty; give a comma list"),
+    ("--weights", "fp32,int3", "argument --weights: unknown int3; allowed: fp32, bf16")])
+def test_a_bad_comma_list_flag_is_one_line_and_exit_2(capsys, flag, value, message):
     parser = OneLineParser(prog="prog")
     parser.add_argument("--batch", default="1,8", type=comma_arg(int))
+    parser.add_argument("--weights", default="fp32", type=comma_arg(str, ("fp32", "bf16")))
     assert parser.parse_args([]).batch == [1, 8]
     assert parser.parse_args(["--batch", " 2, 16 "]).batch == [2, 16]
+    assert parser.parse_args(["--weights", "bf16,fp32"]).weights == ["bf16", "fp32"]
     with pytest.raises(SystemExit) as exit_info:
-        parser.parse_args(["--batch", value])
+        parser.parse_args([flag, value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"prog: error: {message}\n"

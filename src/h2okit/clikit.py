@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -74,7 +74,14 @@ def comma_list(text: str, kind: type, flag: str, error: type[Exception]) -> list
         raise error(f"{flag} must be a comma list of {kind.__name__}s, got '{text}'") from None
 
 
-def comma_arg(kind: type) -> Callable[[str], list]:
-    """An argparse `type`: the value as a comma list of `kind` (comma_list); a bad one is argparse's own
-    error, which names the flag (one line with OneLineParser)."""
-    return lambda text: comma_list(text, kind, "the value", argparse.ArgumentTypeError)
+def comma_arg(kind: type, choices: Sequence | None = None) -> Callable[[str], list]:
+    """An argparse `type`: the value as a comma list of `kind` (comma_list), each item one of `choices`
+    when given; a bad one is argparse's own error, which names the flag (one line with OneLineParser)."""
+
+    def parse(text: str) -> list:
+        items = comma_list(text, kind, "the value", argparse.ArgumentTypeError)
+        if choices is not None and (unknown := [item for item in items if item not in choices]):
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(str, unknown))}; allowed: "
+                                             f"{', '.join(map(str, choices))}")
+        return items
+    return parse

@@ -336,6 +336,14 @@ static float bf16_tile_dot(const uint16_t *tile, int n, int r, const float *x, i
 #endif
 
 #if defined(SIMD16) || defined(SIMD8)
+/* 16 bf16 values at p in pair order (32-bit word i: values i and i + 8, or 2i and 2i + 1 of a row in
+ * natural order) as two float32 vectors: the low halves shifted up, the high halves masked. */
+static inline __attribute__((always_inline)) void widen_bf16_pairs(const uint16_t *p, __m256 *low, __m256 *high) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *low = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *high = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
 /* Prefetch cursor: each call fetches the next `lines` cache lines of the span [*at, end) into L2. A
  * batch's passes over a tile walk it forward, so the next tile is in flight while the current one is
  * computed on (B=8, the layers' GEMVs from memory: 1.08x against no prefetch, whose memory idled
@@ -355,7 +363,6 @@ static inline __attribute__((always_inline)) void bf16_tile_multi(const uint16_t
                                                                    const float *x, long xstride, int m, int MM,
                                                                    int cols, float *out, const char **pf,
                                                                    const char *pf_end, int lines) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     const int full = cols / BCOLS * BCOLS;
     __m256 acc[BTILE][4];
     for (int r = 0; r < RR; r++)
@@ -367,18 +374,15 @@ static inline __attribute__((always_inline)) void bf16_tile_multi(const uint16_t
                 _mm_prefetch((const char *)block + AHEAD1 + 64 * l, _MM_HINT_T0);
             __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
             for (int r = 0; r < RR; r++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(block + r * BCOLS));
-                acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), x0, acc[r][0]);
-                acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), x1, acc[r][0]);
+                __m256 lo, hi;
+                widen_bf16_pairs(block + r * BCOLS, &lo, &hi);
+                acc[r][0] = _mm256_fmadd_ps(lo, x0, acc[r][0]);
+                acc[r][0] = _mm256_fmadd_ps(hi, x1, acc[r][0]);
             }
         } else { /* several: each row widened once for all of them */
             prefetch_next(pf, pf_end, lines);
             __m256 lo[BTILE], hi[BTILE];
-            for (int r = 0; r < RR; r++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(block + r * BCOLS));
-                lo[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-                hi[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-            }
+            for (int r = 0; r < RR; r++) widen_bf16_pairs(block + r * BCOLS, &lo[r], &hi[r]);
             for (int j = 0; j < MM; j++) {
                 if (j < m) {
                     __m256 x0 = _mm256_loadu_ps(x + j * xstride + c), x1 = _mm256_loadu_ps(x + j * xstride + c + 8);
@@ -1299,16 +1303,15 @@ static inline __attribute__((always_inline)) void prefetch_row64(const void *kv,
  * even dims, low halves) and an AND (the odd dims): a[2k] holds dims 16k + 2i, a[2k + 1] dims 16k + 2i + 1
  * (natural_from_pairs64 restores the order). Each dim's sum takes the same steps as in natural order,
  * so the same bits; the widening took twice the instructions (h2k_attend from memory, bf16 K/V, 2048
- * tokens: 1.20x on one thread, 1.14x on two). */
+ * tokens: 1.20x on one thread, 1.13-1.14x on two). */
 static inline __attribute__((always_inline)) void fma_row64_8(const void *kv, int kvtype, long base, __m256 w,
                                                               __m256 a[8]) {
     if (kvtype == BF16) {
-        const uint16_t *p = (const uint16_t *)kv + base;
-        const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
         for (int k = 0; k < 4; k++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 * k));
-            a[2 * k] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[2 * k]);
-            a[2 * k + 1] = _mm256_fmadd_ps(w, _mm256_castsi256_ps(_mm256_and_si256(v, high)), a[2 * k + 1]);
+            __m256 even, odd;
+            widen_bf16_pairs((const uint16_t *)kv + base + 16 * k, &even, &odd);
+            a[2 * k] = _mm256_fmadd_ps(w, even, a[2 * k]);
+            a[2 * k + 1] = _mm256_fmadd_ps(w, odd, a[2 * k + 1]);
         }
     } else {
         __m256 v[8];

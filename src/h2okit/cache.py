@@ -151,7 +151,8 @@ class H2OLayer(CacheLayerMixin):
         self.codec = codec
         self.store_dtype = store_dtype
         self.on_event = on_event
-        self.on_size = None  # the cache's callback: (layer index, physical bytes) after every size change
+        self.on_size = None  # the cache's callback: the change of this layer's physical bytes, after every change
+        self._size_counted = 0  # this layer's physical bytes as the cache has counted them
         self.tokens_seen = 0
         self._queries: np.ndarray | None = None  # [query_window, q_heads, D] ring of recent queries
         self._queries_recorded = 0
@@ -215,14 +216,20 @@ class H2OLayer(CacheLayerMixin):
         self._count_grown(n)
         return self.full_kv()
 
-    def _count_grown(self, n: int) -> None:
+    def _count_grown(self, n: int, counted: bool = False) -> None:
+        """The buffer holds `n` more tokens (`counted`: the cache has added their bytes already)."""
         self._views_stale = True  # the views are sliced again when next read
         self.tokens_seen += n
-        self._report_size()
+        if counted:
+            self._size_counted += n * self.buffer.bytes_per_token
+        else:
+            self._report_size()
 
     def _report_size(self) -> None:
         if self.on_size is not None:
-            self.on_size(self.layer_idx, self.physical_bytes)
+            physical = self.physical_bytes
+            self.on_size(physical - self._size_counted)
+            self._size_counted = physical
 
     def decode_slot(self) -> tuple[int, int, int] | None:
         """Where a kernel may write the next decode token's K/V directly (see KVBuffer.next_slot), or
@@ -254,9 +261,10 @@ class H2OLayer(CacheLayerMixin):
 
     def after_fused_step(self, scored: bool) -> None:
         """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the
-        scores in place (LayerPolicy.in_place_update); the rest of `after_decode_blocks` follows."""
+        scores in place (LayerPolicy.in_place_update); the rest of `after_decode_blocks` follows. The
+        cache counted the token's bytes before (H2OCache.after_fused_step)."""
         self.buffer.commit(1)
-        self._count_grown(1)
+        self._count_grown(1, counted=True)
         if self.policy is not None:
             if scored:
                 self.policy.observed_in_place(self.get_seq_length())
@@ -288,7 +296,7 @@ class H2OLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.buffer = None
         self.is_initialized = False
-        self.tokens_seen = 0
+        self.tokens_seen = self._size_counted = 0
         self._queries, self._queries_recorded = None, 0
         if self.policy is not None:
             self.policy.reset()
@@ -675,14 +683,25 @@ class H2OCache(Cache):
                     raise ValueError("kv_h2o_query_horizon > 0 needs the model's RoPE tables (H2OCache's rope)")
                 layers[-1].rope_tables = lambda positions, layer=i: rope(layer, positions)
         super().__init__(layers=layers)
-        self._layer_bytes = [0] * num_layers
-        self._bytes = 0
+        self._bytes = 0  # the layers' physical bytes as they reported them
         self.peak_bytes = 0  # the most K/V (raw tokens + cold frames) the cache held at any moment
+        self._token_bytes: int | None = None  # one token's bytes over all layers (a fused step adds them)
 
-    def _resized(self, layer: int, physical: int) -> None:
-        self._bytes += physical - self._layer_bytes[layer]
-        self._layer_bytes[layer] = physical
+    def _resized(self, change: int) -> None:
+        self._bytes += change
         self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    def after_fused_step(self, scored: list[bool]) -> None:
+        """A fused decode step wrote one token into every layer before any of this runs: the cache's
+        size grows by all of them at once (so the peak holds them all, as memory did), then each layer
+        counts its token, scores and evicts (H2OLayer.after_fused_step; an eviction reports the smaller
+        size). One update instead of a report per layer, which was half of this bookkeeping at batch 8.
+        `scored`: per layer, whether the step updated its scores."""
+        if self._token_bytes is None:
+            self._token_bytes = sum(layer.bytes_per_token for layer in self.layers)
+        self._resized(self._token_bytes)
+        for layer, layer_scored in zip(self.layers, scored):
+            layer.after_fused_step(layer_scored)
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -701,8 +720,8 @@ class H2OCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.events = CacheEvents()
-        self._layer_bytes = [0] * len(self.layers)
         self._bytes = self.peak_bytes = 0
+        self._token_bytes = None
 
     # transformers' Cache offers these for beam search, speculative decoding and offloading; each would
     # leave the preallocated buffers, the per-layer token counts and the policies out of step.

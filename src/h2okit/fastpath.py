@@ -19,7 +19,7 @@ path:
                 x += [norm](W_down (act(W_gate h) * W_up h)) (h2k_mlp_block)
     logits = W_head · rmsnorm(x)                             (h2k_norm_gemv)
     then, in Python, per layer: count the token, tick the policy clock, and plan and compact where
-    an eviction is due (H2OLayer.after_fused_step: the same code as the reference path's). Layers
+    an eviction is due (H2OCache.after_fused_step: the same code as the reference path's). Layers
     the fused step cannot serve (store mode, the `mean` scorer) take one call per kernel and layer.
 
 The cache objects and the policy are shared with the reference path, so eviction decisions
@@ -567,8 +567,7 @@ class FastDecoder:
                                  self._head_ptr, self.vocab, logits)
         chooser.record(threads, time.perf_counter() - started)
         for cache, layers_scored in zip(caches, scored):
-            for layer, layer_scored in zip(cache.layers, layers_scored):
-                layer.after_fused_step(layer_scored)
+            cache.after_fused_step(layers_scored)
         return True
 
     @torch.inference_mode()

@@ -228,3 +228,31 @@ def test_gather_tokens_takes_each_heads_own_rows(dtype, heads, kept):
     assert torch.equal(gather_tokens(x, index), expected)
     shared = index[:1]
     assert torch.equal(gather_tokens(x, shared), x[:, :, shared[0]])
+
+
+def test_fused_steps_count_every_layers_token_at_once_and_the_peak_follows():
+    """A fused decode step writes one token into every layer before any Python runs: the cache adds
+    them in one update (H2OCache.after_fused_step), the layers' own reports (a sliding layer trimming
+    its window, a reset) are changes against what the cache counted. The peak is the largest total
+    the layers held at any moment."""
+    from h2okit.cache import H2OCache
+    from h2okit.config import parse_config
+
+    cache = H2OCache(3, parse_config({}).kv, [4, None, None])
+    for _ in range(2):  # and again after a reset
+        peak = 0
+        for layer in cache.layers:  # a 10-token prompt, layer by layer as the forward does it
+            layer.update(torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8))
+            peak = max(peak, cache.physical_bytes)
+        for step in range(24):  # the window layer trims at step 10 (from 20 tokens to 3, then its new one)
+            for layer in cache.layers:
+                assert layer.decode_layout() is not None  # room for the token; the window trims first
+            cache.after_fused_step([False] * 3)
+            peak = max(peak, cache.physical_bytes)
+            assert cache.peak_bytes == peak
+            window, full, other = (layer.get_seq_length() for layer in cache.layers)
+            assert full == other == 11 + step
+            assert window <= cache.layers[0].window + cache.layers[0].TRIM_SLACK
+        assert cache.peak_bytes == (17 + 34 + 34) * 2 * 3 * 8 * 4  # the last step: past step 9's 3 x 20 tokens
+        cache.reset()
+        assert cache.peak_bytes == 0 and cache.physical_bytes == 0

@@ -383,6 +383,7 @@ class FastDecoder:
             {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
              "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])
         self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs))
+        self._slots = list(self._layer_caches)  # each slot's cdata, made once (indexing makes a new one)
         self._slot_sources: list[_SlotSource | None] = [None] * len(self._ptrs)  # whose fields each slot holds
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
@@ -402,6 +403,7 @@ class FastDecoder:
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
         self.adapt_threads = adapt_threads_setting()
         self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_rows_at: dict[str | None, tuple[int, int, int]] = {}  # per table: cos, sin addresses, row bytes
         self._rope_kinds = sorted(set(arch.rope_kinds), key=str)
 
     @property
@@ -411,21 +413,24 @@ class FastDecoder:
 
     def _rope_at(self, position: int, kind: str | None) -> tuple[object, object]:
         """Pointers to the float32 cos/sin rows of `position` in RoPE table `kind`, from the model's own
-        rotary module."""
-        cos, _ = self._rope.get(kind, (torch.empty(0, self.head_dim), None))
-        if position >= cos.shape[0]:
-            n = max(2 * cos.shape[0], position + 1, 1024)
+        rotary module (address arithmetic on the table: indexing the tensor cost a few us a row)."""
+        table = self._rope.get(kind)
+        if table is None or position >= table[0].shape[0]:
+            n = max(2 * (0 if table is None else table[0].shape[0]), position + 1, 1024)
             cos, sin = self.arch.rotary(torch.arange(n).unsqueeze(0), kind)
-            self._rope[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
-        cos, sin = self._rope[kind]
-        return _ptr(cos[position]), _ptr(sin[position])
+            table = self._rope[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
+            self._rope_rows_at[kind] = (table[0].data_ptr(), table[1].data_ptr(),
+                                        table[0].stride(0) * table[0].element_size())
+        cos_at, sin_at, row_bytes = self._rope_rows_at[kind]
+        return kernels.address(cos_at + position * row_bytes), kernels.address(sin_at + position * row_bytes)
 
     def _rope_rows(self, positions: list[int]) -> list[dict[str | None, tuple[object, object]]]:
         """Per position, per RoPE table: its cos/sin row pointers (the tables grown first to the furthest
-        position, so that no pointer outlives a table it points into)."""
+        position, so that no pointer outlives a table it points into; each position once)."""
         for kind in self._rope_kinds:
             self._rope_at(max(positions), kind)
-        return [{kind: self._rope_at(p, kind) for kind in self._rope_kinds} for p in positions]
+        rows = {p: {kind: self._rope_at(p, kind) for kind in self._rope_kinds} for p in set(positions)}
+        return [rows[p] for p in positions]
 
     def _batch_buffers(self, batch: int) -> tuple[tuple[torch.Tensor, ...], tuple[object, ...]]:
         """A batch step's working rows (x, h, qkv, attn, gate_up: [batch, width] each) and their pointers,
@@ -490,15 +495,16 @@ class FastDecoder:
         batch = len(caches)
         if len(self._layer_caches) < len(self._ptrs) * batch:
             self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs) * batch)
+            self._slots = list(self._layer_caches)
             self._slot_sources = [None] * len(self._layer_caches)
-        ropes = self._rope_rows(positions)
+        ropes, slots = self._rope_rows(positions), self._slots
         scored: list[list[bool]] = [[] for _ in caches]
         longest = 0
         recording = []  # (slot, layer) of the layers that keep their recent queries
         for index, kind in enumerate(self.arch.rope_kinds):
             for s, cache in enumerate(caches):
                 i = index * batch + s
-                layer, slot = cache.layers[index], self._layer_caches[i]
+                layer, slot = cache.layers[index], slots[i]
                 known = self._slot_sources[i]
                 if known is not None and known.plain and known.layer() is layer:
                     buffer = layer.buffer  # only appended to since the slot was filled: length and RoPE rows

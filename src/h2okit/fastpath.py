@@ -81,6 +81,30 @@ class _SlotSource:
     capacity: int  # ...and has room for the step's token
 
 
+@dataclass(frozen=True)
+class _RopeTable:
+    """One RoPE table (float32 cos/sin rows [positions, head_dim]) and where its rows are, so that a row's
+    pointer is address arithmetic (indexing the tensor cost a few us a row)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_at: int
+    sin_at: int
+    row_bytes: int
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> _RopeTable:
+        return cls(cos, sin, cos.data_ptr(), sin.data_ptr(), cos.stride(0) * cos.element_size())
+
+    @property
+    def positions(self) -> int:
+        return self.cos.shape[0]
+
+    def rows(self, position: int) -> tuple[object, object]:
+        offset = position * self.row_bytes
+        return kernels.address(self.cos_at + offset), kernels.address(self.sin_at + offset)
+
+
 class FastPathUnavailable(Exception):
     """Why this model cannot take the fast path (one line); the reference path is used instead."""
 
@@ -382,9 +406,7 @@ class FastDecoder:
         self._layer_weights = kernels.ffi.new("h2k_layer_weights[]", [
             {"attn_in_norm": p[0], "qkv": p[1], "q_norm": p[2], "k_norm": p[3], "o": p[4], "attn_out_norm": p[5],
              "mlp_in_norm": p[6], "gate_up": p[7], "down": p[8], "mlp_out_norm": p[9]} for p in self._ptrs])
-        self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs))
-        self._slots = list(self._layer_caches)  # each slot's cdata, made once (indexing makes a new one)
-        self._slot_sources: list[_SlotSource | None] = [None] * len(self._ptrs)  # whose fields each slot holds
+        self._new_slots(len(self._ptrs))
         q_dim, kv_dim = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.vocab = model.lm_head.weight.shape[0]
@@ -402,9 +424,15 @@ class FastDecoder:
         self._scratch_tokens = self._scratch_copies = 0
         self._choosers: dict[tuple[int, int], ThreadChooser] = {}  # per (configured threads, batch size)
         self.adapt_threads = adapt_threads_setting()
-        self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rope_rows_at: dict[str | None, tuple[int, int, int]] = {}  # per table: cos, sin addresses, row bytes
+        self._rope: dict[str | None, _RopeTable] = {}
         self._rope_kinds = sorted(set(arch.rope_kinds), key=str)
+
+    def _new_slots(self, count: int) -> None:
+        """`count` empty `h2k_layer_cache` slots for the fused step, each slot's cdata made once (indexing
+        the array makes a new one), and no record yet of whose fields they hold."""
+        self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", count)
+        self._slots = list(self._layer_caches)
+        self._slot_sources: list[_SlotSource | None] = [None] * count
 
     @property
     def weight_bytes(self) -> int:
@@ -413,16 +441,13 @@ class FastDecoder:
 
     def _rope_at(self, position: int, kind: str | None) -> tuple[object, object]:
         """Pointers to the float32 cos/sin rows of `position` in RoPE table `kind`, from the model's own
-        rotary module (address arithmetic on the table: indexing the tensor cost a few us a row)."""
+        rotary module (the table grown to cover it first)."""
         table = self._rope.get(kind)
-        if table is None or position >= table[0].shape[0]:
-            n = max(2 * (0 if table is None else table[0].shape[0]), position + 1, 1024)
+        if table is None or position >= table.positions:
+            n = max(2 * (table.positions if table else 0), position + 1, 1024)
             cos, sin = self.arch.rotary(torch.arange(n).unsqueeze(0), kind)
-            table = self._rope[kind] = (cos[0].float().contiguous(), sin[0].float().contiguous())
-            self._rope_rows_at[kind] = (table[0].data_ptr(), table[1].data_ptr(),
-                                        table[0].stride(0) * table[0].element_size())
-        cos_at, sin_at, row_bytes = self._rope_rows_at[kind]
-        return kernels.address(cos_at + position * row_bytes), kernels.address(sin_at + position * row_bytes)
+            table = self._rope[kind] = _RopeTable.of(cos[0].float().contiguous(), sin[0].float().contiguous())
+        return table.rows(position)
 
     def _rope_rows(self, positions: list[int]) -> list[dict[str | None, tuple[object, object]]]:
         """Per position, per RoPE table: its cos/sin row pointers (the tables grown first to the furthest
@@ -494,9 +519,7 @@ class FastDecoder:
         mode, a scorer whose step is not decay * scores + gain * mass, or a layer that has cached nothing)."""
         batch = len(caches)
         if len(self._layer_caches) < len(self._ptrs) * batch:
-            self._layer_caches = kernels.ffi.new("h2k_layer_cache[]", len(self._ptrs) * batch)
-            self._slots = list(self._layer_caches)
-            self._slot_sources = [None] * len(self._layer_caches)
+            self._new_slots(len(self._ptrs) * batch)
         ropes, slots = self._rope_rows(positions), self._slots
         scored: list[list[bool]] = [[] for _ in caches]
         longest = 0

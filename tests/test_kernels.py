@@ -447,8 +447,9 @@ def test_block_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, type_name, c
                          ids=["fp32", "bf16"])
 def test_float_gemv_of_a_batch_is_each_input_alone_bit_for_bit(lib, dtype, code, cols):
     """Float weights, 21 rows (not a whole number of any kernel's row group or tile) and 13 inputs (one
-    pass of 8 and one of 5: one row against many inputs on narrow rows, passes of 4 on rows wider than
-    L1 holds for 8 inputs; bf16 tiles 2 rows by 4 inputs; `tail`: columns past the last whole vector or
+    pass of 8 and one of 5: one row against many inputs on narrow rows, groups of 4 rows in column chunks
+    on rows wider than L1 holds for 8 inputs (800: three whole chunks and a part); bf16 tiles 2 rows by 4
+    inputs; `tail`: columns past the last whole vector or
     bf16 block): every input's outputs are those of a GEMV with it alone (rows 8 at a time there),
     bit for bit, and the torch product within float tolerance."""
     rows, batch = 21, 13

@@ -222,7 +222,8 @@ static inline __attribute__((always_inline)) void dot_float_multi(const float *w
        delivers it; with FROWS rows in passes of 4 inputs (below), the second pass over them issued no
        reads of its own (B=8: the layers' GEMVs 1.14x faster from memory). Only for rows of up to
        WIDE_ROW columns: 8 longer inputs do not fit L1 beside the rows (the MLP's down matrix, 1536
-       columns: 8 inputs are 48 KB), and the passes of 4 were faster there (the layers' GEMVs 1.12x). */
+       columns: 8 inputs are 48 KB), and the passes of 4 were faster there (the layers' GEMVs 1.12x);
+       gemv_batch now sends those to dot_wide_group, in column chunks. */
     if (n % 8 == 0 && m > 4 && n <= WIDE_ROW) {
         for (int r = 0; r < rows; r++) {
             const float *wf = w + r * row_stride;
@@ -280,6 +281,7 @@ static inline __attribute__((always_inline)) void dot_float_multi(const float *w
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < m; j++) out[r * MULTI + j] = dot_f32(w + r * row_stride, x + j * xstride, n);
 }
+
 
 #ifdef SIMD8
 /* One float32 input against ROWS1 rows of float32 weights (one FMA chain per row, as dot_float_multi's,
@@ -354,6 +356,41 @@ enum { AHEAD1 = 1024 };
 static inline __attribute__((always_inline)) void prefetch_next(const char **at, const char *end, int lines) {
     for (int l = 0; l < lines && *at < end; l++, *at += 64) _mm_prefetch(*at, _MM_HINT_T1);
 }
+
+#ifdef SIMD8
+/* Rows wider than WIDE_ROW against more than 4 inputs (the MLP's down matrix, 1536 columns): GROUP_ROWS
+ * rows at a time, in column chunks of WIDE_CHUNK, so that the inputs' chunk stays in L1 while the
+ * group's rows pass it (8 whole inputs are 48 KB, and at a stride of 1536 floats their lines fall in
+ * two of L1's 64 sets per column); each row and input keeps one 8-lane FMA chain over its columns in
+ * order (the accumulators wait in `acc` between chunks): the bits of dot_float_multi's. The next
+ * group's bytes are fetched into L2 while this one is computed on (a cursor, one line per line
+ * used), so the chunks read the group from L2. The down matrices from memory at B=8 against the
+ * passes of 4: 4.52-4.98 against 5.30-5.43 ms (two runs); 256 columns and 4 rows were the best of
+ * 128-768 and 1-16. out[r * MULTI + j]. */
+enum { GROUP_ROWS = 4, WIDE_CHUNK = 256 };
+static void dot_wide_group(const float *w, int rows, const float *x, long xstride, int m, int n,
+                           const char **pf_at, const char *pf_end, float *out) {
+    __m256 acc[GROUP_ROWS][MULTI];
+    for (int c0 = 0; c0 < n; c0 += WIDE_CHUNK) {
+        int c1 = c0 + WIDE_CHUNK < n ? c0 + WIDE_CHUNK : n;
+        for (int r = 0; r < rows; r++) {
+            const float *wf = w + (long)r * n;
+            __m256 a[MULTI];
+            for (int j = 0; j < MULTI; j++) a[j] = c0 == 0 || j >= m ? _mm256_setzero_ps() : acc[r][j];
+            for (int c = c0; c < c1; c += 8) {
+                if (c % 16 == 0) prefetch_next(pf_at, pf_end, 1);
+                __m256 wv = _mm256_loadu_ps(wf + c);
+#pragma GCC unroll 8
+                for (int j = 0; j < MULTI; j++)
+                    if (j < m) a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * xstride + c), a[j]);
+            }
+            for (int j = 0; j < MULTI; j++) acc[r][j] = a[j];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < m; j++) out[r * MULTI + j] = sum8(acc[r][j]);
+}
+#endif
 
 /* Rows r0..r0+RR-1 of a tile of n rows against m <= MM inputs (x_j = x + j * xstride): out[r * MULTI +
  * j]. Per row and input one 8-lane FMA chain over the columns in order, then the tail: the same bits
@@ -941,6 +978,30 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
             if (n == ROWS1) dot_rows1_f32(w, cols, ROWS1, x, cols, v);
             else dot_rows1_f32(w, cols, n, x, cols, v);
             for (int k = 0; k < n; k++) y[r0 + k] = accumulate ? y[r0 + k] + v[k] : v[k];
+        }
+    } else if (wtype == F32 && batch > 4 && cols > WIDE_ROW && cols % 8 == 0) {
+#pragma omp parallel num_threads(threads)
+        {
+            int tid = omp_get_thread_num(), used = omp_get_num_threads();
+            int groups = (rows + GROUP_ROWS - 1) / GROUP_ROWS, per = (groups + used - 1) / used;
+            int g0 = tid * per < groups ? tid * per : groups, g1 = g0 + per < groups ? g0 + per : groups;
+            const float *Wf = (const float *)W;
+            const char *pf_end = (const char *)(Wf + (long)(g1 * GROUP_ROWS < rows ? g1 * GROUP_ROWS : rows) * cols);
+            for (int g = g0; g < g1; g++) {
+                int r0 = g * GROUP_ROWS, n = rows - r0 < GROUP_ROWS ? rows - r0 : GROUP_ROWS;
+                const char *pf_at = (const char *)(Wf + (long)(r0 + n) * cols);
+                for (int i0 = 0; i0 < batch; i0 += MULTI) {
+                    int m = batch - i0 < MULTI ? batch - i0 : MULTI;
+                    const float *xi = x + (long)i0 * cols;
+                    float v[GROUP_ROWS * MULTI];
+                    dot_wide_group(Wf + (long)r0 * cols, n, xi, cols, m, cols, &pf_at, pf_end, v);
+                    for (int k = 0; k < n; k++)
+                        for (int j = 0; j < m; j++) {
+                            float *yi = y + (long)(i0 + j) * rows + r0 + k;
+                            *yi = accumulate ? *yi + v[k * MULTI + j] : v[k * MULTI + j];
+                        }
+                }
+            }
         }
 #endif
     } else {

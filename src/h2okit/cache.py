@@ -253,11 +253,12 @@ class H2OLayer(CacheLayerMixin):
         return *self.buffer.layout(), 0
 
     @property
-    def plain_decode(self) -> bool:
-        """A decode step only appends to this layer: no policy, no codec, every slot attended (so a fused
-        step's slot needs nothing but its length and RoPE rows until the buffer moves; store mode has a
-        codec, a sliding layer moves its first visible slot)."""
-        return self.policy is None and self.codec is None and not self.is_sliding
+    def appends_in_place(self) -> bool:
+        """A fused decode step's slot for this layer needs nothing but its length and RoPE rows until the
+        buffer moves (and, when it scores, until its scores' storage changes): no codec, every slot
+        attended, no queries recorded (store mode has a codec, a sliding layer moves its first visible
+        slot, a layer that keeps its queries gets a new ring row each step). Evictions only shorten it."""
+        return self.codec is None and not self.is_sliding and not self.needs_queries
 
     def after_fused_step(self, scored: bool) -> None:
         """A fused step wrote this token's K/V into the `decode_layout` slot and, if `scored`, updated the

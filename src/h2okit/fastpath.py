@@ -75,10 +75,10 @@ class _SlotSource:
     stride: int
     block: int
     scores: weakref.ref | None
-    plain: bool  # H2OLayer.plain_decode: later steps set only the slot's length and RoPE rows...
+    appends: bool  # H2OLayer.appends_in_place: later steps set only the slot's length and RoPE rows...
     buffer: weakref.ref  # ...while the layer keeps this buffer (KVBuffer)...
     moves: int  # ...which has not moved...
-    capacity: int  # ...and has room for the step's token
+    capacity: int  # ...and has room for the step's token (and a scored layer's scores serve it as they are)
 
 
 @dataclass(frozen=True)
@@ -529,13 +529,14 @@ class FastDecoder:
                 i = index * batch + s
                 layer, slot = cache.layers[index], slots[i]
                 known = self._slot_sources[i]
-                if known is not None and known.plain and known.layer() is layer:
+                if known is not None and known.appends and known.layer() is layer:
                     buffer = layer.buffer  # only appended to since the slot was filled: length and RoPE rows
-                    if known.buffer() is buffer and buffer.moves == known.moves and buffer.length < known.capacity:
+                    if (known.buffer() is buffer and buffer.moves == known.moves and buffer.length < known.capacity
+                            and (not known.block or layer.policy.still_in_place(known.scores(), buffer.length + 1))):
                         slot.length = buffer.length
                         slot.cos, slot.sin = ropes[s][kind]
                         longest = max(longest, buffer.length + 1)
-                        scored[s].append(False)
+                        scored[s].append(known.block > 0)
                         continue
                 layout = layer.decode_layout()
                 if layout is None:
@@ -566,7 +567,7 @@ class FastDecoder:
                         slot.score_rows, slot.score_stride = scores.shape
                     self._slot_sources[i] = _SlotSource(weakref.ref(layer), k, v, stride, block,
                                                         None if scores is None else weakref.ref(scores),
-                                                        layer.plain_decode, weakref.ref(layer.buffer),
+                                                        layer.appends_in_place, weakref.ref(layer.buffer),
                                                         layer.buffer.moves, layer.buffer.capacity)
                     slot.query_out = kernels.NULL
                 if layer.needs_queries:

@@ -94,6 +94,11 @@ class Scorer:
             self._store = grown
         return self._store
 
+    def serves(self, store: np.ndarray, nb: int) -> bool:
+        """Is `store` (from `storage`) still the backing array, with room for `nb` blocks? Then a fused step
+        may update it in place again without asking `storage`."""
+        return store is self._store and nb <= store.shape[1]
+
     def updated_in_place(self, nb: int) -> None:
         """`rule` was applied to the first `nb` blocks of `storage` (by the fused decode step)."""
         self._blocks = max(self._blocks, nb)
@@ -570,6 +575,10 @@ class LayerPolicy:
             return None
         rows = kv_heads if self.params.per_head else 1
         return self.scorer.storage(rows, num_blocks(length, self.params.block_tokens)), *rule
+
+    def still_in_place(self, scores: np.ndarray, length: int) -> bool:
+        """Does `scores` (from an earlier `in_place_update`) serve a step over `length` tokens as it is?"""
+        return self.scorer.serves(scores, num_blocks(length, self.params.block_tokens))
 
     def observed_in_place(self, length: int) -> None:
         """The step `in_place_update` prepared for ran: the scores cover the layer's `length` tokens."""

@@ -1327,60 +1327,29 @@ static inline __attribute__((always_inline)) void load_row64_8(const void *kv, i
     }
 }
 
-/* The sums of r[0..7] as one vector, lane i: sum8(r[i]) bit for bit (the same additions in the same
- * tree: each lane's halves, then lanes 0 + 2 and 1 + 3, then those two), for 8 rows at once. */
-static inline __m256 sum8_each(const __m256 *r) {
-    __m256 s[4]; /* s[i]: rows i and i + 4, each's low half plus its high half */
-    for (int i = 0; i < 4; i++)
-        s[i] = _mm256_add_ps(_mm256_permute2f128_ps(r[i], r[i + 4], 0x20), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-    __m256 u0 = _mm256_add_ps(_mm256_shuffle_ps(s[0], s[1], 0x44), _mm256_shuffle_ps(s[0], s[1], 0xEE));
-    __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(s[2], s[3], 0x44), _mm256_shuffle_ps(s[2], s[3], 0xEE));
-    return _mm256_hadd_ps(u0, u1); /* [rows 0, 1, 2, 3 | 4, 5, 6, 7] */
-}
-
-/* q_j . the K row k (8 vectors), before its sum over the lanes: two FMA chains. */
-static inline __attribute__((always_inline)) __m256 dot64_lanes(const __m256 k[8], const float *qj) {
-    __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
-    for (int d = 2; d < 8; d += 2) {
-        a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
-        a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
-    }
-    return _mm256_add_ps(a0, a1);
-}
-
 /* attend_logits64 on 8 lanes: the K row in registers, the group's queries read from L1. Token by
  * token, every KV head's row: the heads' K streams are read side by side, which kept more of memory
- * busy than one head's tokens after another's (1.2x from memory on one thread, float32 K). The dots'
- * lane sums are taken 8 tokens at a time by one transposing tree (sum8_each), the same bits as one
- * sum8 per dot. */
-enum { LOGIT_HEADS = 32 }; /* query heads whose 8 tokens' dots wait on the stack */
+ * busy than one head's tokens after another's (1.2x from memory on one thread, float32 K). */
 static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
                             int kv_heads, int group, int t0, int t1, float *probs) {
-    int t = t0;
-    if (kv_heads * group <= LOGIT_HEADS) {
-        __m256 dots[LOGIT_HEADS][8];
-        __m256 scales = _mm256_set1_ps(scale);
-        for (; t + 8 <= t1; t += 8) {
-            for (int i = 0; i < 8; i++) {
-                for (int g = 0; g < kv_heads; g++) {
-                    __m256 k[8];
-                    load_row64_8(K, kvtype, g * head_stride + (long)(t + i) * 64, k);
-#pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++)
-                        if (j < group) dots[g * group + j][i] = dot64_lanes(k, q + (g * group + j) * 64);
-                }
-            }
-            for (int h = 0; h < kv_heads * group; h++)
-                _mm256_storeu_ps(probs + (long)h * T + t, _mm256_mul_ps(sum8_each(dots[h]), scales));
-        }
-    }
-    for (; t < t1; t++) {
+    for (int t = t0; t < t1; t++) {
         for (int g = 0; g < kv_heads; g++) {
+            const float *qg = q + g * group * 64;
+            float *p = probs + (long)g * group * T;
             __m256 k[8];
             load_row64_8(K, kvtype, g * head_stride + (long)t * 64, k);
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++)
-                if (j < group) probs[(long)(g * group + j) * T + t] = sum8(dot64_lanes(k, q + (g * group + j) * 64)) * scale;
+            for (int j = 0; j < 4; j++) {
+                if (j < group) {
+                    const float *qj = qg + j * 64;
+                    __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
+                    for (int d = 2; d < 8; d += 2) {
+                        a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
+                        a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
+                    }
+                    p[(long)j * T + t] = sum8(_mm256_add_ps(a0, a1)) * scale;
+                }
+            }
         }
     }
 }

@@ -282,7 +282,6 @@ static inline __attribute__((always_inline)) void dot_float_multi(const float *w
         for (int j = 0; j < m; j++) out[r * MULTI + j] = dot_f32(w + r * row_stride, x + j * xstride, n);
 }
 
-
 #ifdef SIMD8
 /* One float32 input against ROWS1 rows of float32 weights (one FMA chain per row, as dot_float_multi's,
  * so the result is the same bits): out[r]. Eight rows' streams in flight kept memory busier than
@@ -920,6 +919,16 @@ static inline int team_size(const h2k_dims *d) {
     return d->threads > 0 ? d->threads : omp_get_max_threads();
 }
 
+/* y_{i0 + j}[r0 + k] (+)= v[k * MULTI + j] for k < n, j < m (y_b = y + b * rows): a group of rows'
+ * dots with m inputs into the outputs. */
+static inline void put_rows(float *y, int rows, int r0, int n, int i0, int m, const float *v, int accumulate) {
+    for (int k = 0; k < n; k++)
+        for (int j = 0; j < m; j++) {
+            float *yi = y + (long)(i0 + j) * rows + r0 + k;
+            *yi = accumulate ? *yi + v[k * MULTI + j] : v[k * MULTI + j];
+        }
+}
+
 /* y_b[r] (+)= W[r, :] . x_b for r < rows and each of `batch` inputs (x_b = x + b * cols, y_b = y + b * rows;
  * quantized types: cols is a multiple of 32). Each group of rows is read from memory once and dotted with
  * every input while it is in cache: a batch costs the weight bytes of one sequence. */
@@ -997,11 +1006,7 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
                     const float *xi = x + (long)i0 * cols;
                     float v[GROUP_ROWS * MULTI];
                     dot_wide_group(Wf + (long)r0 * cols, n, xi, cols, m, cols, &pf_at, pf_end, v);
-                    for (int k = 0; k < n; k++)
-                        for (int j = 0; j < m; j++) {
-                            float *yi = y + (long)(i0 + j) * rows + r0 + k;
-                            *yi = accumulate ? *yi + v[k * MULTI + j] : v[k * MULTI + j];
-                        }
+                    put_rows(y, rows, r0, n, i0, m, v, accumulate);
                 }
             }
         }
@@ -1017,11 +1022,7 @@ static void gemv_batch(const h2k_dims *d, const void *W, const float *x, float *
                 if (n == FROWS && m == 1) dot_float_multi(w, cols, FROWS, xi, cols, 1, cols, v);
                 else if (n == FROWS && m == MULTI) dot_float_multi(w, cols, FROWS, xi, cols, MULTI, cols, v);
                 else dot_float_multi(w, cols, n, xi, cols, m, cols, v);
-                for (int k = 0; k < n; k++)
-                    for (int j = 0; j < m; j++) {
-                        float *yi = y + (long)(i0 + j) * rows + r0 + k;
-                        *yi = accumulate ? *yi + v[k * MULTI + j] : v[k * MULTI + j];
-                    }
+                put_rows(y, rows, r0, n, i0, m, v, accumulate);
             }
         }
     }

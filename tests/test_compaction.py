@@ -256,3 +256,46 @@ def test_fused_steps_count_every_layers_token_at_once_and_the_peak_follows():
         assert cache.peak_bytes == (17 + 34 + 34) * 2 * 3 * 8 * 4  # the last step: past step 9's 3 x 20 tokens
         cache.reset()
         assert cache.peak_bytes == 0 and cache.physical_bytes == 0
+
+
+def _random_runs(rng, length: int, rows: int, kept: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per row: `kept` of `length` tokens as ascending, disjoint (begin, length) runs (neighbours merged)."""
+    out = []
+    for _ in range(rows):
+        tokens = np.sort(rng.choice(length, kept, replace=False))
+        if not kept:
+            out.append(())
+            continue
+        starts = np.flatnonzero(np.r_[True, np.diff(tokens) != 1])
+        ends = np.r_[starts[1:], len(tokens)]
+        out.append(tuple((int(tokens[a]), int(b - a)) for a, b in zip(starts, ends)))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("mover", ["kernels", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, kept", [(1, 0), (1, 1), (1, 37), (3, 20), (3, 60)])
+def test_keep_runs_moves_each_heads_runs_as_the_gather_would(monkeypatch, mover, dtype, rows, kept):
+    """KVBuffer.keep_runs (in place, only the runs not already at their place move; or, without the kernels,
+    torch's gathers) leaves exactly what `keep` of the runs' token indices leaves: K and V, every head,
+    the slots after the kept ones untouched by neither; a shared row serves every head."""
+    from h2okit import cache
+    from h2okit.policy import runs_token_indices
+
+    if mover == "torch":
+        monkeypatch.setattr(cache, "_run_mover", lambda: None)
+    rng = np.random.default_rng(rows * 1000 + kept)
+    k, v = torch.randn(1, 3, 64, 8).to(dtype), torch.randn(1, 3, 64, 8).to(dtype)
+    runs = _random_runs(rng, 60, rows, kept)
+    if kept == 37:  # a run at its place already (the sink), then runs that overlap their destinations
+        runs = (((0, 10), (12, 20), (40, 7)),)
+    expected, moved = cache.KVBuffer(k, v, dtype), cache.KVBuffer(k, v, dtype)
+    for buffer in (expected, moved):
+        buffer.append(k[:, :, :60], v[:, :, :60])
+    index = torch.from_numpy(runs_token_indices(runs)) if kept else torch.zeros((rows, 0), dtype=torch.int64)
+    expected.keep(index)
+    moved.keep_runs(runs)
+    assert moved.length == expected.length == kept
+    assert torch.equal(moved.views()[0], expected.views()[0]) and torch.equal(moved.views()[1], expected.views()[1])
+    for g in range(3):  # each head its own row's tokens (or the shared row's)
+        assert torch.equal(moved.views()[0][0, g], k[0, g, index[g if rows > 1 else 0]])

@@ -386,3 +386,22 @@ def test_expected_scorer_keeps_the_keys_the_queries_point_at_and_weighs_heads_by
     with pytest.raises(ValueError, match="keys and queries"):
         pol.tick()
         pol.maybe_plan(10)
+
+
+@pytest.mark.parametrize("kept", [[[0, 2, 5]], [[0, 2, 5], [1, 3, 9], [4, 6, 8]]])
+@pytest.mark.parametrize("name", sorted(name for name, scorer in SCORERS.items() if scorer().rule()))
+def test_an_eviction_compacts_the_scores_in_their_own_storage(name, kept):
+    """After `keep` the kept blocks' scores lead the same backing array, zeros after them: a fused step that
+    holds a pointer to it (Scorer.serves) may go on updating it in place, with no new slot."""
+    scorer = SCORERS[name]()
+    rng = np.random.default_rng(7)
+    store = scorer.storage(3, 10)
+    store[:, :10] = rng.random((3, 10))
+    scorer.updated_in_place(10)
+    before = scorer.state.copy()
+    blocks = np.array(kept)
+    scorer.keep(blocks)
+    rows = np.broadcast_to(blocks, (3, 3))
+    expected = np.zeros((3, 3)) if name == "window" else np.take_along_axis(before, rows, axis=1)
+    assert scorer.serves(store, 4) and scorer.state.shape == (3, 3)
+    assert np.array_equal(scorer.state, expected) and not store[:, 3:].any()

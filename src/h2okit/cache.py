@@ -9,6 +9,7 @@ touched: plans are per layer (SPEC §9: one plan for all layers was a defect).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import hugepages
 from .config import CACHE_DTYPES, KVConfig
 from .lossless import LayerCodec
-from .policy import EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights, queries_ahead
+from .policy import (EvictionEvent, KeepPlan, LayerPolicy, PlanParams, layer_budget_weights, queries_ahead,
+                     runs_token_indices)
 from .threads import one_blas_thread
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,18 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     for head, rows in enumerate(index):
         torch.index_select(x[0, head], 0, rows, out=out[0, head])
     return out
+
+
+@functools.cache
+def _run_mover():
+    """The kernels' in-place compaction (h2k_keep_runs), or None where they cannot be built (no C compiler):
+    then `KVBuffer.keep_runs` gathers with torch."""
+    from . import kernels  # (late: building the kernels is not part of importing the cache)
+
+    try:
+        return kernels.load().h2k_keep_runs
+    except kernels.KernelBuildError:
+        return None
 
 
 class KVBuffer:
@@ -126,6 +140,26 @@ class KVBuffer:
         self.k[:, :, :n] = gather_tokens(self.k[:, :, :self.length], index)
         self.v[:, :, :n] = gather_tokens(self.v[:, :, :self.length], index)
         self.length = n
+
+    def keep_runs(self, runs: tuple[tuple[tuple[int, int], ...], ...]) -> None:
+        """`keep` of the tokens in `runs` (per row, one for every head or one per head: ascending, disjoint
+        (begin, length) token runs, every row as many tokens), in place by the kernels where they are
+        built: only the runs not yet at their place move, each by one memmove. An eviction at P=2048
+        (28 layers, ~30 % kept) compacted in ~11 ms through `keep`'s gathers (README, "Evictions")."""
+        mover = _run_mover()
+        rows_contiguous = self.k.stride(2) == self.k.shape[-1] and self.k.stride(3) == 1
+        if mover is None or self.k.device.type != "cpu" or not rows_contiguous:
+            self.keep(torch.from_numpy(runs_token_indices(runs)).to(self.k.device))
+            return
+        pairs = np.array([pair for row in runs for pair in row], dtype=np.int64).reshape(-1)
+        counts = np.array([len(row) for row in runs], dtype=np.int32)
+        from .kernels import ffi
+
+        size = self.k.element_size()
+        mover(ffi.cast("void *", self.k.data_ptr()), ffi.cast("void *", self.v.data_ptr()), self.k.stride(1) * size,
+              self.k.shape[1], self.k.shape[-1] * size, ffi.cast("long *", pairs.ctypes.data),
+              ffi.cast("int *", counts.ctypes.data), len(runs), torch.get_num_threads())
+        self.length = sum(length for _, length in runs[0])
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Hold exactly these tokens (after store mode moved some of them out)."""
@@ -475,7 +509,7 @@ class H2OLayer(CacheLayerMixin):
         """Really remove evicted tokens: kept runs move to the front, in order (per plan row: all KV
         heads, or each head its own)."""
         self._check_plan(plan)
-        self.buffer.keep(torch.from_numpy(plan.kept_token_indices()).to(self.keys.device))
+        self.buffer.keep_runs(plan.runs)
         self.keys, self.values = self.buffer.views()
         self._report_size()
 
@@ -530,7 +564,7 @@ class SlidingWindowLayer(H2OLayer):
         buffer = getattr(self, "buffer", None)
         if buffer is not None and buffer.length > keep + slack:
             n = buffer.length
-            buffer.keep(torch.arange(n - keep, n, device=self.keys.device).unsqueeze(0))
+            buffer.keep_runs((((n - keep, keep),),))
             self.keys, self.values = buffer.views()
             self._report_size()
 

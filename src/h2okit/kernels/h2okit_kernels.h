@@ -123,6 +123,14 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
 void h2k_update_scores(const float *head_mass, int kv_heads, int blocks, double *scores, int score_rows,
                        long score_stride, double decay, double gain);
 
+/* Compaction of a layer's K and V buffers in place (h2okit.cache.KVBuffer.keep_runs): for each of `heads`
+ * heads (head g at k + g * head_stride bytes, and so in v; a token a row of row_bytes), its kept runs moved
+ * to the front, in order. runs: (begin, length) token pairs, ascending and disjoint, row r's run_counts[r]
+ * pairs after the earlier rows'; head g takes row g, or row 0 when rows == 1 (one plan for every head).
+ * The heads of K and of V are shared out among `threads` threads. */
+void h2k_keep_runs(void *k, void *v, long head_stride, int heads, long row_bytes, const long *runs,
+                   const int *run_counts, int rows, int threads);
+
 /* The lanes of the build's vector kernels: 16 (AVX-512), 8 (AVX2 + FMA + F16C) or 1 (portable C only). */
 int h2k_vector_lanes(void);
 

@@ -1660,6 +1660,27 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
     h2k_norm_gemv_batch(head_dims, batch, x, final_norm, head, vocab, h, logits);
 }
 
+/* Only the runs not already in place move (with block-sized runs the sink and the oldest kept blocks
+ * usually are), each by one memmove: a run may overlap its own destination, never a run after it, since
+ * runs ascend and every destination is at or below its source. torch's gather and copy back read and
+ * wrote every kept token twice. */
+void h2k_keep_runs(void *k, void *v, long head_stride, int heads, long row_bytes, const long *runs,
+                   const int *run_counts, int rows, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int task = 0; task < 2 * heads; task++) { /* K's heads, then V's */
+        int g = task % heads, row = rows == 1 ? 0 : g;
+        const long *pairs = runs;
+        for (int r = 0; r < row; r++) pairs += 2 * run_counts[r];
+        char *head = (char *)(task < heads ? k : v) + g * head_stride;
+        long to = 0;
+        for (int i = 0; i < run_counts[row]; i++) {
+            long begin = pairs[2 * i], length = pairs[2 * i + 1];
+            if (begin != to) memmove(head + to * row_bytes, head + begin * row_bytes, length * row_bytes);
+            to += length;
+        }
+    }
+}
+
 int h2k_vector_lanes(void) {
 #if defined(SIMD16)
     return 16;

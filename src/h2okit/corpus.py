@@ -163,7 +163,8 @@ def token_stream(tokenizer, texts: dict[str, str], n_tokens: int, start_text: in
 WINDOW_TEXT_ORDER = ("emma", "pride_and_prejudice", "persuasion", "sense_and_sensibility", "mansfield_park",
                      "northanger_abbey")
 WINDOW_FRACTIONS = (0.3, 0.7, 0.5, 0.1, 0.9, 0.2, 0.4, 0.6, 0.8)
-# The quality evaluation's defaults: see the README ("How many windows") for the measurement behind them.
+# The quality evaluation's defaults: docs/measurements.md ("How many quality windows") has the measurement
+# behind them.
 DEFAULT_WINDOWS = 40
 DEFAULT_TOKENS = 256  # M: teacher-forced tokens per window
 

@@ -3,8 +3,8 @@
 Decode reads every weight once per step, at memory bandwidth. In 4 KB pages that is a TLB miss every
 4 KB and a hardware prefetcher that stops at each page's end; in 2 MB pages neither happens. On the
 development machine (Sapphire Rapids, THP in `madvise` mode) the fp32 fast path decoded 1.15x faster at
-batch 1 and 1.10x at batch 8 with its weights in huge pages (one interleaved run, P=512; the README's
-seventh-session section).
+batch 1 and 1.10x at batch 8 with its weights in huge pages (one interleaved run, P=512; docs/measurements.md,
+seventh session).
 
 Linux gives huge pages to an anonymous *private* mapping that asks for them (MADV_HUGEPAGE) wherever an
 aligned 2 MB range of it is touched; torch's allocator never asks. So the buffers here are mmap'd

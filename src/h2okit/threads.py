@@ -3,7 +3,7 @@
 A decode step has ~150 parallel loops, and OpenMP's threads spin between them. On a quiet machine
 spinning is the fastest way to wait (sleeping instead cost 61 % here: waking a vCPU is slow), but
 when another process wants one of the two cores, the spinning thread keeps the core it needs, and
-decode fell to 0.27 of its quiet speed (README, "Decode next to a busy process"). One thread never
+decode fell to 0.27 of its quiet speed (docs/measurements.md, "Decode next to a busy process"). One thread never
 waits for another. So the fast path times each step and keeps the faster of the configured thread
 count and one thread (one thread only when clearly faster: `fewer_margin`); after `probe_every`
 steps it runs one step with the other count, to notice when the machine changed. A probe that
@@ -19,7 +19,8 @@ probe, the prefill, torch's own ops), and one-thread steps ran beside it. h2okit
 batch's) unless the environment already sets GOMP_SPINCOUNT or OMP_WAIT_POLICY; 1,000 spins (under
 20 us) cost a wake-up at nearly every loop of a batched step (B=8 fp32 20 % slower). The fast path
 keeps torch's ops out of the decode loop (the lm_head writes into a numpy array, and numpy takes the
-argmax), so an idle thread stays asleep between steps. The README's "Decode next to a busy process" measures it.
+argmax), so an idle thread stays asleep between steps. docs/measurements.md's "Decode next to a busy
+process" measures it.
 
 The chooser is pure logic (no torch, no clock): the caller times the steps.
 """

@@ -21,9 +21,11 @@
    the embedding row aside) plus the K/V held at that step, averaged over the G steps (measured
    from the cache, so H2O's evictions count). The seed H2O config is used without its codec.
 
-Prints one table per prompt length, then the issue's checks: fast >= 0.5 x roofline, fast >=
-3 x generate, and at the longest prompt the H2O speed-up against what the bytes predict (the
-speed-up paired per round, so both runs see the same bandwidth phase, then the median).
+Prints one table per prompt length, then the issues' checks: fast >= 0.5 x roofline, fast >=
+3 x generate, per prompt length fast+h2o against fast (tok/s paired per round, mean ratio with its
+95 % t-CI: slower beyond noise only if the CI lies below 1), and at the longest prompt the H2O
+speed-up against what the bytes predict (the speed-up paired per round, so both runs see the same
+bandwidth phase, then the median).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from h2okit.corpus import load_texts, token_stream
 from h2okit.fastpath import FastDecoder
 from h2okit.model import load_model, resolve_model_path
 from h2okit.runtime import Engine, greedy
+from h2okit.stats import paired_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -202,6 +205,13 @@ def main() -> None:
             ratios = [on[0] / ref[0] for on, ref in zip(runs, reference)]
             print(f"  P={p} {precision}: fast+h2o {statistics.median(ratios):.2f} x the reference path with the "
                   f"same H2O config (per-round pairs {', '.join(f'{r:.2f}' for r in ratios)})")
+    for q in sorted({q for q, _, _ in summary}):  # issue 15: fast+h2o never slower than fast beyond noise
+        for precision in weight_bytes:
+            on_off = paired_ci([on[0] for on in paired[(q, precision, "fast+h2o")]],
+                               [off[0] for off in paired[(q, precision, "fast")]], kind="ratio")
+            verdict = "slower beyond noise" if on_off.hi < 1 else "not slower beyond noise"
+            print(f"  P={q} {precision}: fast+h2o / fast tok/s, paired per round {on_off.text('%.3f')} "
+                  f"(95 % t-CI): {verdict}")
     p = max(q for q, _, _ in summary)
     for precision in weight_bytes:
         off_kv = statistics.median(r[1] for r in paired[(p, precision, "fast")])

@@ -148,8 +148,8 @@ class KVBuffer:
         (28 layers, ~30 % kept) compacted in ~11 ms through `keep`'s gathers, ~3.7 ms so
         (docs/measurements.md, "Evictions in place")."""
         mover = _run_mover()
-        rows_contiguous = self.k.stride(2) == self.k.shape[-1] and self.k.stride(3) == 1
-        if mover is None or self.k.device.type != "cpu" or not rows_contiguous:
+        one_head_after_another = self.k.shape[0] == 1 and self.k.stride(2) == self.k.shape[-1] and self.k.stride(3) == 1
+        if mover is None or self.k.device.type != "cpu" or not one_head_after_another:
             self.keep(torch.from_numpy(runs_token_indices(runs)).to(self.k.device))
             return
         pairs = np.array([pair for row in runs for pair in row], dtype=np.int64).reshape(-1)

@@ -46,14 +46,15 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _run_mover():
-    """The kernels' in-place compaction (h2k_keep_runs), or None where they cannot be built (no C compiler):
-    then `KVBuffer.keep_runs` gathers with torch."""
+    """The kernels module, for its in-place compaction (h2k_keep_runs), or None where the kernels cannot be
+    built (no C compiler): then `KVBuffer.keep_runs` gathers with torch."""
     from . import kernels  # (late: building the kernels is not part of importing the cache)
 
     try:
-        return kernels.load().h2k_keep_runs
+        kernels.load()
     except kernels.KernelBuildError:
         return None
+    return kernels
 
 
 class KVBuffer:
@@ -147,19 +148,18 @@ class KVBuffer:
         built: only the runs not yet at their place move, each by one memmove. An eviction at P=2048
         (28 layers, ~30 % kept) compacted in ~11 ms through `keep`'s gathers, ~3.7 ms so
         (docs/measurements.md, "Evictions in place")."""
-        mover = _run_mover()
+        kernels = _run_mover()
         one_head_after_another = self.k.shape[0] == 1 and self.k.stride(2) == self.k.shape[-1] and self.k.stride(3) == 1
-        if mover is None or self.k.device.type != "cpu" or not one_head_after_another:
+        if kernels is None or self.k.device.type != "cpu" or not one_head_after_another:
             self.keep(torch.from_numpy(runs_token_indices(runs)).to(self.k.device))
             return
         pairs = np.array([pair for row in runs for pair in row], dtype=np.int64).reshape(-1)
         counts = np.array([len(row) for row in runs], dtype=np.int32)
-        from .kernels import ffi
-
         size = self.k.element_size()
-        mover(ffi.cast("void *", self.k.data_ptr()), ffi.cast("void *", self.v.data_ptr()), self.k.stride(1) * size,
-              self.k.shape[1], self.k.shape[-1] * size, ffi.cast("long *", pairs.ctypes.data),
-              ffi.cast("int *", counts.ctypes.data), len(runs), torch.get_num_threads())
+        kernels.load().h2k_keep_runs(kernels.ptr(self.k), kernels.ptr(self.v), self.k.stride(1) * size,
+                                     self.k.shape[1], self.k.shape[-1] * size,
+                                     kernels.ffi.cast("long *", pairs.ctypes.data),
+                                     kernels.ffi.cast("int *", counts.ctypes.data), len(runs), torch.get_num_threads())
         self.length = sum(length for _, length in runs[0])
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:

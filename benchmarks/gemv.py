@@ -29,7 +29,7 @@ from h2okit.model import load_model, resolve_model_path
 from h2okit.resources import find
 
 
-_FLUSH = torch.ones(1 << 25)  # 128 MiB: more than the 48 MB L3, read before every pass
+_FLUSH = torch.ones(1 << 25)  # 128 MiB: more than the L3 (32-48 MB on the machines here), read before every pass
 
 
 def best_seconds(call, reps: int, flush: bool = True) -> float:

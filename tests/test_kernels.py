@@ -552,3 +552,16 @@ def test_a_batch_step_is_each_sequence_step(lib, kind, gemma):
     for i in range(batch):
         lib.h2k_norm_gemv(d, P(x[i]), in_norm, P(head), 40, P(h[0]), P(single_y[i]), 0, kernels.NULL, kernels.NULL)
     assert torch.equal(y, single_y)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attend_logits_do_not_depend_on_the_token_split(lib, kv_dtype):
+    """The logits run 4 tokens at a time with one reduction for the 4 and the split's last tokens one
+    at a time; each token's logit must be the same bits either way. The mass (softmax over all tokens,
+    per head in token order, whatever the split) is bitwise the same for 1, 2 or 3 parts only if every
+    logit is; 301 tokens put tokens in a tile under one split and in a part's tail under another."""
+    torch.manual_seed(5)
+    q = torch.randn(1, 9, 1, 64)
+    keys, values = torch.randn(1, 3, 301, 64).to(kv_dtype), torch.randn(1, 3, 301, 64).to(kv_dtype)
+    masses = [attend(lib, q, keys, values, 0.125, threads=2, parts=parts)[1] for parts in (1, 2, 3)]
+    assert torch.equal(masses[0], masses[1]) and torch.equal(masses[0], masses[2])

@@ -1352,28 +1352,83 @@ static inline __attribute__((always_inline)) void load_row64_8(const void *kv, i
     }
 }
 
-/* attend_logits64 on 8 lanes: the K row in registers, the group's queries read from L1. Token by
- * token, every KV head's row: the heads' K streams are read side by side, which kept more of memory
- * busy than one head's tokens after another's (1.2x from memory on one thread, float32 K). */
+/* The sums of s[0..3]'s lanes as one vector (lane u: the sum of s[u]), each by sum8's tree:
+ * ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), so the same bits as sum8 row by row. */
+static inline __m128 sum_rows4(const __m256 s[4]) {
+    __m256 c01 = _mm256_add_ps(_mm256_permute2f128_ps(s[0], s[1], 0x20), _mm256_permute2f128_ps(s[0], s[1], 0x31));
+    __m256 c23 = _mm256_add_ps(_mm256_permute2f128_ps(s[2], s[3], 0x20), _mm256_permute2f128_ps(s[2], s[3], 0x31));
+    /* per 128-bit half (low: rows 0, 2; high: rows 1, 3): lanes i + (i + 2) of each row */
+    __m256d a = _mm256_castps_pd(c01), b = _mm256_castps_pd(c23);
+    __m256 d = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    __m256 r = _mm256_hadd_ps(d, d); /* low half [r0 r2 r0 r2], high half [r1 r3 r1 r3] */
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+}
+
+/* attend_logits64 on 8 lanes, LTILE tokens at a time: per KV head, the tile's K rows (bf16/fp16 rows
+ * widened once into a float tile), then per query head its 64 values held in registers while each
+ * row is multiplied from L1, and the tile's LTILE dots reduced together (sum_rows4). Per dot the
+ * same two 4-FMA chains and the same reduction tree as one dot at a time (sum8, which the last
+ * t1 - t0 mod LTILE tokens still take): the same bits (600 random h2k_attend cases against the
+ * dot-at-a-time kernel, all K/V types, 1-4 query heads per KV head, 1-3 parts: 0 differ).
+ * Why: one dot at a time held the K row in registers and ended each dot in a serial reduction and a
+ * scalar store, ~15 cycles a dot hot on one core. h2k_attend hot, two threads, T=512: float32 21.9 ->
+ * 19.5 us, bf16 25.8 -> 21.8 us. In decode, where K mostly comes from memory, it shows where the logits'
+ * arithmetic does (benchmarks/kernel_ab.py, B=1): P=2048 float32 1.031x [1.011, 1.052], bf16 1.012x
+ * [0.994, 1.029]; P=512 within noise (bf16 1.013x, Q4_1 1.030x [0.955, 1.106]). The KV heads' rows are
+ * still read side by side, a tile of each in turn. */
+enum { LTILE = 4 };
+static inline __attribute__((always_inline)) void dot_tile64(const float *rows, const float *qj, float scale,
+                                                             float *out) {
+    __m256 qv[8], s[LTILE];
+    for (int d = 0; d < 8; d++) qv[d] = _mm256_loadu_ps(qj + 8 * d);
+    for (int u = 0; u < LTILE; u++) {
+        const float *k = rows + u * 64;
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(k), qv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(k + 8), qv[1]);
+        for (int d = 2; d < 8; d += 2) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d), qv[d], a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d + 8), qv[d + 1], a1);
+        }
+        s[u] = _mm256_add_ps(a0, a1);
+    }
+    _mm_storeu_ps(out, _mm_mul_ps(sum_rows4(s), _mm_set1_ps(scale)));
+}
+
 static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
                             int kv_heads, int group, int t0, int t1, float *probs) {
-    for (int t = t0; t < t1; t++) {
+    float wide[LTILE * 64] __attribute__((aligned(32)));
+    int t = t0;
+    for (; t + LTILE <= t1; t += LTILE) {
+        for (int g = 0; g < kv_heads; g++) {
+            const float *rows;
+            if (kvtype == F32) {
+                rows = (const float *)K + g * head_stride + (long)t * 64;
+            } else {
+                for (int u = 0; u < LTILE; u++) {
+                    __m256 r[8];
+                    load_row64_8(K, kvtype, g * head_stride + (long)(t + u) * 64, r);
+                    for (int d = 0; d < 8; d++) _mm256_store_ps(wide + u * 64 + 8 * d, r[d]);
+                }
+                rows = wide;
+            }
+            const float *qg = q + g * group * 64;
+            float *p = probs + (long)g * group * T + t;
+            for (int j = 0; j < group; j++) dot_tile64(rows, qg + j * 64, scale, p + (long)j * T);
+        }
+    }
+    for (; t < t1; t++) { /* the last t1 - t0 mod LTILE tokens, one dot at a time (the same bits) */
         for (int g = 0; g < kv_heads; g++) {
             const float *qg = q + g * group * 64;
             float *p = probs + (long)g * group * T;
             __m256 k[8];
             load_row64_8(K, kvtype, g * head_stride + (long)t * 64, k);
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                if (j < group) {
-                    const float *qj = qg + j * 64;
-                    __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
-                    for (int d = 2; d < 8; d += 2) {
-                        a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
-                        a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
-                    }
-                    p[(long)j * T + t] = sum8(_mm256_add_ps(a0, a1)) * scale;
+            for (int j = 0; j < group; j++) {
+                const float *qj = qg + j * 64;
+                __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
+                for (int d = 2; d < 8; d += 2) {
+                    a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
+                    a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
                 }
+                p[(long)j * T + t] = sum8(_mm256_add_ps(a0, a1)) * scale;
             }
         }
     }

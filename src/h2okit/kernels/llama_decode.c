@@ -1367,8 +1367,8 @@ static inline __m128 sum_rows4(const __m256 s[4]) {
 /* attend_logits64 on 8 lanes, LTILE tokens at a time: per KV head, the tile's K rows (bf16/fp16 rows
  * widened once into a float tile), then per query head its 64 values held in registers while each
  * row is multiplied from L1, and the tile's LTILE dots reduced together (sum_rows4). Per dot the
- * same two 4-FMA chains and the same reduction tree as one dot at a time (sum8, which the last
- * t1 - t0 mod LTILE tokens still take): the same bits (600 random h2k_attend cases against the
+ * same two 4-FMA chains (dot_lanes64) and the same reduction tree as one dot at a time (sum8, which the
+ * last t1 - t0 mod LTILE tokens still take): the same bits (600 random h2k_attend cases against the
  * dot-at-a-time kernel, all K/V types, 1-4 query heads per KV head, 1-3 parts: 0 differ).
  * Why: one dot at a time held the K row in registers and ended each dot in a serial reduction and a
  * scalar store, ~15 cycles a dot hot on one core. h2k_attend hot, two threads, T=512: float32 21.9 ->
@@ -1377,33 +1377,43 @@ static inline __m128 sum_rows4(const __m256 s[4]) {
  * [0.994, 1.029]; P=512 within noise (bf16 1.013x, Q4_1 1.030x [0.955, 1.106]). The KV heads' rows are
  * still read side by side, a tile of each in turn. */
 enum { LTILE = 4 };
-static inline __attribute__((always_inline)) void dot_tile64(const float *rows, const float *qj, float scale,
-                                                             float *out) {
-    __m256 qv[8], s[LTILE];
-    for (int d = 0; d < 8; d++) qv[d] = _mm256_loadu_ps(qj + 8 * d);
-    for (int u = 0; u < LTILE; u++) {
-        const float *k = rows + u * 64;
-        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(k), qv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(k + 8), qv[1]);
-        for (int d = 2; d < 8; d += 2) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d), qv[d], a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d + 8), qv[d + 1], a1);
-        }
-        s[u] = _mm256_add_ps(a0, a1);
+/* One K row (64 floats) times a query head's 64 values in registers: two 4-FMA chains, their sum per
+ * lane. Every logit takes this path, in a tile or alone, so its bits do not depend on which. */
+static inline __attribute__((always_inline)) __m256 dot_lanes64(const float *k, const __m256 qv[8]) {
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(k), qv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(k + 8), qv[1]);
+    for (int d = 2; d < 8; d += 2) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d), qv[d], a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d + 8), qv[d + 1], a1);
     }
-    _mm_storeu_ps(out, _mm_mul_ps(sum_rows4(s), _mm_set1_ps(scale)));
+    return _mm256_add_ps(a0, a1);
+}
+
+/* The logits of `count` (LTILE, or fewer for a part's last tokens) float K rows at `rows` against one
+ * query head: out[u] = scale * (row u . qj). */
+static inline __attribute__((always_inline)) void dot_tile64(const float *rows, int count, const float *qj,
+                                                             float scale, float *out) {
+    __m256 qv[8];
+    for (int d = 0; d < 8; d++) qv[d] = _mm256_loadu_ps(qj + 8 * d);
+    if (count == LTILE) {
+        __m256 s[LTILE];
+        for (int u = 0; u < LTILE; u++) s[u] = dot_lanes64(rows + u * 64, qv);
+        _mm_storeu_ps(out, _mm_mul_ps(sum_rows4(s), _mm_set1_ps(scale)));
+        return;
+    }
+    for (int u = 0; u < count; u++) out[u] = sum8(dot_lanes64(rows + u * 64, qv)) * scale;
 }
 
 static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
                             int kv_heads, int group, int t0, int t1, float *probs) {
     float wide[LTILE * 64] __attribute__((aligned(32)));
-    int t = t0;
-    for (; t + LTILE <= t1; t += LTILE) {
+    for (int t = t0; t < t1; t += LTILE) {
+        int count = t1 - t < LTILE ? t1 - t : LTILE; /* a part's last t1 - t0 mod LTILE tokens: fewer */
         for (int g = 0; g < kv_heads; g++) {
             const float *rows;
             if (kvtype == F32) {
                 rows = (const float *)K + g * head_stride + (long)t * 64;
             } else {
-                for (int u = 0; u < LTILE; u++) {
+                for (int u = 0; u < count; u++) {
                     __m256 r[8];
                     load_row64_8(K, kvtype, g * head_stride + (long)(t + u) * 64, r);
                     for (int d = 0; d < 8; d++) _mm256_store_ps(wide + u * 64 + 8 * d, r[d]);
@@ -1412,24 +1422,7 @@ static void attend_logits64(const float *q, float scale, int T, const void *K, i
             }
             const float *qg = q + g * group * 64;
             float *p = probs + (long)g * group * T + t;
-            for (int j = 0; j < group; j++) dot_tile64(rows, qg + j * 64, scale, p + (long)j * T);
-        }
-    }
-    for (; t < t1; t++) { /* the last t1 - t0 mod LTILE tokens, one dot at a time (the same bits) */
-        for (int g = 0; g < kv_heads; g++) {
-            const float *qg = q + g * group * 64;
-            float *p = probs + (long)g * group * T;
-            __m256 k[8];
-            load_row64_8(K, kvtype, g * head_stride + (long)t * 64, k);
-            for (int j = 0; j < group; j++) {
-                const float *qj = qg + j * 64;
-                __m256 a0 = _mm256_mul_ps(k[0], _mm256_loadu_ps(qj)), a1 = _mm256_mul_ps(k[1], _mm256_loadu_ps(qj + 8));
-                for (int d = 2; d < 8; d += 2) {
-                    a0 = _mm256_fmadd_ps(k[d], _mm256_loadu_ps(qj + 8 * d), a0);
-                    a1 = _mm256_fmadd_ps(k[d + 1], _mm256_loadu_ps(qj + 8 * d + 8), a1);
-                }
-                p[(long)j * T + t] = sum8(_mm256_add_ps(a0, a1)) * scale;
-            }
+            for (int j = 0; j < group; j++) dot_tile64(rows, count, qg + j * 64, scale, p + (long)j * T);
         }
     }
 }

@@ -303,3 +303,35 @@ def test_batched_decode_gives_each_sequence_its_own_decode(loaded_model, texts, 
     assert sum(len(c.events.evictions) for c in caches) > 0
     result = engine.generate_batch(prompts, 6)
     assert result.tokens == [engine.generate(p, 6).tokens for p in prompts]
+
+
+def test_profiled_kernels_compute_the_same_steps_and_their_phases_add_up(loaded_model, texts):
+    """benchmarks/step_phases.py's build (kernels.load_profiled): the same logits bit for bit as the shipped
+    kernels on identical caches, and timers that nest as the step does (the layers' phases within the
+    step's call, thread 0's attention phases within the attention), each of them counted."""
+    from h2okit import kernels
+    from h2okit.corpus import token_stream
+
+    tokens = token_stream(loaded_model.tokenizer, texts, 80)
+    engine = Engine(loaded_model, parse_config({}).kv, decode_path="fast")
+    fast = engine.fast
+    shipped = fast.lib
+    profiled, timers = kernels.load_profiled()
+    caches = [prefilled(engine, tokens, 64) for _ in range(2)]
+    timers.take()  # whatever ran before
+    logits = {}
+    try:
+        for name, lib, cache in (("shipped", shipped, caches[0]), ("profiled", profiled, caches[1])):
+            fast.lib = lib
+            logits[name] = torch.cat([fast.step_batch([cache], [t], [64 + i]) for i, t in enumerate(tokens[64:72])])
+    finally:
+        fast.lib = shipped
+    assert torch.equal(logits["shipped"], logits["profiled"])
+    phases = timers.take()
+    assert set(phases) == set(timers.names) and timers.names[-1] == "step"
+    assert all(seconds > 0 for seconds in phases.values()), phases  # every phase of the 8 steps was timed
+    thread0 = ("logits", "softmax", "values")
+    layers = sum(s for name, s in phases.items() if name not in (*thread0, "step"))
+    assert layers <= phases["step"]
+    assert sum(phases[name] for name in thread0) <= phases["attention"]
+    assert timers.take()["step"] == 0.0  # a take clears them

@@ -565,3 +565,14 @@ def test_attend_logits_do_not_depend_on_the_token_split(lib, kv_dtype):
     keys, values = torch.randn(1, 3, 301, 64).to(kv_dtype), torch.randn(1, 3, 301, 64).to(kv_dtype)
     masses = [attend(lib, q, keys, values, 0.125, threads=2, parts=parts)[1] for parts in (1, 2, 3)]
     assert torch.equal(masses[0], masses[1]) and torch.equal(masses[0], masses[2])
+
+
+def test_only_the_profiled_build_has_phase_timers():
+    """The shipped kernels carry no timers (their phases cost nothing); the profiled build names its own."""
+    import ctypes
+
+    kernels.load()
+    assert not hasattr(ctypes.CDLL(str(kernels.loaded_path)), "h2k_profile_take")
+    _, timers = kernels.load_profiled()
+    assert timers.names[-1] == "step" and len(set(timers.names)) == len(timers.names)
+    assert {"qkv", "attention", "logits", "gate_up", "down", "head"} <= set(timers.names)

@@ -162,3 +162,34 @@ def load():
 def load_narrower(name: str):
     """A build of the kernels limited to a narrower instruction set (NARROWER[name]), for the tests; x86 only."""
     return ffi.dlopen(str(_built(NARROWER[name])))
+
+
+# The phase timers of a profiled build (llama_decode.c, H2K_PROFILE): not in the header, since the shipped
+# build has none.
+PROFILE = ("-DH2K_PROFILE",)
+_timers_ffi = cffi.FFI()
+_timers_ffi.cdef("const char *h2k_profile_name(int i); void h2k_profile_take(double *seconds, int n);")
+
+
+class PhaseTimers:
+    """A profiled build's timers: `names` (the phases of a decode step, in order) and `take()`, each
+    phase's seconds since the last take (summed over calls; the attention's own phases on OpenMP thread 0)."""
+
+    def __init__(self, path: Path):
+        self._lib = _timers_ffi.dlopen(str(path))  # the same library as the kernels' (dlopen counts it once)
+        names = []
+        while (name := self._lib.h2k_profile_name(len(names))) != _timers_ffi.NULL:
+            names.append(_timers_ffi.string(name).decode())
+        self.names = names
+        self._seconds = _timers_ffi.new("double[]", len(names))
+
+    def take(self) -> dict[str, float]:
+        self._lib.h2k_profile_take(self._seconds, len(self.names))
+        return dict(zip(self.names, self._seconds))
+
+
+def load_profiled():
+    """The kernels built with phase timers around each part of the fused decode step (H2K_PROFILE; the same
+    arithmetic), for benchmarks/step_phases.py: (the kernels, their PhaseTimers)."""
+    path = _built(PROFILE)
+    return ffi.dlopen(str(path)), PhaseTimers(path)

@@ -34,6 +34,48 @@
 #include <immintrin.h>
 #endif
 
+/* Phase timers for benchmarks/step_phases.py, only in a build with -DH2K_PROFILE (the shipped build has
+ * none: PHASE_START and PHASE_ADD compile to nothing). Seconds per phase, summed over calls on the
+ * calling thread (the attention's logits, softmax and values: OpenMP thread 0's share only);
+ * h2k_profile_take reads and clears them, h2k_profile_name names them (kernels.PhaseTimers reads both;
+ * they are not in the header, since the shipped build has none). Phases: qkv = input norm + qkv GEMV;
+ * rope = q/k norms, RoPE and the K/V stores; attention (logits, softmax + mass, values within it); o =
+ * o GEMV (+ norm, residual); gate_up = norm + gate/up GEMV; act = activation; down = down GEMV (+ norm,
+ * residual); head = final norm + lm_head GEMV; step = the whole h2k_decode_step call. */
+#ifdef H2K_PROFILE
+#include <time.h>
+#define PHASES(X)                                                                                          \
+    X(QKV, "qkv") X(ROPE, "rope") X(ATTEND, "attention") X(LOGITS, "logits") X(SOFTMAX, "softmax")           \
+    X(VALUES, "values") X(O, "o") X(GATE_UP, "gate_up") X(ACT, "act") X(DOWN, "down") X(HEAD, "head")         \
+    X(STEP, "step")
+#define PHASE_ENUM(id, name) PHASE_##id,
+#define PHASE_NAME(id, name) name,
+enum { PHASES(PHASE_ENUM) PHASE_COUNT };
+static const char *const phase_names[] = {PHASES(PHASE_NAME)};
+static double phase_seconds[PHASE_COUNT];
+static inline double phase_clock(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#define PHASE_START(v) double v = phase_clock()
+#define PHASE_ADD(id, v) (phase_seconds[PHASE_##id] += phase_clock() - (v))
+#define PHASE_ADD_THREAD0(id, v) (omp_get_thread_num() == 0 ? (void)PHASE_ADD(id, v) : (void)0)
+/* The phases' names in order; NULL past the last. */
+const char *h2k_profile_name(int i) { return i >= 0 && i < PHASE_COUNT ? phase_names[i] : NULL; }
+/* seconds[i] = phase i's time since the last take (n at most the phase count), then zeroed. */
+void h2k_profile_take(double *seconds, int n) {
+    for (int i = 0; i < PHASE_COUNT; i++) {
+        if (i < n) seconds[i] = phase_seconds[i];
+        phase_seconds[i] = 0.0;
+    }
+}
+#else
+#define PHASE_START(v) ((void)0)
+#define PHASE_ADD(id, v) ((void)0)
+#define PHASE_ADD_THREAD0(id, v) ((void)0)
+#endif
+
 enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16, Q4_1 = H2K_Q4_1, Q8_0 = H2K_Q8_0 };
 enum { QBLOCK = 32, Q4_1_BYTES = 20, Q8_0_BYTES = 34 }; /* weights per block, bytes per block */
 
@@ -1116,7 +1158,10 @@ void h2k_attention_input_batch(const h2k_dims *d, int batch, const float *x, con
                                void *const *v_slot, const long *slot_stride, int kvtype) {
     int kv_heads = d->kv_heads, head_dim = d->head_dim;
     int kv_dim = kv_heads * head_dim, q_dim = d->q_heads * head_dim, width = q_dim + 2 * kv_dim;
+    PHASE_START(started);
     h2k_norm_gemv_batch(d, batch, x, norm_w, Wqkv, width, h, qkv);
+    PHASE_ADD(QKV, started);
+    PHASE_START(rope_started);
     size_t bytes = kvtype == F32 ? 4 : 2;
     for (int s = 0; s < batch; s++) {
         float *y = qkv + (long)s * width;
@@ -1131,6 +1176,7 @@ void h2k_attention_input_batch(const h2k_dims *d, int batch, const float *x, con
             h2k_store_row(y + q_dim + kv_dim + g * head_dim, (char *)v_slot[s] + offset, head_dim, kvtype);
         }
     }
+    PHASE_ADD(ROPE, rope_started);
 }
 
 /* One sequence: h2k_attention_input_batch with batch 1. */
@@ -1221,16 +1267,24 @@ void h2k_mlp_block_batch(const h2k_dims *d, int batch, float *x, const float *at
                          const float *mlp_out_norm_w, float *h, float *gu) {
     int hidden = d->hidden, inter = d->inter;
     float eps = d->eps;
+    PHASE_START(started);
     gemv_normed_add(d, Wo, attn, attn_out_norm_w, x, h, hidden, d->q_heads * d->head_dim, batch);
+    PHASE_ADD(O, started);
+    PHASE_START(gate_up_started);
     for (int i = 0; i < batch; i++) rms_norm(x + (long)i * hidden, post_norm_w, eps, h + (long)i * hidden, hidden);
     gemv_batch(d, Wgu, h, gu, 2 * inter, hidden, 0, batch);
+    PHASE_ADD(GATE_UP, gate_up_started);
+    PHASE_START(act_started);
     for (int s = 0; s < batch; s++) {
         float *g_row = gu + (long)s * 2 * inter;
         activate(d->act, g_row, g_row + inter, inter);
     }
     /* the activations sit in the first half of each gu row: pack them to [batch, inter] in place */
     for (int s = 1; s < batch; s++) memmove(gu + (long)s * inter, gu + (long)s * 2 * inter, sizeof(float) * inter);
+    PHASE_ADD(ACT, act_started);
+    PHASE_START(down_started);
     gemv_normed_add(d, Wd, gu, mlp_out_norm_w, x, h, hidden, inter, batch);
+    PHASE_ADD(DOWN, down_started);
 }
 
 /* One sequence: h2k_mlp_block_batch with batch 1. */
@@ -1516,6 +1570,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
     int chunk = (T + parts - 1) / parts;
     float row[256];
     int fast64 = 0;
+    PHASE_START(logits_started);
 #if defined(SIMD16) || defined(SIMD8)
     fast64 = head_dim == 64 && group <= 4;
     for (int part = tid; fast64 && part < parts; part += used) {
@@ -1536,9 +1591,11 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
+    PHASE_ADD_THREAD0(LOGITS, logits_started);
     if (used > 1) {
 #pragma omp barrier
     }
+    PHASE_START(softmax_started);
     for (int h = tid; h < q_heads; h += used) { /* softmax per head */
         float *restrict p = probs + (long)h * T;
         float m = -INFINITY;
@@ -1548,9 +1605,11 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
 #pragma omp simd
         for (int t = 0; t < T; t++) p[t] *= inv;
     }
+    PHASE_ADD_THREAD0(SOFTMAX, softmax_started);
     if (used > 1) {
 #pragma omp barrier
     }
+    PHASE_START(mass_started);
     if (head_mass != NULL) { /* per token: the group's probabilities added in head order, then / q_heads
                                 (torch's order); then summed per block, in token order */
         int nb = (T + block - 1) / block;
@@ -1569,6 +1628,8 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
+    PHASE_ADD_THREAD0(SOFTMAX, mass_started);
+    PHASE_START(values_started);
     /* out[h] = sum_t p[h, t] V[g(h), t]: each part of the tokens into its own partial */
     for (int part = tid; part < parts; part += used) {
         int t0 = part * chunk < T ? part * chunk : T, t1 = t0 + chunk < T ? t0 + chunk : T;
@@ -1593,6 +1654,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
+    PHASE_ADD_THREAD0(VALUES, values_started);
 }
 
 /* out = the partials added in part order: deterministic. */
@@ -1703,6 +1765,7 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
                      const h2k_layer_cache *c, int layers, int batch, float *x, float *h, float *qkv, float *attn,
                      float *gu, float *probs, float *head_mass, float *partial, int parts, long scratch_tokens,
                      const float *final_norm, const void *head, int vocab, float *logits) {
+    PHASE_START(step_started);
     int q_dim = d->q_heads * d->head_dim, width = q_dim + 2 * d->kv_heads * d->head_dim;
     const float *cos[batch], *sin[batch];
     void *k_slot[batch], *v_slot[batch];
@@ -1723,11 +1786,16 @@ void h2k_decode_step(const h2k_dims *d, const h2k_dims *head_dims, const h2k_lay
         for (int s = 0; s < batch; s++)
             if (lc[s].query_out != NULL)
                 memcpy(lc[s].query_out, qkv + (long)s * width, (size_t)q_dim * sizeof(float));
+        PHASE_START(attend_started);
         attend_batch(d, lc, batch, qkv, width, attn, probs, head_mass, partial, parts, scratch_tokens);
+        PHASE_ADD(ATTEND, attend_started);
         h2k_mlp_block_batch(d, batch, x, attn, lw->o, lw->attn_out_norm, lw->mlp_in_norm, lw->gate_up, lw->down,
                             lw->mlp_out_norm, h, gu);
     }
+    PHASE_START(head_started);
     h2k_norm_gemv_batch(head_dims, batch, x, final_norm, head, vocab, h, logits);
+    PHASE_ADD(HEAD, head_started);
+    PHASE_ADD(STEP, step_started);
 }
 
 /* Only the runs not already in place move (with block-sized runs the sink and the oldest kept blocks

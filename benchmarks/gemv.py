@@ -10,7 +10,7 @@ passes, so each pass reads its matrices from memory, not the L3). Then layer 0's
 cache (20 calls in a row after a warm-up, no flush): a kernel that reads its matrices from memory at
 about its from-cache speed is bound by its arithmetic, not by memory (the float-input Q4_1 kernel
 on AVX2); one that is much faster from cache waits on memory. The last line is the read bandwidth
-of a plain parallel sum (`roofline.py`'s probe) on the same threads. Timing only: run it alone.
+of `roofline.py`'s read probe on the same threads. Timing only: run it alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import dataclasses
 import time
 
 import torch
+from roofline import read_bandwidth  # this folder: the one read probe
 
 from h2okit import kernels
 from h2okit.clikit import setup_logging
@@ -62,11 +63,9 @@ def main() -> None:
             seconds = best_seconds(call, args.reps, flush=from_memory)
             print(f"| {weight_dtype} | {activation_dtype} | {name} | {nbytes / 1e6:.1f} | "
                   f"{nbytes / seconds / 1e9:.1f} |")
-    probe = _FLUSH[: 1 << 24]  # 64 MiB, read once untimed so it is paged in
-    read = lambda: kernels.load().h2k_read_sum(kernels.ptr(probe), probe.numel())  # noqa: E731
-    read()
-    print(f"\nplain parallel read of 64 MiB ({args.threads} threads): "
-          f"{probe.numel() * 4 / best_seconds(read, args.reps) / 1e9:.1f} GB/s")
+    kernel_sum, torch_sum = read_bandwidth()
+    print(f"\nroofline.py's read probe ({args.threads} threads, 1 GiB in huge pages, medians of 3): "
+          f"{kernel_sum:.1f} GB/s (the kernels' sum), {torch_sum:.1f} (torch's)")
 
 
 def passes(decoder: FastDecoder, x: torch.Tensor):

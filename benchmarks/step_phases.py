@@ -11,10 +11,12 @@ milliseconds a step, its share of the step, the megabytes it reads a step (its m
 the attention the K/V its caches hold) and the GB/s that makes, also as a fraction of `roofline.py`'s
 read probe (the higher of before and after). The attention's logits, softmax and values are OpenMP
 thread 0's own time (with B at least the threads, its own sequences); the attention's remaining wall
-time is its barriers, joins and partial sums. Python is the step's wall time outside
-the C call. The last lines set the step against its roofline (all bytes at the probe's speed) and say
-how much of the gap each part takes. The default config decodes with H2O off; --config names another
-(its codec off, so every step is fused). Timing only: run it alone.
+time is its barriers, joins and partial sums. Python is the step's wall time outside the C call,
+split by wrappers (time.perf_counter, ~1 us each) around the decoder's slot refresh, embedding and
+logits buffer and each cache's bookkeeping (scores, trigger clock, evictions). The last lines set the
+step against its roofline (all bytes at the probe's speed) and say how much of the gap each part takes.
+The default config decodes with H2O off; --config names another (its codec off, so every step is
+fused). Timing only: run it alone.
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ LABELS = {"qkv": "norm + qkv GEMV", "rope": "q/k norms, RoPE, K/V stores", "atte
           "head": "final norm + lm_head GEMV"}
 GEMVS = ("qkv", "o", "gate_up", "down", "head")
 THREAD0 = ("logits", "softmax", "values")
+# the Python parts of a step timed by wrapping: label -> the decoder's method
+PYTHON_PARTS = {"slots (_fill_layer_caches)": "_fill_layer_caches", "embedding (_embed)": "_embed",
+                "logits buffer (_new_logits)": "_new_logits"}
+BOOKKEEPING = "bookkeeping: scores, clock, evictions (after_fused_step)"
+
+
+def timed(owner, method: str, totals: dict[str, float], label: str) -> None:
+    """owner.method replaced, on the instance, by a wrapper that adds its wall time to totals[label]."""
+    inner = getattr(owner, method)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - started
+    setattr(owner, method, wrapper)
 
 
 def main() -> int:
@@ -80,6 +99,11 @@ def main() -> int:
     fast.lib, timers = kernels.load_profiled()
     caches = [engine.new_cache() for _ in prompts]
     feed = [int(engine.forward(cache, prompt, 0)[-1].argmax()) for cache, prompt in zip(caches, prompts)]
+    python = dict.fromkeys([*PYTHON_PARTS, BOOKKEEPING], 0.0)
+    for label, method in PYTHON_PARTS.items():
+        timed(fast, method, python, label)
+    for cache in caches:
+        timed(cache, "after_fused_step", python, BOOKKEEPING)
     position = args.prompt
     wall, kv_bytes = 0.0, 0
     bandwidth_before = max(read_bandwidth())
@@ -87,6 +111,8 @@ def main() -> int:
         if step == 8:  # the warm-up's timers dropped
             timers.take()
             wall, kv_bytes = 0.0, 0
+            for label in python:
+                python[label] = 0.0
         kv_bytes += sum(cache.physical_bytes for cache in caches)
         started = time.perf_counter()
         logits = fast.step_batch(caches, feed, [position] * len(caches))
@@ -117,7 +143,12 @@ def main() -> int:
             inside = sum(per_step[n] for n in THREAD0)
             rows.append(("  attention: barriers, joins, partial sums", per_step["attention"] - inside, None))
     rows.append(("C between the phases (per-layer setup)", per_step["step"] - sum(per_step[n] for n in top), None))
-    rows.append(("Python (slots, bookkeeping, embedding, logits buffer)", step_s - per_step["step"], None))
+    python_s = step_s - per_step["step"]
+    rows.append(("Python", python_s, None))
+    for label, total in python.items():
+        rows.append(("  Python: " + label, total / args.steps, None))
+    rows.append(("  Python: the rest (step_batch, thread choice, buffers)",
+                 python_s - sum(python.values()) / args.steps, None))
 
     print(f"{args.weights} weights ({weights.description}; {fast.inputs_note}), K/V "
           f"{kv.cache_dtype}, P={args.prompt}, B={args.batch}, {args.steps} steps, {args.threads} threads; "

@@ -1418,67 +1418,111 @@ static inline __m128 sum_rows4(const __m256 s[4]) {
     return _mm_unpacklo_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
 }
 
-/* attend_logits64 on 8 lanes, LTILE tokens at a time: per KV head, the tile's K rows (bf16/fp16 rows
- * widened once into a float tile), then per query head its 64 values held in registers while each
- * row is multiplied from L1, and the tile's LTILE dots reduced together (sum_rows4). Per dot the
- * same two 4-FMA chains (dot_lanes64) and the same reduction tree as one dot at a time (sum8, which the
- * last t1 - t0 mod LTILE tokens still take): the same bits (600 random h2k_attend cases against the
- * dot-at-a-time kernel, all K/V types, 1-4 query heads per KV head, 1-3 parts: 0 differ).
- * Why: one dot at a time held the K row in registers and ended each dot in a serial reduction and a
- * scalar store, ~15 cycles a dot hot on one core. h2k_attend hot, two threads, T=512: float32 21.9 ->
- * 19.5 us, bf16 25.8 -> 21.8 us. In decode, where K mostly comes from memory, it shows where the logits'
- * arithmetic does (benchmarks/kernel_ab.py, B=1): P=2048 float32 1.031x [1.011, 1.052], bf16 1.012x
- * [0.994, 1.029]; P=512 within noise (bf16 1.013x, Q4_1 1.030x [0.955, 1.106]). The KV heads' rows are
- * still read side by side, a tile of each in turn. */
+/* attend_logits64 on 8 lanes, LTILE tokens at a time. Per KV head, a few of the tile's tokens at a time,
+ * each 8-dim chunk of a K row is loaded and widened once and multiplied by the same chunk of every query
+ * head of the group, held in registers: per dot two 4-FMA chains (even and odd chunks) and their sum per
+ * lane, then the tile's LTILE dots per head reduced together (sum_rows4); a part's last t1 - t0 mod
+ * LTILE tokens are reduced one at a time (sum8), by the same tree, so a logit has the same bits whichever
+ * way it is reduced, and the same as the kernel before this one, which widened the tile's rows into
+ * memory and went over them once per query head (1500 random h2k_attend cases, all K/V types, 1-4 query
+ * heads per KV head, 1-3 parts: 0 differ).
+ * Why: that kernel was arithmetic-bound on bf16 K: 11-12 cycles a dot on one core, hot in L2 (~11 GB/s
+ * of K, where each of two threads has ~17 GB/s of memory); this one 7.5-8.5 (the logits hot, 2048 tokens;
+ * float32 K unchanged at ~8). In decode (benchmarks/kernel_ab.py, bf16 weights and K/V, P=2048): B=1
+ * 1.032x [1.017, 1.048] and 1.078x [1.063, 1.093] in two runs, B=8 1.07-1.09x; float32 K/V 1.00-1.01x. */
 enum { LTILE = 4 };
-/* One K row (64 floats) times a query head's 64 values in registers: two 4-FMA chains, their sum per
- * lane. Every logit takes this path, in a tile or alone, so its bits do not depend on which. */
-static inline __attribute__((always_inline)) __m256 dot_lanes64(const float *k, const __m256 qv[8]) {
-    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(k), qv[0]), a1 = _mm256_mul_ps(_mm256_loadu_ps(k + 8), qv[1]);
-    for (int d = 2; d < 8; d += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d), qv[d], a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 8 * d + 8), qv[d + 1], a1);
-    }
-    return _mm256_add_ps(a0, a1);
+
+/* 8 dims of a K/V row (float32, bf16 or fp16 at element `at`) as float32 lanes. */
+static inline __attribute__((always_inline)) __m256 load_chunk8(const void *kv, int kvtype, long at) {
+    if (kvtype == F32) return _mm256_loadu_ps((const float *)kv + at);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + at));
+    if (kvtype == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
 }
 
-/* The logits of `count` (LTILE, or fewer for a part's last tokens) float K rows at `rows` against one
- * query head: out[u] = scale * (row u . qj). */
-static inline __attribute__((always_inline)) void dot_tile64(const float *rows, int count, const float *qj,
-                                                             float scale, float *out) {
-    __m256 qv[8];
-    for (int d = 0; d < 8; d++) qv[d] = _mm256_loadu_ps(qj + 8 * d);
-    if (count == LTILE) {
-        __m256 s[LTILE];
-        for (int u = 0; u < LTILE; u++) s[u] = dot_lanes64(rows + u * 64, qv);
-        _mm_storeu_ps(out, _mm_mul_ps(sum_rows4(s), _mm_set1_ps(scale)));
-        return;
+/* The dots of `tokens` K rows (from element `base`, 64 apart) with the `heads` query heads at qg (64
+ * apart), before their reduction: sums[j * LTILE + u] for row u and head j, lane i = the products of
+ * dims i, 16 + i, 32 + i, 48 + i plus those of dims 8 + i, 24 + i, ... (two chains, in dim order).
+ * tokens and heads are constants where it is inlined: 2 * tokens * heads accumulators + heads query
+ * chunks + the K chunk must fit the 16 registers. */
+static inline __attribute__((always_inline)) void dot_rows_heads(const void *K, int kvtype, long base,
+                                                                 const float *qg, int tokens, int heads,
+                                                                 __m256 *sums) {
+    __m256 acc[2][4][4]; /* [chain][token][head] */
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) {
+        __m256 qc[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < heads; j++) qc[j] = _mm256_loadu_ps(qg + j * 64 + 8 * c);
+#pragma GCC unroll 4
+        for (int u = 0; u < tokens; u++) {
+            __m256 k = load_chunk8(K, kvtype, base + (long)u * 64 + 8 * c);
+#pragma GCC unroll 4
+            for (int j = 0; j < heads; j++)
+                acc[c & 1][u][j] = c < 2 ? _mm256_mul_ps(k, qc[j]) : _mm256_fmadd_ps(k, qc[j], acc[c & 1][u][j]);
+        }
     }
-    for (int u = 0; u < count; u++) out[u] = sum8(dot_lanes64(rows + u * 64, qv)) * scale;
+#pragma GCC unroll 4
+    for (int u = 0; u < tokens; u++)
+#pragma GCC unroll 4
+        for (int j = 0; j < heads; j++) sums[j * LTILE + u] = _mm256_add_ps(acc[0][u][j], acc[1][u][j]);
 }
+
+/* attend_logits64's body, inlined once per K/V type and group size (constants there, so each chunk's
+ * load and widening is chosen at compile time and the accumulators stay in registers; with either a
+ * variable, 1.2-1.4x slower), `per_pass` of the tile's tokens at a time. */
+static inline __attribute__((always_inline)) void logits64_typed(const float *q, float scale, int T, const void *K,
+                                                                 int kvtype, long head_stride, int kv_heads,
+                                                                 int group, int per_pass, int t0, int t1,
+                                                                 float *probs) {
+    __m256 sums[4 * LTILE];
+    int t = t0;
+    for (; t + LTILE <= t1; t += LTILE) {
+        for (int g = 0; g < kv_heads; g++) {
+            const float *qg = q + g * group * 64;
+            long base = g * head_stride + (long)t * 64;
+#pragma GCC unroll 4
+            for (int u = 0; u < LTILE; u += per_pass)
+                dot_rows_heads(K, kvtype, base + (long)u * 64, qg, per_pass, group, sums + u);
+            float *p = probs + (long)g * group * T + t;
+#pragma GCC unroll 4
+            for (int j = 0; j < group; j++)
+                _mm_storeu_ps(p + (long)j * T, _mm_mul_ps(sum_rows4(sums + j * LTILE), _mm_set1_ps(scale)));
+        }
+    }
+    for (; t < t1; t++) /* the part's last tokens, one at a time */
+        for (int g = 0; g < kv_heads; g++) {
+            const float *qg = q + g * group * 64;
+            for (int j = 0; j < group; j++) {
+                dot_rows_heads(K, kvtype, g * head_stride + (long)t * 64, qg + j * 64, 1, 1, sums);
+                probs[(long)(g * group + j) * T + t] = sum8(sums[0]) * scale;
+            }
+        }
+}
+
+/* Per K/V type and group size, the tokens per pass: as many as leave registers to spare (group 3 with 2
+ * tokens, all 16 registers, spilled: 1.1x slower than 1 token, hot, both K types). */
+#define LOGITS64_OF(type)                                                                                   \
+    static __attribute__((noinline)) void logits64_##type(const float *q, float scale, int T, const void *K, \
+                                                          long head_stride, int kv_heads, int group, int t0, \
+                                                          int t1, float *probs) {                           \
+        switch (group) {                                                                                    \
+        case 1: logits64_typed(q, scale, T, K, type, head_stride, kv_heads, 1, 4, t0, t1, probs); break;    \
+        case 2: logits64_typed(q, scale, T, K, type, head_stride, kv_heads, 2, 2, t0, t1, probs); break;    \
+        case 3: logits64_typed(q, scale, T, K, type, head_stride, kv_heads, 3, 1, t0, t1, probs); break;    \
+        default: logits64_typed(q, scale, T, K, type, head_stride, kv_heads, 4, 1, t0, t1, probs); break;   \
+        }                                                                                                   \
+    }
+LOGITS64_OF(F32)
+LOGITS64_OF(BF16)
+LOGITS64_OF(F16)
+#undef LOGITS64_OF
 
 static void attend_logits64(const float *q, float scale, int T, const void *K, int kvtype, long head_stride,
                             int kv_heads, int group, int t0, int t1, float *probs) {
-    float wide[LTILE * 64] __attribute__((aligned(32)));
-    for (int t = t0; t < t1; t += LTILE) {
-        int count = t1 - t < LTILE ? t1 - t : LTILE; /* a part's last t1 - t0 mod LTILE tokens: fewer */
-        for (int g = 0; g < kv_heads; g++) {
-            const float *rows;
-            if (kvtype == F32) {
-                rows = (const float *)K + g * head_stride + (long)t * 64;
-            } else {
-                for (int u = 0; u < count; u++) {
-                    __m256 r[8];
-                    load_row64_8(K, kvtype, g * head_stride + (long)(t + u) * 64, r);
-                    for (int d = 0; d < 8; d++) _mm256_store_ps(wide + u * 64 + 8 * d, r[d]);
-                }
-                rows = wide;
-            }
-            const float *qg = q + g * group * 64;
-            float *p = probs + (long)g * group * T + t;
-            for (int j = 0; j < group; j++) dot_tile64(rows, count, qg + j * 64, scale, p + (long)j * T);
-        }
-    }
+    (kvtype == F32    ? logits64_F32
+     : kvtype == BF16 ? logits64_BF16
+                      : logits64_F16)(q, scale, T, K, head_stride, kv_heads, group, t0, t1, probs);
 }
 
 /* One row of K or V (head_dim 64) fetched into L1 ahead of its use. */

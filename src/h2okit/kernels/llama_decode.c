@@ -1427,9 +1427,9 @@ static inline __m128 sum_rows4(const __m256 s[4]) {
  * memory and went over them once per query head (1500 random h2k_attend cases, all K/V types, 1-4 query
  * heads per KV head, 1-3 parts: 0 differ).
  * Why: that kernel was arithmetic-bound on bf16 K: 11-12 cycles a dot on one core, hot in L2 (~11 GB/s
- * of K, where each of two threads has ~17 GB/s of memory); this one 7.5-8.5 (the logits hot, 2048 tokens;
+ * of K, where each of two threads has ~17 GB/s of memory); this one 7.4-8.6 (the logits hot, 2048 tokens;
  * float32 K unchanged at ~8). In decode (benchmarks/kernel_ab.py, bf16 weights and K/V, P=2048): B=1
- * 1.032x [1.017, 1.048] and 1.078x [1.063, 1.093] in two runs, B=8 1.07-1.09x; float32 K/V 1.00-1.01x. */
+ * 1.078x [1.063, 1.093], B=8 1.090x [1.078, 1.103]; float32 K/V 1.01x. */
 enum { LTILE = 4 };
 
 /* 8 dims of a K/V row (float32, bf16 or fp16 at element `at`) as float32 lanes. */

@@ -170,8 +170,11 @@ def block_sums(mass, block):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 37, 300])
-@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (9, 3, 32), (8, 1, 64)],
-                         ids=["smollm2", "generic-head-dim", "generic-group"])  # the last two: not the AVX-512 path
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (4, 2, 64), (8, 2, 64), (9, 3, 32),
+                                                     (8, 1, 64)],
+                         ids=["smollm2", "group-1", "group-2", "group-4", "generic-head-dim", "generic-group"])
+# head_dim 64 and up to 4 query heads per KV head take the vector kernels (each group size its own
+# instance of the logits), the last two the generic path
 def test_attend_matches_attention_with_mass(lib, kv_dtype, tokens, q_heads, kv_heads, head_dim):
     torch.manual_seed(tokens)
     q = torch.randn(1, q_heads, 1, head_dim)

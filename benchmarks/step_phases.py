@@ -10,7 +10,8 @@ prompts of Austen are prefilled, a few steps warm up, then --steps fused steps a
 milliseconds a step, its share of the step, the megabytes it reads a step (its matrices' weights; for
 the attention the K/V its caches hold) and the GB/s that makes, also as a fraction of `roofline.py`'s
 read probe (the higher of before and after). The attention's logits, softmax and values are OpenMP
-thread 0's own time (with B at least the threads, its own sequences); the attention's remaining wall
+thread 0's own time (with B at least the threads, its own sequences), and again thread 1's (which of
+the two waits for the other at the attention's barriers); the attention's remaining wall
 time is its barriers, joins and partial sums. Python is the step's wall time outside the C call,
 split by wrappers (time.perf_counter, ~1 us each) around the decoder's slot refresh, embedding and
 logits buffer and each cache's bookkeeping (scores, trigger clock, evictions). The last lines set the
@@ -41,11 +42,14 @@ from h2okit.runtime import Engine
 # each covers). A phase named after a DecodeWeights field reads that field's matrices.
 LABELS = {"qkv": "norm + qkv GEMV", "rope": "q/k norms, RoPE, K/V stores", "attention": "attention",
           "logits": "  attention: logits (thread 0)", "softmax": "  attention: softmax + mass (thread 0)",
-          "values": "  attention: values (thread 0)", "o": "o GEMV (+ norm, residual)",
+          "values": "  attention: values (thread 0)", "logits_thread1": "  attention: logits (thread 1)",
+          "softmax_thread1": "  attention: softmax + mass (thread 1)",
+          "values_thread1": "  attention: values (thread 1)", "o": "o GEMV (+ norm, residual)",
           "gate_up": "norm + gate/up GEMV", "act": "activation", "down": "down GEMV (+ norm, residual)",
           "head": "final norm + lm_head GEMV"}
 GEMVS = ("qkv", "o", "gate_up", "down", "head")
 THREAD0 = ("logits", "softmax", "values")
+THREAD1 = ("logits_thread1", "softmax_thread1", "values_thread1")  # (zero with one thread)
 # the Python parts of a step timed by wrapping: label -> the decoder's method
 PYTHON_PARTS = {"slots (_fill_layer_caches)": "_fill_layer_caches", "embedding (_embed)": "_embed",
                 "logits buffer (_new_logits)": "_new_logits"}
@@ -147,7 +151,7 @@ def main() -> int:
     read_mb = {**weight_mb, "attention": kv_mb}
     total_mb = sum(read_mb.values())
 
-    top = [n for n in names if n != "step" and n not in THREAD0]
+    top = [n for n in names if n != "step" and n not in THREAD0 + THREAD1]
     rows = []
     for name in names:
         if name == "step":
@@ -156,6 +160,9 @@ def main() -> int:
         if name == THREAD0[-1]:
             inside = sum(per_step[n] for n in THREAD0)
             rows.append(("  attention: barriers, joins, partial sums", per_step["attention"] - inside, None))
+        if name == THREAD1[-1] and any(per_step[n] for n in THREAD1):
+            inside = sum(per_step[n] for n in THREAD1)
+            rows.append(("  attention: thread 1 outside its phases", per_step["attention"] - inside, None))
     rows.append(("C between the phases (per-layer setup)", per_step["step"] - sum(per_step[n] for n in top), None))
     python_s = step_s - per_step["step"]
     rows.append(("Python", python_s, None))

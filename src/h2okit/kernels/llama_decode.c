@@ -36,7 +36,8 @@
 
 /* Phase timers for benchmarks/step_phases.py, only in a build with -DH2K_PROFILE (the shipped build has
  * none: PHASE_START and PHASE_ADD compile to nothing). Seconds per phase, summed over calls on the
- * calling thread (the attention's logits, softmax and values: OpenMP thread 0's share only);
+ * calling thread (the attention's logits, softmax and values: OpenMP thread 0's share, and thread 1's
+ * apart, as *_thread1; other threads' not at all);
  * h2k_profile_take reads and clears them, h2k_profile_name names them (kernels.PhaseTimers reads both;
  * they are not in the header, since the shipped build has none). Phases: qkv = input norm + qkv GEMV;
  * rope = q/k norms, RoPE and the K/V stores; attention (logits, softmax + mass, values within it); o =
@@ -46,8 +47,9 @@
 #include <time.h>
 #define PHASES(X)                                                                                          \
     X(QKV, "qkv") X(ROPE, "rope") X(ATTEND, "attention") X(LOGITS, "logits") X(SOFTMAX, "softmax")           \
-    X(VALUES, "values") X(O, "o") X(GATE_UP, "gate_up") X(ACT, "act") X(DOWN, "down") X(HEAD, "head")         \
-    X(STEP, "step")
+    X(VALUES, "values") X(LOGITS1, "logits_thread1") X(SOFTMAX1, "softmax_thread1")                          \
+    X(VALUES1, "values_thread1") X(O, "o") X(GATE_UP, "gate_up") X(ACT, "act") X(DOWN, "down")               \
+    X(HEAD, "head") X(STEP, "step")
 #define PHASE_ENUM(id, name) PHASE_##id,
 #define PHASE_NAME(id, name) name,
 enum { PHASES(PHASE_ENUM) PHASE_COUNT };
@@ -60,7 +62,11 @@ static inline double phase_clock(void) {
 }
 #define PHASE_START(v) double v = phase_clock()
 #define PHASE_ADD(id, v) (phase_seconds[PHASE_##id] += phase_clock() - (v))
-#define PHASE_ADD_THREAD0(id, v) (omp_get_thread_num() == 0 ? (void)PHASE_ADD(id, v) : (void)0)
+/* an attention phase: OpenMP thread 0's time into `id`, thread 1's into `id`1 (each its own entry) */
+#define PHASE_ADD_TEAM(id, v)                                                                              \
+    (omp_get_thread_num() == 0   ? (void)PHASE_ADD(id, v)                                                  \
+     : omp_get_thread_num() == 1 ? (void)(phase_seconds[PHASE_##id##1] += phase_clock() - (v))              \
+                                 : (void)0)
 /* The phases' names in order; NULL past the last. */
 const char *h2k_profile_name(int i) { return i >= 0 && i < PHASE_COUNT ? phase_names[i] : NULL; }
 /* seconds[i] = phase i's time since the last take (n at most the phase count), then zeroed. */
@@ -73,7 +79,7 @@ void h2k_profile_take(double *seconds, int n) {
 #else
 #define PHASE_START(v) ((void)0)
 #define PHASE_ADD(id, v) ((void)0)
-#define PHASE_ADD_THREAD0(id, v) ((void)0)
+#define PHASE_ADD_TEAM(id, v) ((void)0)
 #endif
 
 enum { F32 = H2K_F32, BF16 = H2K_BF16, F16 = H2K_F16, Q4_1 = H2K_Q4_1, Q8_0 = H2K_Q8_0 };
@@ -1635,7 +1641,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
-    PHASE_ADD_THREAD0(LOGITS, logits_started);
+    PHASE_ADD_TEAM(LOGITS, logits_started);
     if (used > 1) {
 #pragma omp barrier
     }
@@ -1649,7 +1655,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
 #pragma omp simd
         for (int t = 0; t < T; t++) p[t] *= inv;
     }
-    PHASE_ADD_THREAD0(SOFTMAX, softmax_started);
+    PHASE_ADD_TEAM(SOFTMAX, softmax_started);
     if (used > 1) {
 #pragma omp barrier
     }
@@ -1672,7 +1678,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
-    PHASE_ADD_THREAD0(SOFTMAX, mass_started);
+    PHASE_ADD_TEAM(SOFTMAX, mass_started);
     PHASE_START(values_started);
     /* out[h] = sum_t p[h, t] V[g(h), t]: each part of the tokens into its own partial */
     for (int part = tid; part < parts; part += used) {
@@ -1698,7 +1704,7 @@ static void attend_share(const h2k_dims *d, const float *q, const void *K, const
             }
         }
     }
-    PHASE_ADD_THREAD0(VALUES, values_started);
+    PHASE_ADD_TEAM(VALUES, values_started);
 }
 
 /* out = the partials added in part order: deterministic. */

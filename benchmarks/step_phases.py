@@ -10,12 +10,12 @@ prompts of Austen are prefilled, a few steps warm up, then --steps fused steps a
 milliseconds a step, its share of the step, the megabytes it reads a step (its matrices' weights; for
 the attention the K/V its caches hold) and the GB/s that makes, also as a fraction of `roofline.py`'s
 read probe (the higher of before and after). The attention's logits, softmax and values are OpenMP
-thread 0's own time (with B at least the threads, its own sequences), and again thread 1's (which of
-the two waits for the other at the attention's barriers); the attention's remaining wall
-time is its barriers, joins and partial sums. Python is the step's wall time outside the C call,
-split by wrappers (time.perf_counter, ~1 us each) around the decoder's slot refresh, embedding and
-logits buffer and each cache's bookkeeping (scores, trigger clock, evictions). The last lines set the
-step against its roofline (all bytes at the probe's speed) and say how much of the gap each part takes.
+thread 0's own time (with B at least the threads, its own sequences), then thread 1's: the
+attention's wall time beyond each thread's phases is its waits at barriers, joins and partial sums.
+Python is the step's wall time outside the C call, split by wrappers (time.perf_counter, ~1 us each)
+around the decoder's slot refresh, embedding and logits buffer and each cache's bookkeeping (scores,
+trigger clock, evictions). The last lines set the step against its roofline (all bytes at the
+probe's speed) and say how much of the gap each part takes.
 The default config decodes with H2O off; --config names another (its codec off, so every step is
 fused). Timing only: run it alone.
 """
@@ -49,7 +49,7 @@ LABELS = {"qkv": "norm + qkv GEMV", "rope": "q/k norms, RoPE, K/V stores", "atte
           "head": "final norm + lm_head GEMV"}
 GEMVS = ("qkv", "o", "gate_up", "down", "head")
 THREAD0 = ("logits", "softmax", "values")
-THREAD1 = ("logits_thread1", "softmax_thread1", "values_thread1")  # (zero with one thread)
+THREAD1 = tuple(f"{name}_thread1" for name in THREAD0)  # (zero with one thread)
 # the Python parts of a step timed by wrapping: label -> the decoder's method
 PYTHON_PARTS = {"slots (_fill_layer_caches)": "_fill_layer_caches", "embedding (_embed)": "_embed",
                 "logits buffer (_new_logits)": "_new_logits"}

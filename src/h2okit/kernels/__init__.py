@@ -173,7 +173,8 @@ _timers_ffi.cdef("const char *h2k_profile_name(int i); void h2k_profile_take(dou
 
 class PhaseTimers:
     """A profiled build's timers: `names` (the phases of a decode step, in order) and `take()`, each
-    phase's seconds since the last take (summed over calls; the attention's own phases on OpenMP thread 0)."""
+    phase's seconds since the last take (summed over calls; the attention's own phases on OpenMP thread 0,
+    and on thread 1 as `<phase>_thread1`)."""
 
     def __init__(self, path: Path):
         self._lib = _timers_ffi.dlopen(str(path))  # the same library as the kernels' (dlopen counts it once)

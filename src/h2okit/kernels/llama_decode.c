@@ -1394,22 +1394,15 @@ static void attend_values64(const float *probs, int T, const void *V, int kvtype
 #endif
 
 #ifdef SIMD8
-/* The row at `base` as 8 vectors (load_row64 on 8 lanes). No software prefetch: with the logits'
- * three K streams read side by side (below), the hardware prefetcher alone was faster (an A/B of
- * h2k_attend from memory on one thread, 544 tokens: the prefetch cost 4-10 %). */
-static inline __attribute__((always_inline)) void load_row64_8(const void *kv, int kvtype, long base, __m256 r[8]) {
-    if (kvtype == F32) {
-        const float *p = (const float *)kv + base;
-        for (int d = 0; d < 8; d++) r[d] = _mm256_loadu_ps(p + 8 * d);
-    } else if (kvtype == BF16) {
-        const uint16_t *p = (const uint16_t *)kv + base;
-        for (int d = 0; d < 8; d++)
-            r[d] = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * d))), 16));
-    } else {
-        const uint16_t *p = (const uint16_t *)kv + base;
-        for (int d = 0; d < 8; d++) r[d] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8 * d)));
-    }
+/* 8 dims of a K/V row (float32, bf16 or fp16 at element `at`) as float32 lanes (load_row64 on 8 lanes
+ * takes 8 of them). No software prefetch: with the logits' three K streams read side by side (below),
+ * the hardware prefetcher alone was faster (an A/B of h2k_attend from memory on one thread, 544
+ * tokens: the prefetch cost 4-10 %). */
+static inline __attribute__((always_inline)) __m256 load_chunk8(const void *kv, int kvtype, long at) {
+    if (kvtype == F32) return _mm256_loadu_ps((const float *)kv + at);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + at));
+    if (kvtype == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
 }
 
 /* The sums of s[0..3]'s lanes as one vector (lane u: the sum of s[u]), each by sum8's tree:
@@ -1437,14 +1430,6 @@ static inline __m128 sum_rows4(const __m256 s[4]) {
  * float32 K unchanged at ~8). In decode (benchmarks/kernel_ab.py, bf16 weights and K/V, P=2048): B=1
  * 1.078x [1.063, 1.093], B=8 1.090x [1.078, 1.103]; float32 K/V 1.01x. */
 enum { LTILE = 4 };
-
-/* 8 dims of a K/V row (float32, bf16 or fp16 at element `at`) as float32 lanes. */
-static inline __attribute__((always_inline)) __m256 load_chunk8(const void *kv, int kvtype, long at) {
-    if (kvtype == F32) return _mm256_loadu_ps((const float *)kv + at);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + at));
-    if (kvtype == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-}
 
 /* The dots of `tokens` K rows (from element `base`, 64 apart) with the `heads` query heads at qg (64
  * apart), before their reduction: sums[j * LTILE + u] for row u and head j, lane i = the products of
@@ -1552,9 +1537,7 @@ static inline __attribute__((always_inline)) void fma_row64_8(const void *kv, in
             a[2 * k + 1] = _mm256_fmadd_ps(w, odd, a[2 * k + 1]);
         }
     } else {
-        __m256 v[8];
-        load_row64_8(kv, kvtype, base, v);
-        for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, v[d], a[d]);
+        for (int d = 0; d < 8; d++) a[d] = _mm256_fmadd_ps(w, load_chunk8(kv, kvtype, base + 8 * d), a[d]);
     }
 }
 

@@ -1,8 +1,9 @@
 """How much of a fused decode step is Python: the step's time outside the one C call (h2k_decode_step).
 
-    .venv/bin/python benchmarks/step_python.py [--prompt 512] [--gen 128] [--reps 3] [--batch 1,8]
+    .venv/bin/python benchmarks/step_python.py [--prompt 512] [--gen 128] [--reps 3] [--batch 1,8] [--weights auto]
 
-Per batch size, the default config (H2O off, the GGUF's Q4_1 blocks) and the seed H2O config
+Per batch size, the default config (H2O off; --weights: the fast path's weights, by default the GGUF's
+Q4_1 blocks) and the seed H2O config
 (without its codec) decode --gen greedy tokens after --prompt tokens of Austen per sequence, in
 interleaved rounds (round 0 a warm-up). Each step is timed whole and its C call alone; printed are
 the medians over rounds of the mean per step: the step, the C call, and the rest (Python: filling the
@@ -22,7 +23,7 @@ import torch
 from rounds import interleaved  # this folder: the shared schedule
 
 from h2okit.clikit import OneLineParser, comma_arg, setup_logging
-from h2okit.config import load_config
+from h2okit.config import WEIGHT_DTYPES, load_config
 from h2okit.corpus import load_texts, token_stream
 from h2okit.model import load_model, resolve_model_path
 from h2okit.resources import find
@@ -56,13 +57,15 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", default="1,8", type=comma_arg(int), help="comma list of batch sizes")
+    ap.add_argument("--weights", default="auto", choices=WEIGHT_DTYPES,
+                    help="the fast path's weights (llm_weight_dtype)")
     args = ap.parse_args()
     batches = args.batch
     if min(batches) < 1 or min(args.prompt, args.gen, args.reps) < 1:
         ap.error("--batch takes positive integers; --prompt, --gen and --reps at least 1")
     torch.set_num_threads(2)
     seed = load_config(find("configs", "smollm2-135m-seed"))
-    loaded = load_model(resolve_model_path(seed))
+    loaded = load_model(resolve_model_path(seed), weight_dtype=args.weights)
     configs = {"H2O off": dataclasses.replace(seed.kv, lossless_enable=False, h2o_enable=False),
                "seed H2O": dataclasses.replace(seed.kv, lossless_enable=False)}
     engines = {name: Engine(loaded, kv, decode_path="fast") for name, kv in configs.items()}
